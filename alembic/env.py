@@ -1,0 +1,82 @@
+"""Alembic environment for llmstore.
+
+Three ways in:
+
+* llmstore's own commands hand over a connection already inside the transaction they
+  will commit (``config.attributes["connection"]``): SQLite uses batch mode.
+* ``--sql`` (offline): the SQL is printed for the URL llmstore would use.
+* the plain ``alembic`` command line: llmstore opens the connection (asyncpg through
+  ``run_sync`` on Postgres) exactly as ``python -m llmstore upgrade`` would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from logging.config import fileConfig
+
+from sqlalchemy.engine import Connection
+
+from alembic import context
+from llmstore._config import StoreConfig
+from llmstore._migrations import migrate_on, with_migration_connection
+from llmstore._schema import metadata
+
+config = context.config
+if config.config_file_name is not None:
+    fileConfig(config.config_file_name, disable_existing_loggers=False)
+
+
+def _store_config() -> StoreConfig:
+    url = config.attributes.get("llmstore_url") or config.get_main_option("sqlalchemy.url")
+    return StoreConfig.from_env(url=url) if url else StoreConfig.from_env()
+
+
+def _run_on(connection: Connection, schema: str | None) -> None:
+    context.configure(
+        connection=connection,
+        target_metadata=metadata,
+        render_as_batch=connection.dialect.name == "sqlite",
+        version_table_schema=schema,
+        compare_type=True,
+        transaction_per_migration=False,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_offline() -> None:
+    store_config = _store_config()
+    schema = config.attributes.get("llmstore_schema") or store_config.schema_name
+    context.configure(
+        url=store_config.url.get_secret_value(),
+        target_metadata=metadata,
+        literal_binds=True,
+        render_as_batch=store_config.driver == "sqlite",
+        version_table_schema=schema,
+        dialect_opts={"paramstyle": "named"},
+    )
+    with context.begin_transaction():
+        if schema is not None:
+            context.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+            context.execute(f'SET LOCAL search_path TO "{schema}"')
+        context.run_migrations()
+
+
+def run_online() -> None:
+    connection = config.attributes.get("connection")
+    if connection is not None:
+        _run_on(connection, config.attributes.get("llmstore_schema"))
+        return
+    store_config = _store_config()
+    schema = store_config.schema_name
+
+    def migrate(conn: Connection) -> None:
+        migrate_on(conn, schema, lambda _cfg: _run_on(conn, schema))
+
+    asyncio.run(with_migration_connection(store_config, migrate))
+
+
+if context.is_offline_mode():
+    run_offline()
+else:
+    run_online()

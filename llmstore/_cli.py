@@ -1,0 +1,235 @@
+"""``python -m llmstore``: parse, call the library, print one line per error.
+
+Exit codes: 0 success; 1 the command failed; 2 bad usage or configuration;
+3 ``check`` found differences between the database and the models;
+4 the database could not be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import NullPool
+
+from alembic import command
+from alembic.config import Config
+
+from . import _migrations
+from ._config import StoreConfig, ensure_parent
+from ._engines import sqlite_engine
+from ._errors import (
+    ConfigError,
+    DatabaseUnavailableError,
+    LlmstoreError,
+    translated,
+)
+from ._schema import metadata
+from ._secrets import generate_key
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_DRIFT = 3
+EXIT_UNREACHABLE = 4
+
+
+def _config(args: argparse.Namespace) -> StoreConfig:
+    overrides = {"url": args.url} if args.url else {}
+    return StoreConfig.from_env(env=args.env, **overrides)
+
+
+def _upgrade(args: argparse.Namespace) -> int:
+    config = _config(args)
+    if args.sql:
+        _offline(config, lambda cfg: command.upgrade(cfg, args.revision, sql=True))
+        return EXIT_OK
+    before, after = asyncio.run(_migrations.upgrade(config, args.revision))
+    verb = "already at" if before == after else f"upgraded from {before or 'empty'} to"
+    print(f"{config.masked_url}: {verb} {after}")
+    return EXIT_OK
+
+
+def _downgrade(args: argparse.Namespace) -> int:
+    config = _config(args)
+    if args.sql:
+        _offline(config, lambda cfg: command.downgrade(cfg, args.revision, sql=True))
+        return EXIT_OK
+    before, after = asyncio.run(_migrations.downgrade(config, args.revision))
+    print(f"{config.masked_url}: downgraded from {before or 'empty'} to {after or 'empty'}")
+    return EXIT_OK
+
+
+def _offline(config: StoreConfig, step: Callable[[Config], None]) -> None:
+    step(_migrations.alembic_config(url=config.url.get_secret_value(), schema=config.schema_name))
+
+
+def _current(args: argparse.Namespace) -> int:
+    config = _config(args)
+    revision = asyncio.run(_migrations.current(config))
+    head = _migrations.head_revision()
+    state = "head" if revision == head else f"behind head {head}" if revision else "empty"
+    if revision is not None and not _migrations.is_known(revision):
+        state = "unknown to this version of llmstore"
+    print(f"{revision or 'none'} ({state})")
+    return EXIT_OK
+
+
+def _history(args: argparse.Namespace) -> int:
+    head = _migrations.head_revision()
+    for script in _migrations.scripts().walk_revisions():
+        marker = " (head)" if script.revision == head else ""
+        print(f"{script.down_revision or '<base>'} -> {script.revision}{marker}: {script.doc}")
+    return EXIT_OK
+
+
+def _check(args: argparse.Namespace) -> int:
+    config = _config(args)
+    diffs = asyncio.run(_migrations.check(config))
+    if not diffs:
+        print(f"{config.masked_url}: the schema matches the models")
+        return EXIT_OK
+    for diff in diffs:
+        print(diff.description)
+    print(f"{config.masked_url}: {len(diffs)} difference(s) from the models", file=sys.stderr)
+    return EXIT_DRIFT
+
+
+def _create_db(args: argparse.Namespace) -> int:
+    config = _config(args)
+    if config.driver == "sqlite":
+        path = config.sqlite_path or ":memory:"
+        if config.is_memory:
+            raise ConfigError("create-db needs a file, not sqlite:///:memory:")
+        ensure_parent(path)
+        engine = sqlite_engine(path, busy_timeout=config.busy_timeout, pool_size=0)
+        with translated(), engine.connect():
+            pass
+        engine.dispose()
+        print(f"{config.masked_url}: ready")
+        return EXIT_OK
+    created = asyncio.run(_create_postgres_database(config))
+    print(f"{config.masked_url}: {'created' if created else 'already exists'}")
+    return EXIT_OK
+
+
+async def _create_postgres_database(config: StoreConfig) -> bool:
+    url = sa.make_url(config.url.get_secret_value())
+    name = url.database
+    admin = create_async_engine(
+        url.set(database="postgres"), poolclass=NullPool, isolation_level="AUTOCOMMIT"
+    )
+    try:
+        with translated():
+            async with admin.connect() as conn:
+                exists = await conn.scalar(
+                    sa.text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": name}
+                )
+                if exists:
+                    return False
+                quoted = conn.dialect.identifier_preparer.quote(name or "")
+                await conn.exec_driver_sql(f"CREATE DATABASE {quoted}")
+                return True
+    finally:
+        await admin.dispose()
+
+
+def _info(args: argparse.Namespace) -> int:
+    config = _config(args)
+    revision = asyncio.run(_migrations.current(config))
+    print(f"driver: {config.driver}")
+    print(f"url: {config.masked_url}")
+    if config.schema_name:
+        print(f"schema: {config.schema_name}")
+    print(f"revision: {revision or 'none'} (head: {_migrations.head_revision()})")
+    if revision is not None:
+        for table, count in asyncio.run(_row_counts(config)):
+            print(f"rows in {table}: {count}")
+    return EXIT_OK
+
+
+async def _row_counts(config: StoreConfig) -> list[tuple[str, int]]:
+    def count(conn: sa.Connection) -> list[tuple[str, int]]:
+        existing = set(sa.inspect(conn).get_table_names(schema=config.schema_name))
+        rows = []
+        for table in metadata.sorted_tables:
+            if table.name in existing:
+                target = sa.table(table.name, schema=config.schema_name)
+                total = conn.execute(sa.select(sa.func.count()).select_from(target)).scalar()
+                rows.append((table.name, int(total or 0)))
+        return rows
+
+    return await _migrations.with_migration_connection(config, count, write=False)
+
+
+def _generate_key(args: argparse.Namespace) -> int:
+    print(generate_key())
+    return EXIT_OK
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", help="database URL (default: DATABASE_URL, DATABASE_PATH)")
+    common.add_argument(
+        "--env", choices=("dev", "test", "prod"), help="environment (default: LLMSTORE_ENV)"
+    )
+    common.add_argument("--verbose", "-v", action="store_true", help="log and show tracebacks")
+
+    parser = argparse.ArgumentParser(
+        prog="python -m llmstore",
+        description="Manage an llmstore database.",
+        epilog="exit codes: 0 ok, 1 failed, 2 usage or configuration error, "
+        "3 schema differs from the models (check), 4 database unreachable",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(
+        name: str, handler: Callable[[argparse.Namespace], int], text: str
+    ) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, parents=[common], help=text, description=text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    sub = add("upgrade", _upgrade, "upgrade the schema (default: to head)")
+    sub.add_argument("revision", nargs="?", default="head")
+    sub.add_argument("--sql", action="store_true", help="print the SQL instead of running it")
+    sub = add("downgrade", _downgrade, "downgrade the schema to REVISION (base: empty)")
+    sub.add_argument("revision")
+    sub.add_argument("--sql", action="store_true", help="print the SQL (REVISION as FROM:TO)")
+    add("current", _current, "print the database's schema revision")
+    add("history", _history, "list the schema revisions this llmstore knows")
+    add("check", _check, "compare the database schema with the models (exit 3 if they differ)")
+    add("create-db", _create_db, "create the database (Postgres) or file (SQLite) if missing")
+    add("info", _info, "print driver, URL (password masked), revision and row counts")
+    add("generate-key", _generate_key, "print a new key for LLMSTORE_ENCRYPTION_KEYS")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.handler(args))
+    except KeyboardInterrupt:
+        print("llmstore: interrupted", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as exc:
+        if args.verbose:
+            traceback.print_exc()
+        error = exc if isinstance(exc, LlmstoreError) else None
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"llmstore: error: {message}", file=sys.stderr)
+        if isinstance(error, ConfigError):
+            return EXIT_USAGE
+        if isinstance(error, DatabaseUnavailableError):
+            return EXIT_UNREACHABLE
+        return EXIT_FAILED

@@ -1,0 +1,209 @@
+"""Store configuration: ``StoreConfig`` and the rules that read it from the environment."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import sqlalchemy.exc
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import ValidationError as PydanticValidationError
+from sqlalchemy.engine import URL, make_url
+
+from ._errors import ConfigError
+
+Driver = Literal["sqlite", "postgresql"]
+Environment = Literal["dev", "test", "prod"]
+
+DEFAULT_SQLITE_PATH = "data/llmstore.db"
+MEMORY = ":memory:"
+_SCHEMA_MAX = 63
+
+
+def mask_url(url: str) -> str:
+    """Return ``url`` with any password replaced by ``***``; never raises."""
+    try:
+        parsed = make_url(url)
+    except Exception:
+        # Not parseable as a URL: hide everything between "://" and the last "@".
+        scheme, sep, rest = url.partition("://")
+        if sep and "@" in rest:
+            return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+        return url
+    if parsed.password is None:
+        return url
+    return parsed.render_as_string(hide_password=True)
+
+
+def _config_error(message: str, url: str) -> ConfigError:
+    return ConfigError(f"{message}: {mask_url(url)!r}")
+
+
+class StoreConfig(BaseModel):
+    """Where the store lives and how it connects.
+
+    Build it with :meth:`from_env` or :meth:`from_url`, or directly. ``url`` is always a
+    normalised SQLAlchemy URL: ``sqlite:///<path>``, ``sqlite:///:memory:`` or
+    ``postgresql+asyncpg://...``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: SecretStr
+    env: Environment = "dev"
+    pool_size: int = Field(default=10, ge=1, le=1000)
+    max_overflow: int = Field(default=10, ge=0, le=1000)
+    conn_max_lifetime: float = Field(default=3600.0, gt=0)
+    schema_name: str | None = Field(default=None, min_length=1, max_length=_SCHEMA_MAX)
+    busy_timeout: float = Field(default=30.0, gt=0, le=3600)
+    encryption_keys: tuple[SecretStr, ...] = ()
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _normalise_url(cls, value: object) -> str:
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if isinstance(value, URL):
+            value = value.render_as_string(hide_password=False)
+        if not isinstance(value, str):
+            raise ConfigError(f"database URL must be a string, not {type(value).__name__}")
+        return normalise_url(value)
+
+    @field_validator("schema_name")
+    @classmethod
+    def _check_schema(cls, value: str | None) -> str | None:
+        if value is not None and not (
+            value.replace("_", "a").isalnum() and value.isascii() and not value[0].isdigit()
+        ):
+            raise ConfigError(f"DATABASE_SCHEMA must be letters, digits and underscores: {value!r}")
+        return value
+
+    @property
+    def driver(self) -> Driver:
+        return "sqlite" if self.url.get_secret_value().startswith("sqlite") else "postgresql"
+
+    @property
+    def masked_url(self) -> str:
+        return mask_url(self.url.get_secret_value())
+
+    @property
+    def sqlite_path(self) -> str | None:
+        """The SQLite database file, ``":memory:"``, or None on Postgres."""
+        if self.driver != "sqlite":
+            return None
+        return make_url(self.url.get_secret_value()).database or MEMORY
+
+    @property
+    def is_memory(self) -> bool:
+        return self.sqlite_path == MEMORY
+
+    @classmethod
+    def from_url(cls, url: str | URL, **options: Any) -> StoreConfig:
+        """A config for ``url``; ``options`` set any other field.
+
+        ``encryption_keys``, when not given, is read from ``LLMSTORE_ENCRYPTION_KEYS``.
+        """
+        if "encryption_keys" not in options:
+            options["encryption_keys"] = parse_keys(os.environ.get("LLMSTORE_ENCRYPTION_KEYS", ""))
+        return cls._build(url=url, **options)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> StoreConfig:
+        """Read the configuration from the environment (or ``environ``).
+
+        ``overrides`` win over the environment; ``url=`` and ``env=`` are accepted too.
+        """
+        source = dict(os.environ if environ is None else environ)
+        env = overrides.pop("env", None) or source.get("LLMSTORE_ENV", "dev").strip() or "dev"
+        if env not in ("dev", "test", "prod"):
+            raise ConfigError(f"LLMSTORE_ENV must be dev, test or prod, not {env!r}")
+        url = overrides.pop("url", None) or source.get("DATABASE_URL", "").strip() or None
+        driver = source.get("DB_DRIVER", "").strip().lower()
+        if driver not in ("", "sqlite", "postgres", "postgresql"):
+            raise ConfigError(f"DB_DRIVER must be sqlite or postgres, not {driver!r}")
+        path = str(Path(source.get("DATABASE_PATH", "").strip()).expanduser())
+        path = "" if path == "." else path
+        if url is None:
+            if driver in ("postgres", "postgresql"):
+                raise ConfigError("DB_DRIVER=postgres needs DATABASE_URL to be set")
+            if not path:
+                if env == "prod":
+                    raise ConfigError(
+                        "LLMSTORE_ENV=prod refuses defaults: set DATABASE_URL or DATABASE_PATH"
+                    )
+                path = DEFAULT_SQLITE_PATH
+            url = f"sqlite:///{path}"
+        values: dict[str, Any] = {"url": url, "env": env}
+        for name, variable, kind in (
+            ("pool_size", "DATABASE_POOL_SIZE", int),
+            ("max_overflow", "DATABASE_MAX_OVERFLOW", int),
+            ("conn_max_lifetime", "DATABASE_CONN_MAX_LIFETIME", float),
+            ("busy_timeout", "DATABASE_BUSY_TIMEOUT", float),
+        ):
+            raw = source.get(variable, "").strip()
+            if raw:
+                try:
+                    values[name] = kind(raw)
+                except ValueError:
+                    raise ConfigError(f"{variable} must be a number, not {raw!r}") from None
+        schema = source.get("DATABASE_SCHEMA", "").strip()
+        if schema:
+            values["schema_name"] = schema
+        values["encryption_keys"] = parse_keys(source.get("LLMSTORE_ENCRYPTION_KEYS", ""))
+        values.update(overrides)
+        return cls._build(**values)
+
+    @classmethod
+    def _build(cls, **values: Any) -> StoreConfig:
+        try:
+            return cls(**values)
+        except PydanticValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "config"
+            raise ConfigError(f"invalid configuration: {where}: {first['msg']}") from None
+
+
+def parse_keys(raw: str) -> tuple[SecretStr, ...]:
+    return tuple(SecretStr(part.strip()) for part in raw.split(",") if part.strip())
+
+
+def normalise_url(raw: str) -> str:
+    """Turn a URL as people write it into the one llmstore connects with.
+
+    ``postgres://`` and ``postgresql://`` become ``postgresql+asyncpg://``;
+    ``sqlite+aiosqlite://`` and ``sqlite+pysqlite://`` become ``sqlite://``.
+    """
+    text = raw.strip()
+    if not text:
+        raise ConfigError("database URL is empty")
+    if text.startswith("postgres://"):
+        text = "postgresql://" + text[len("postgres://") :]
+    try:
+        url = make_url(text)
+    except (sqlalchemy.exc.ArgumentError, ValueError) as exc:
+        raise _config_error("malformed database URL", text) from exc
+    backend, _, dbapi = url.drivername.partition("+")
+    if backend == "sqlite":
+        if dbapi not in ("", "pysqlite", "aiosqlite"):
+            raise _config_error(f"unsupported SQLite driver {dbapi!r} in URL", text)
+        if url.host or url.username or url.password or url.port:
+            raise _config_error("a SQLite URL has no host: write sqlite:///path.db", text)
+        database = url.database or MEMORY
+        if database.startswith("file:") or url.query:
+            raise _config_error("SQLite URL options are not supported", text)
+        return f"sqlite:///{database}"
+    if backend in ("postgresql", "postgres"):
+        if dbapi not in ("", "asyncpg"):
+            raise _config_error(
+                f"unsupported PostgreSQL driver {dbapi!r} (llmstore uses asyncpg)", text
+            )
+        if not url.database:
+            raise _config_error("PostgreSQL URL names no database", text)
+        return url.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
+    raise _config_error("unknown database driver in URL (use sqlite or postgresql)", text)
+
+
+def ensure_parent(path: str) -> None:
+    Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,79 @@
+"""Engines as llmstore opens them: SQLite through the stdlib driver, Postgres through asyncpg."""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool, StaticPool
+
+from ._config import StoreConfig
+
+
+def sqlite_engine(
+    path: str,
+    *,
+    busy_timeout: float,
+    pool_size: int = 1,
+    foreign_keys: bool = True,
+    creator: Any = None,
+) -> Engine:
+    """A synchronous engine whose connections never begin a transaction by themselves.
+
+    pysqlite's own transaction handling is switched off (``isolation_level=None``) so that
+    llmstore issues ``BEGIN IMMEDIATE`` for writes itself; a deferred transaction that
+    reads and then writes can fail with "database is locked" whatever the busy timeout.
+    """
+    memory = path == ":memory:"
+    options: dict[str, Any] = {
+        "hide_parameters": True,
+        "connect_args": {"check_same_thread": False, "timeout": busy_timeout},
+    }
+    if creator is not None:
+        options["creator"] = creator
+        options["poolclass"] = StaticPool
+    elif memory:
+        options["poolclass"] = StaticPool
+    elif pool_size <= 0:
+        options["poolclass"] = NullPool
+    else:
+        options.update(pool_size=pool_size, max_overflow=0, pool_timeout=busy_timeout)
+    engine = sa.create_engine(f"sqlite:///{path}", **options)
+
+    @event.listens_for(engine, "connect")
+    def _configure(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        if not memory:
+            cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+        cursor.close()
+
+    return engine
+
+
+def postgres_engine(config: StoreConfig, *, pooled: bool = True) -> AsyncEngine:
+    options: dict[str, Any] = {"hide_parameters": True}
+    if pooled:
+        options.update(
+            pool_size=config.pool_size,
+            max_overflow=config.max_overflow,
+            pool_recycle=config.conn_max_lifetime,
+        )
+    else:
+        options["poolclass"] = NullPool
+    engine = create_async_engine(config.url.get_secret_value(), **options)
+    return with_schema(engine, config.schema_name)
+
+
+def with_schema(engine: AsyncEngine, schema: str | None) -> AsyncEngine:
+    """Route every unqualified llmstore table to ``schema`` (compiled into the SQL, cached)."""
+    if schema is None:
+        return engine
+    return engine.execution_options(schema_translate_map={None: schema})

@@ -1,0 +1,158 @@
+"""The llmstore error hierarchy and the one place where driver exceptions are translated.
+
+::
+
+    LlmstoreError
+    ├── ConfigError               bad or missing configuration
+    ├── ValidationError           bad input, refused before anything is written
+    ├── NotFoundError             no row with that id or name
+    ├── ConflictError             a uniqueness or state conflict
+    ├── StoreClosedError          the store is not open (never opened, or closed)
+    ├── TransactionError          a transaction used the wrong way
+    ├── SchemaError
+    │   ├── SchemaOutOfDateError  the database is behind the installed code
+    │   └── UnknownRevisionError  the database is at a revision this code does not know
+    ├── MigrationError            a migration command failed
+    └── DatabaseError             any other failure reported by the database
+        └── DatabaseUnavailableError  the database cannot be reached (or stayed locked)
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import sqlalchemy.exc
+
+
+class LlmstoreError(Exception):
+    """Base class of every error llmstore raises."""
+
+
+class ConfigError(LlmstoreError):
+    """The configuration is missing, malformed or contradictory."""
+
+
+class ValidationError(LlmstoreError):
+    """An argument was refused before anything was written."""
+
+
+class NotFoundError(LlmstoreError):
+    """No row exists with the given id or name."""
+
+
+class ConflictError(LlmstoreError):
+    """The change conflicts with existing data, for example a duplicate name."""
+
+
+class StoreClosedError(LlmstoreError):
+    """The store was used before ``open()`` or after ``close()``."""
+
+
+class TransactionError(LlmstoreError):
+    """A transaction was misused: nested, reused after its end, or bypassed."""
+
+
+class SchemaError(LlmstoreError):
+    """The database schema does not match the installed code."""
+
+
+class SchemaOutOfDateError(SchemaError):
+    """The database is behind the installed code: run ``python -m llmstore upgrade``."""
+
+
+class UnknownRevisionError(SchemaError):
+    """The database is at a schema revision the installed code does not know."""
+
+
+class MigrationError(LlmstoreError):
+    """A migration command failed; the message names the revision when known."""
+
+
+class DatabaseError(LlmstoreError):
+    """The database reported a failure that is not one of the more specific errors."""
+
+
+class DatabaseUnavailableError(DatabaseError):
+    """The database could not be reached, or stayed locked past the busy timeout."""
+
+
+# SQLSTATE codes (Postgres) and extended result names (SQLite) of integrity failures.
+_PG_CONFLICT = {"23505", "23P01"}
+_PG_NOT_FOUND = {"23503"}
+_PG_INVALID = {"23502", "23514", "22001", "22003", "22P02", "22007", "22008"}
+_SQLITE_CONFLICT = {"SQLITE_CONSTRAINT_UNIQUE", "SQLITE_CONSTRAINT_PRIMARYKEY"}
+_SQLITE_NOT_FOUND = {"SQLITE_CONSTRAINT_FOREIGNKEY"}
+_SQLITE_BUSY = {"SQLITE_BUSY", "SQLITE_BUSY_SNAPSHOT", "SQLITE_BUSY_TIMEOUT", "SQLITE_LOCKED"}
+
+
+def _driver_code(orig: BaseException | None) -> str:
+    if orig is None:
+        return ""
+    for attribute in ("sqlstate", "pgcode", "sqlite_errorname"):
+        code = getattr(orig, attribute, None)
+        if isinstance(code, str):
+            return code
+    cause = orig.__cause__
+    return _driver_code(cause) if cause is not orig else ""
+
+
+def translate(exc: BaseException) -> LlmstoreError | None:
+    """Map a driver or SQLAlchemy exception to an llmstore error, or None if it is not one.
+
+    The message never quotes statement parameters: they may hold digests or ciphertext.
+    """
+    if isinstance(exc, LlmstoreError):
+        return exc
+    if isinstance(exc, sqlalchemy.exc.StatementError):
+        orig = exc.orig
+        code = _driver_code(orig)
+        detail = f"{type(orig).__name__}: {str(orig).splitlines()[0] if str(orig) else ''}"
+        if isinstance(exc, sqlalchemy.exc.IntegrityError):
+            if code in _PG_CONFLICT or code in _SQLITE_CONFLICT:
+                return ConflictError(f"conflicts with an existing row ({detail})")
+            if code in _PG_NOT_FOUND or code in _SQLITE_NOT_FOUND:
+                return NotFoundError(f"refers to a row that does not exist ({detail})")
+            return ValidationError(f"rejected by a database constraint ({detail})")
+        if code in _PG_INVALID:
+            return ValidationError(f"rejected by the database ({detail})")
+        if code in _SQLITE_BUSY or isinstance(exc, sqlalchemy.exc.InterfaceError):
+            return DatabaseUnavailableError(f"database unavailable ({detail})")
+        if code == "3D000":
+            return DatabaseUnavailableError(
+                f"the database does not exist: create it with `python -m llmstore create-db` "
+                f"({detail})"
+            )
+        if exc.connection_invalidated or code.startswith(("08", "28", "57P")):
+            return DatabaseUnavailableError(f"lost the database connection ({detail})")
+        if isinstance(exc, sqlalchemy.exc.OperationalError) and "unable to open" in detail:
+            return DatabaseUnavailableError(f"cannot open the database ({detail})")
+        return DatabaseError(f"database error ({detail})")
+    if isinstance(exc, sqlalchemy.exc.TimeoutError):
+        return DatabaseUnavailableError(f"timed out waiting for a pooled connection ({exc})")
+    if isinstance(exc, sqlite3.Error):
+        if getattr(exc, "sqlite_errorname", "") in _SQLITE_BUSY:
+            return DatabaseUnavailableError(f"database unavailable ({exc})")
+        return DatabaseError(f"database error ({type(exc).__name__}: {exc})")
+    if isinstance(exc, ConnectionError | TimeoutError) or type(exc).__module__.startswith(
+        "asyncpg"
+    ):
+        return DatabaseUnavailableError(f"cannot reach the database ({type(exc).__name__}: {exc})")
+    if isinstance(exc, OSError):
+        return DatabaseUnavailableError(f"cannot reach the database ({type(exc).__name__}: {exc})")
+    return None
+
+
+@contextmanager
+def translated() -> Iterator[None]:
+    """Re-raise driver exceptions raised inside the block as llmstore errors."""
+    try:
+        yield
+    except LlmstoreError:
+        raise
+    except Exception as exc:
+        error = translate(exc)
+        if error is None:
+            raise
+        raise error from exc

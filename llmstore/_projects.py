@@ -1,0 +1,243 @@
+"""Projects: the repository over a connection, and its async face on the store."""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import uuid
+from collections.abc import Callable
+from typing import Any, Final, Protocol, TypeVar
+
+import sqlalchemy as sa
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy.engine import Connection, Row
+
+from ._errors import NotFoundError, ValidationError
+from ._ids import new_id, utcnow
+from ._schema import projects
+from ._secrets import SecretBox
+from ._validate import check_id, check_limit, check_optional_bool, check_secret, check_text
+
+T = TypeVar("T")
+
+NAME_MAX = 200
+
+
+class Unset(enum.Enum):
+    """Marks an argument that was not given (``None`` can be a meaningful value)."""
+
+    UNSET = "UNSET"
+
+
+UNSET: Final = Unset.UNSET
+
+
+class Project(BaseModel):
+    """A project as stored. It never carries the upstream key, only ``has_api_key``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: uuid.UUID
+    name: str
+    is_active: bool
+    has_api_key: bool
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    deactivated_at: dt.datetime | None
+
+
+_RETURNED = (
+    projects.c.id,
+    projects.c.name,
+    projects.c.is_active,
+    projects.c.api_key_encrypted.is_not(None).label("has_api_key"),
+    projects.c.created_at,
+    projects.c.updated_at,
+    projects.c.deactivated_at,
+)
+
+
+def _record(row: Row[Any]) -> Project:
+    return Project.model_validate(row._mapping)
+
+
+class ProjectRepository:
+    """Project operations on one connection; the caller owns the transaction."""
+
+    def __init__(self, conn: Connection, secrets: SecretBox) -> None:
+        self._conn = conn
+        self._secrets = secrets
+
+    def create(self, name: str, api_key: str | None = None) -> Project:
+        name = check_text(name, "project name", max_length=NAME_MAX)
+        encrypted = None
+        if api_key is not None:
+            encrypted = self._secrets.encrypt(check_secret(api_key, "api_key"))
+        now = utcnow()
+        statement = (
+            projects.insert()
+            .values(
+                id=new_id(),
+                name=name,
+                api_key_encrypted=encrypted,
+                is_active=True,
+                created_at=now,
+                updated_at=now,
+                deactivated_at=None,
+            )
+            .returning(*_RETURNED)
+        )
+        return _record(self._conn.execute(statement).one())
+
+    def get(self, project_id: uuid.UUID | str) -> Project:
+        key = check_id(project_id, "project id")
+        row = self._conn.execute(sa.select(*_RETURNED).where(projects.c.id == key)).first()
+        if row is None:
+            raise NotFoundError(f"no project with id {key}")
+        return _record(row)
+
+    def get_by_name(self, name: str) -> Project:
+        name = check_text(name, "project name", max_length=NAME_MAX)
+        row = self._conn.execute(sa.select(*_RETURNED).where(projects.c.name == name)).first()
+        if row is None:
+            raise NotFoundError(f"no project named {name!r}")
+        return _record(row)
+
+    def list(
+        self,
+        active: bool | None = None,
+        limit: int = 100,
+        after: uuid.UUID | str | None = None,
+    ) -> list[Project]:
+        """Projects in creation order; pass the last id of a page as ``after`` for the next."""
+        statement = sa.select(*_RETURNED).order_by(projects.c.id).limit(check_limit(limit))
+        if check_optional_bool(active, "active") is not None:
+            statement = statement.where(projects.c.is_active == active)
+        if after is not None:
+            statement = statement.where(projects.c.id > check_id(after, "after"))
+        return [_record(row) for row in self._conn.execute(statement)]
+
+    def update(
+        self,
+        project_id: uuid.UUID | str,
+        *,
+        name: str | Unset = UNSET,
+        api_key: str | Unset | None = UNSET,
+    ) -> Project:
+        """Rename the project and/or replace its upstream key (``api_key=None`` removes it)."""
+        key = check_id(project_id, "project id")
+        changes: dict[str, Any] = {}
+        if name is not UNSET:
+            changes["name"] = check_text(name, "project name", max_length=NAME_MAX)
+        if api_key is not UNSET:
+            changes["api_key_encrypted"] = (
+                None if api_key is None else self._secrets.encrypt(check_secret(api_key, "api_key"))
+            )
+        if not changes:
+            raise ValidationError("update() needs at least one of name= or api_key=")
+        return self._change(key, updated_at=utcnow(), **changes)
+
+    def deactivate(self, project_id: uuid.UUID | str) -> Project:
+        """Mark the project inactive; an already inactive project keeps its first date."""
+        key = check_id(project_id, "project id")
+        now = utcnow()
+        return self._change(
+            key,
+            is_active=False,
+            updated_at=now,
+            deactivated_at=sa.func.coalesce(projects.c.deactivated_at, sa.literal(now, _TS)),
+        )
+
+    def activate(self, project_id: uuid.UUID | str) -> Project:
+        key = check_id(project_id, "project id")
+        return self._change(key, is_active=True, updated_at=utcnow(), deactivated_at=None)
+
+    def delete(self, project_id: uuid.UUID | str) -> None:
+        key = check_id(project_id, "project id")
+        deleted = self._conn.execute(
+            projects.delete().where(projects.c.id == key).returning(projects.c.id)
+        ).first()
+        if deleted is None:
+            raise NotFoundError(f"no project with id {key}")
+
+    def reveal_api_key(self, project_id: uuid.UUID | str) -> str | None:
+        """The decrypted upstream key, or None when the project has none."""
+        key = check_id(project_id, "project id")
+        row = self._conn.execute(
+            sa.select(projects.c.api_key_encrypted).where(projects.c.id == key)
+        ).first()
+        if row is None:
+            raise NotFoundError(f"no project with id {key}")
+        return (
+            None if row.api_key_encrypted is None else self._secrets.decrypt(row.api_key_encrypted)
+        )
+
+    def _change(self, key: uuid.UUID, **values: Any) -> Project:
+        row = self._conn.execute(
+            projects.update().where(projects.c.id == key).values(**values).returning(*_RETURNED)
+        ).first()
+        if row is None:
+            raise NotFoundError(f"no project with id {key}")
+        return _record(row)
+
+
+_TS = projects.c.deactivated_at.type
+
+
+class Runner(Protocol):
+    """Runs a function of a connection as one unit: one thread hop or one ``run_sync``."""
+
+    async def read(self, fn: Callable[[Connection], T]) -> T: ...
+
+    async def write(self, fn: Callable[[Connection], T]) -> T: ...
+
+
+class Projects:
+    """``store.projects`` and ``tx.projects``: each call is one unit of work."""
+
+    def __init__(self, runner: Runner, secrets: SecretBox) -> None:
+        self._runner = runner
+        self._secrets = secrets
+
+    def _repo(self, conn: Connection) -> ProjectRepository:
+        return ProjectRepository(conn, self._secrets)
+
+    async def create(self, name: str, api_key: str | None = None) -> Project:
+        return await self._runner.write(lambda conn: self._repo(conn).create(name, api_key))
+
+    async def get(self, project_id: uuid.UUID | str) -> Project:
+        return await self._runner.read(lambda conn: self._repo(conn).get(project_id))
+
+    async def get_by_name(self, name: str) -> Project:
+        return await self._runner.read(lambda conn: self._repo(conn).get_by_name(name))
+
+    async def list(
+        self,
+        active: bool | None = None,
+        limit: int = 100,
+        after: uuid.UUID | str | None = None,
+    ) -> list[Project]:
+        return await self._runner.read(lambda conn: self._repo(conn).list(active, limit, after))
+
+    async def update(
+        self,
+        project_id: uuid.UUID | str,
+        *,
+        name: str | Unset = UNSET,
+        api_key: str | Unset | None = UNSET,
+    ) -> Project:
+        return await self._runner.write(
+            lambda conn: self._repo(conn).update(project_id, name=name, api_key=api_key)
+        )
+
+    async def deactivate(self, project_id: uuid.UUID | str) -> Project:
+        return await self._runner.write(lambda conn: self._repo(conn).deactivate(project_id))
+
+    async def activate(self, project_id: uuid.UUID | str) -> Project:
+        return await self._runner.write(lambda conn: self._repo(conn).activate(project_id))
+
+    async def delete(self, project_id: uuid.UUID | str) -> None:
+        await self._runner.write(lambda conn: self._repo(conn).delete(project_id))
+
+    async def reveal_api_key(self, project_id: uuid.UUID | str) -> str | None:
+        return await self._runner.read(lambda conn: self._repo(conn).reveal_api_key(project_id))

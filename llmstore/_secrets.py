@@ -1,0 +1,65 @@
+"""Secrets at rest: Fernet encryption under a rotating key list (MultiFernet)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+from pydantic import SecretStr
+
+from ._errors import ConfigError
+
+_PLAINTEXT_PREFIX = "plain:"
+
+
+class SecretBox:
+    """Encrypts values for storage; the first key encrypts, every key decrypts.
+
+    With ``allow_plaintext`` (tests only) and no key, values are stored marked as
+    plaintext so that a later key rotation can find and encrypt them.
+    """
+
+    def __init__(self, keys: Sequence[SecretStr], *, allow_plaintext: bool = False) -> None:
+        fernets = []
+        for position, key in enumerate(keys, start=1):
+            try:
+                fernets.append(Fernet(key.get_secret_value().encode("ascii")))
+            except (ValueError, UnicodeEncodeError):
+                raise ConfigError(
+                    f"LLMSTORE_ENCRYPTION_KEYS entry {position} is not a Fernet key "
+                    "(32 url-safe base64-encoded bytes; make one with "
+                    "`python -m llmstore generate-key`)"
+                ) from None
+        self._fernet = MultiFernet(fernets) if fernets else None
+        self._allow_plaintext = allow_plaintext
+
+    def __repr__(self) -> str:
+        keys = len(self._fernet._fernets) if self._fernet else 0
+        return f"SecretBox(keys={keys}, allow_plaintext={self._allow_plaintext})"
+
+    def encrypt(self, plaintext: str) -> str:
+        if self._fernet is None:
+            if not self._allow_plaintext:
+                raise ConfigError(
+                    "storing a secret needs LLMSTORE_ENCRYPTION_KEYS "
+                    "(or allow_plaintext_secrets=True, for tests only)"
+                )
+            return _PLAINTEXT_PREFIX + plaintext
+        return self._fernet.encrypt(plaintext.encode("utf-8")).decode("ascii")
+
+    def decrypt(self, stored: str) -> str:
+        if stored.startswith(_PLAINTEXT_PREFIX):
+            return stored[len(_PLAINTEXT_PREFIX) :]
+        if self._fernet is None:
+            raise ConfigError("reading an encrypted secret needs LLMSTORE_ENCRYPTION_KEYS")
+        try:
+            return self._fernet.decrypt(stored.encode("ascii")).decode("utf-8")
+        except InvalidToken:
+            raise ConfigError(
+                "a stored secret cannot be decrypted with any key in LLMSTORE_ENCRYPTION_KEYS"
+            ) from None
+
+
+def generate_key() -> str:
+    """A new Fernet key for ``LLMSTORE_ENCRYPTION_KEYS``."""
+    return Fernet.generate_key().decode("ascii")

@@ -1,0 +1,281 @@
+"""The ``Store`` facade: configuration in, repositories out, one runner per driver."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import sqlalchemy as sa
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from . import _migrations
+from ._config import Driver, StoreConfig, parse_keys
+from ._engines import postgres_engine, sqlite_engine, with_schema
+from ._errors import (
+    ConfigError,
+    SchemaOutOfDateError,
+    StoreClosedError,
+    UnknownRevisionError,
+    translated,
+)
+from ._projects import Projects
+from ._runner import AsyncEngineRunner, Runner, SQLiteRunner
+from ._secrets import SecretBox
+
+_MAX_SQLITE_READERS = 8
+
+
+class HealthStatus(BaseModel):
+    """What :meth:`Store.health_check` found."""
+
+    model_config = ConfigDict(frozen=True)
+
+    driver: Driver
+    revision: str | None
+    latency_ms: float
+
+
+class Transaction:
+    """The repositories of a store, bound to one database transaction."""
+
+    def __init__(self, runner: Runner, secrets: SecretBox) -> None:
+        self.projects = Projects(runner, secrets)
+
+
+class _State(enum.Enum):
+    NEW = "new"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class Store:
+    """The llmstore data layer over SQLite or PostgreSQL.
+
+    Constructors do no I/O: open with ``async with store:`` or ``await store.open()``.
+    """
+
+    def __init__(
+        self,
+        config: StoreConfig,
+        *,
+        engine: AsyncEngine | None = None,
+        auto_upgrade: bool = False,
+        allow_plaintext_secrets: bool = False,
+    ) -> None:
+        if engine is not None and not isinstance(engine, AsyncEngine):
+            raise ConfigError(f"engine must be a SQLAlchemy AsyncEngine, not {type(engine)}")
+        self._config = config
+        self._engine = engine
+        self._auto_upgrade = auto_upgrade
+        self._secrets = SecretBox(config.encryption_keys, allow_plaintext=allow_plaintext_secrets)
+        self._state = _State.NEW
+        self._runner: SQLiteRunner | AsyncEngineRunner | None = None
+        self._projects: Projects | None = None
+
+    @classmethod
+    def from_env(
+        cls, *, auto_upgrade: bool = False, allow_plaintext_secrets: bool = False, **overrides: Any
+    ) -> Store:
+        """A store configured by the environment; ``overrides`` set ``StoreConfig`` fields."""
+        return cls(
+            StoreConfig.from_env(**overrides),
+            auto_upgrade=auto_upgrade,
+            allow_plaintext_secrets=allow_plaintext_secrets,
+        )
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        auto_upgrade: bool = False,
+        allow_plaintext_secrets: bool = False,
+        **options: Any,
+    ) -> Store:
+        """A store for ``url``; ``options`` set other ``StoreConfig`` fields."""
+        return cls(
+            StoreConfig.from_url(url, **options),
+            auto_upgrade=auto_upgrade,
+            allow_plaintext_secrets=allow_plaintext_secrets,
+        )
+
+    @classmethod
+    def from_engine(
+        cls,
+        engine: AsyncEngine,
+        *,
+        schema_name: str | None = None,
+        encryption_keys: str | None = None,
+        auto_upgrade: bool = False,
+        allow_plaintext_secrets: bool = False,
+    ) -> Store:
+        """A store on a host application's ``AsyncEngine`` (asyncpg or aiosqlite).
+
+        The engine stays the host's: closing the store does not dispose it.
+        ``encryption_keys`` (comma-separated) defaults to ``LLMSTORE_ENCRYPTION_KEYS``.
+        """
+        if not isinstance(engine, AsyncEngine):
+            raise ConfigError(f"engine must be a SQLAlchemy AsyncEngine, not {type(engine)}")
+        options: dict[str, Any] = {"schema_name": schema_name}
+        if encryption_keys is not None:
+            options["encryption_keys"] = parse_keys(encryption_keys)
+        config = StoreConfig.from_url(engine.url.render_as_string(hide_password=False), **options)
+        return cls(
+            config,
+            engine=engine,
+            auto_upgrade=auto_upgrade,
+            allow_plaintext_secrets=allow_plaintext_secrets,
+        )
+
+    @property
+    def config(self) -> StoreConfig:
+        return self._config
+
+    @property
+    def driver(self) -> Driver:
+        return self._config.driver
+
+    @property
+    def projects(self) -> Projects:
+        self._require_open()
+        assert self._projects is not None
+        return self._projects
+
+    def __repr__(self) -> str:
+        url = self._config.masked_url
+        return f"Store(driver={self.driver!r}, url={url!r}, state={self._state.value!r})"
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        """Connect and check the schema revision (upgrading first if ``auto_upgrade``)."""
+        if self._state is _State.OPEN:
+            return
+        if self._state is _State.CLOSED:
+            raise StoreClosedError("this store was closed; create a new Store to reopen")
+        runner = await self._start_runner()
+        try:
+            await self._check_revision(runner)
+        except BaseException:
+            await runner.close()
+            raise
+        self._runner = runner
+        self._projects = Projects(runner, self._secrets)
+        self._state = _State.OPEN
+
+    async def _start_runner(self) -> SQLiteRunner | AsyncEngineRunner:
+        config = self._config
+        if self._engine is not None:
+            engine = with_schema(self._engine, config.schema_name)
+            if self._auto_upgrade:
+                await _upgrade_with(engine, config.schema_name)
+            return AsyncEngineRunner(engine, owned=False)
+        if config.driver == "postgresql":
+            if self._auto_upgrade:
+                await _migrations.upgrade(config)
+            return AsyncEngineRunner(postgres_engine(config), owned=True)
+        path = config.sqlite_path or ":memory:"
+        if config.is_memory:
+            runner = SQLiteRunner(
+                sqlite_engine(path, busy_timeout=config.busy_timeout),
+                readers=1,
+                shared_reads=True,
+            )
+            await runner.start(_copy_head_schema)
+            return runner
+        if self._auto_upgrade:
+            await _migrations.upgrade(config)
+        elif not await asyncio.to_thread(Path(path).exists):
+            raise SchemaOutOfDateError(
+                f"no database at {path}: run `python -m llmstore upgrade` to create it"
+            )
+        readers = min(config.pool_size, _MAX_SQLITE_READERS)
+        runner = SQLiteRunner(
+            sqlite_engine(path, busy_timeout=config.busy_timeout, pool_size=readers + 1),
+            readers=readers,
+            shared_reads=False,
+        )
+        await runner.start()
+        return runner
+
+    async def _check_revision(self, runner: Runner) -> None:
+        schema = self._config.schema_name
+        revision = await runner.read(lambda conn: _migrations.read_revision(conn, schema))
+        head = _migrations.head_revision()
+        if revision == head:
+            return
+        if revision is not None and not _migrations.is_known(revision):
+            raise UnknownRevisionError(
+                f"the database is at revision {revision!r}, which this version of llmstore "
+                f"does not know (its head is {head!r}): upgrade llmstore"
+            )
+        raise SchemaOutOfDateError(
+            f"the database is at revision {revision or 'none'}, the code at {head}: "
+            "run `python -m llmstore upgrade` (or open the store with auto_upgrade=True)"
+        )
+
+    async def close(self) -> None:
+        """Close connections and threads; a closed store cannot be reopened."""
+        runner, self._runner = self._runner, None
+        self._state = _State.CLOSED
+        if runner is not None:
+            await runner.close()
+
+    def _require_open(self) -> SQLiteRunner | AsyncEngineRunner:
+        if self._runner is None:
+            if self._state is _State.NEW:
+                raise StoreClosedError(
+                    "the store is not open: use `async with store:` or `await store.open()`"
+                )
+            raise StoreClosedError("the store is closed")
+        return self._runner
+
+    async def health_check(self) -> HealthStatus:
+        """The driver, schema revision and round-trip latency; raises if unreachable."""
+        runner = self._require_open()
+        schema = self._config.schema_name
+        started = time.perf_counter()
+        await runner.read(_ping, single=True)
+        latency_ms = (time.perf_counter() - started) * 1000
+        revision = await runner.read(lambda conn: _migrations.read_revision(conn, schema))
+        return HealthStatus(driver=self.driver, revision=revision, latency_ms=latency_ms)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Transaction]:
+        """One database transaction: committed on exit, rolled back on error or cancel."""
+        runner = self._require_open()
+        async with runner.transaction() as tx_runner:
+            yield Transaction(tx_runner, self._secrets)
+
+
+def _ping(conn: Connection) -> None:
+    conn.execute(sa.select(1)).scalar_one()
+
+
+def _copy_head_schema(conn: Connection) -> None:
+    dbapi_connection = conn.connection.dbapi_connection
+    _migrations.copy_head_schema(dbapi_connection)  # type: ignore[arg-type]
+
+
+async def _upgrade_with(engine: AsyncEngine, schema: str | None) -> None:
+    with translated():
+        async with engine.connect() as conn:
+            await conn.run_sync(_migrations.upgrade_connection, schema)
