@@ -14,9 +14,9 @@ from __future__ import annotations
 import asyncio
 from logging.config import fileConfig
 
+from alembic import context
 from sqlalchemy.engine import Connection
 
-from alembic import context
 from llmstore._config import StoreConfig
 from llmstore._migrations import migrate_on, with_migration_connection
 from llmstore._schema import metadata

@@ -15,11 +15,10 @@ import traceback
 from collections.abc import Callable, Sequence
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import create_async_engine
-from sqlalchemy.pool import NullPool
-
 from alembic import command
 from alembic.config import Config
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import NullPool
 
 from . import _migrations
 from ._config import StoreConfig, ensure_parent

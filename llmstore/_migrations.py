@@ -17,14 +17,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
 from sqlalchemy.engine import Connection
-
-from alembic import command
 
 from ._config import StoreConfig, ensure_parent
 from ._engines import postgres_engine, sqlite_engine
@@ -197,9 +196,12 @@ def _schema_exists(conn: Connection, schema: str | None) -> bool:
 
 async def current(config: StoreConfig) -> str | None:
     schema = config.schema_name
-    if config.driver == "sqlite" and not config.is_memory:
-        if not await asyncio.to_thread(Path(config.sqlite_path or "").exists):
-            return None
+    if (
+        config.driver == "sqlite"
+        and not config.is_memory
+        and not await asyncio.to_thread(Path(config.sqlite_path or "").exists)
+    ):
+        return None
     return await with_migration_connection(
         config,
         lambda conn: read_revision(conn, schema) if _schema_exists(conn, schema) else None,
