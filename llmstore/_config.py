@@ -71,6 +71,11 @@ class StoreConfig(BaseModel):
             raise ConfigError(f"database URL must be a string, not {type(value).__name__}")
         return normalise_url(value)
 
+    @field_validator("encryption_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        return parse_keys(value) if isinstance(value, str) else value
+
     @field_validator("schema_name")
     @classmethod
     def _check_schema(cls, value: str | None) -> str | None:

@@ -46,11 +46,13 @@ class Project(BaseModel):
     deactivated_at: dt.datetime | None
 
 
+# The ciphertext is fetched rather than "IS NOT NULL": SQLite 3.40 can return a wrong
+# value for that expression in INSERT ... RETURNING. It never leaves _record().
 _RETURNED = (
     projects.c.id,
     projects.c.name,
     projects.c.is_active,
-    projects.c.api_key_encrypted.is_not(None).label("has_api_key"),
+    projects.c.api_key_encrypted,
     projects.c.created_at,
     projects.c.updated_at,
     projects.c.deactivated_at,
@@ -58,7 +60,15 @@ _RETURNED = (
 
 
 def _record(row: Row[Any]) -> Project:
-    return Project.model_validate(row._mapping)
+    return Project(
+        id=row.id,
+        name=row.name,
+        is_active=row.is_active,
+        has_api_key=row.api_key_encrypted is not None,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        deactivated_at=row.deactivated_at,
+    )
 
 
 class ProjectRepository:

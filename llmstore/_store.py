@@ -17,7 +17,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import _migrations
-from ._config import Driver, StoreConfig, parse_keys
+from ._config import Driver, StoreConfig
 from ._engines import postgres_engine, sqlite_engine, with_schema
 from ._errors import (
     ConfigError,
@@ -126,7 +126,7 @@ class Store:
             raise ConfigError(f"engine must be a SQLAlchemy AsyncEngine, not {type(engine)}")
         options: dict[str, Any] = {"schema_name": schema_name}
         if encryption_keys is not None:
-            options["encryption_keys"] = parse_keys(encryption_keys)
+            options["encryption_keys"] = encryption_keys
         config = StoreConfig.from_url(engine.url.render_as_string(hide_password=False), **options)
         return cls(
             config,

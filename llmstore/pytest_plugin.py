@@ -1,0 +1,97 @@
+"""pytest fixtures for applications that use llmstore (registered as a ``pytest11`` plugin).
+
+* ``llmstore_memory_store``: a fresh, open in-memory store at the head schema, with a
+  throwaway encryption key; a few milliseconds each.
+* ``llmstore_postgres_factory``: ``await factory(**options)`` opens a store in a fresh
+  schema of the database at ``LLMSTORE_TEST_POSTGRES_URL``, migrated to head; every schema
+  is dropped at teardown. Tests using it are skipped when the variable is not set.
+
+Both need pytest-asyncio (``pip install 'llmstore[pytest]'``).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import NullPool
+
+from ._config import StoreConfig
+from ._migrations import upgrade
+from ._secrets import generate_key
+from ._store import Store
+
+POSTGRES_URL_VARIABLE = "LLMSTORE_TEST_POSTGRES_URL"
+
+StoreFactory = Callable[..., Awaitable[Store]]
+
+
+def postgres_test_url() -> str | None:
+    return os.environ.get(POSTGRES_URL_VARIABLE, "").strip() or None
+
+
+def fresh_schema_name() -> str:
+    return f"llmstore_test_{uuid.uuid4().hex[:12]}"
+
+
+async def drop_schema(url: str, schema: str) -> None:
+    config = StoreConfig.from_url(url)
+    engine = create_async_engine(config.url.get_secret_value(), poolclass=NullPool)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+    finally:
+        await engine.dispose()
+
+
+async def _memory_store() -> AsyncIterator[Store]:
+    store = Store.from_url("sqlite:///:memory:", encryption_keys=generate_key())
+    async with store:
+        yield store
+
+
+async def _postgres_factory() -> AsyncIterator[StoreFactory]:
+    url = postgres_test_url()
+    if url is None:
+        pytest.skip(f"{POSTGRES_URL_VARIABLE} is not set")
+    made: list[tuple[Store, str]] = []
+
+    async def factory(**options: Any) -> Store:
+        schema = fresh_schema_name()
+        options.setdefault("encryption_keys", generate_key())
+        store = Store.from_url(url, schema_name=schema, **options)
+        made.append((store, schema))
+        await upgrade(store.config)
+        await store.open()
+        return store
+
+    try:
+        yield factory
+    finally:
+        for store, schema in made:
+            await store.close()
+            await drop_schema(url, schema)
+
+
+try:
+    import pytest_asyncio
+except ImportError:  # pragma: no cover - depends on the user's environment
+
+    @pytest.fixture
+    def llmstore_memory_store() -> None:
+        pytest.fail("llmstore's fixtures need pytest-asyncio: pip install 'llmstore[pytest]'")
+
+    @pytest.fixture
+    def llmstore_postgres_factory() -> None:
+        pytest.fail("llmstore's fixtures need pytest-asyncio: pip install 'llmstore[pytest]'")
+
+else:
+    llmstore_memory_store = pytest_asyncio.fixture(_memory_store, name="llmstore_memory_store")
+    llmstore_postgres_factory = pytest_asyncio.fixture(
+        _postgres_factory, name="llmstore_postgres_factory"
+    )

@@ -1,0 +1,64 @@
+"""Fixtures for llmstore's own tests: every store test runs on SQLite (file and memory)
+and on Postgres (a fresh schema per test)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from llmstore import Store, StoreConfig, generate_key
+from llmstore.pytest_plugin import drop_schema, fresh_schema_name, postgres_test_url
+
+DRIVERS = ["sqlite-file", "sqlite-memory", "postgres"]
+DATABASE_DRIVERS = ["sqlite-file", "postgres"]
+
+
+def require_postgres() -> str:
+    url = postgres_test_url()
+    if url is None:
+        if os.environ.get("CI"):
+            pytest.fail("LLMSTORE_TEST_POSTGRES_URL must be set in CI: Postgres tests never skip")
+        pytest.skip("LLMSTORE_TEST_POSTGRES_URL is not set")
+    return url
+
+
+def _param(name: str) -> object:
+    return pytest.param(name, marks=pytest.mark.postgres) if name == "postgres" else name
+
+
+@pytest.fixture(params=[_param(name) for name in DATABASE_DRIVERS])
+async def db_config(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[StoreConfig]:
+    """A config for an empty, never-migrated database: a new SQLite file or Postgres schema."""
+    key = generate_key()
+    if request.param == "postgres":
+        url = require_postgres()
+        schema = fresh_schema_name()
+        yield StoreConfig.from_url(url, schema_name=schema, encryption_keys=key)
+        await drop_schema(url, schema)
+    else:
+        yield StoreConfig.from_url(f"sqlite:///{tmp_path / 'llmstore.db'}", encryption_keys=key)
+
+
+@pytest.fixture(params=[_param(name) for name in DRIVERS])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    """An open store at the head schema, with an encryption key."""
+    key = generate_key()
+    if request.param == "sqlite-memory":
+        async with Store.from_url("sqlite:///:memory:", encryption_keys=key) as memory:
+            yield memory
+        return
+    if request.param == "postgres":
+        url = require_postgres()
+        schema = fresh_schema_name()
+        async with Store.from_url(
+            url, schema_name=schema, encryption_keys=key, auto_upgrade=True
+        ) as pg:
+            yield pg
+        await drop_schema(url, schema)
+        return
+    path = tmp_path / "llmstore.db"
+    async with Store.from_url(f"sqlite:///{path}", encryption_keys=key, auto_upgrade=True) as db:
+        yield db
