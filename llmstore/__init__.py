@@ -26,7 +26,6 @@ from ._store import HealthStatus, Store, Transaction
 __version__ = "0.1.0.dev0"
 
 __all__ = [
-    "UNSET",
     "ConfigError",
     "ConflictError",
     "DatabaseError",
@@ -44,6 +43,7 @@ __all__ = [
     "StoreConfig",
     "Transaction",
     "TransactionError",
+    "UNSET",
     "UnknownRevisionError",
     "Unset",
     "ValidationError",

@@ -1,0 +1,48 @@
+"""The README's set-up commands and every example run as written."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmstore import generate_key
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
+
+
+def _clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "DB_DRIVER"))}
+    env.pop("LLMSTORE_ENV", None)
+    env.pop("LLMSTORE_ENCRYPTION_KEYS", None)
+    env.update(extra)
+    return env
+
+
+def _run(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_there_are_examples() -> None:
+    assert any(path.name == "quickstart.py" for path in EXAMPLES)
+
+
+@pytest.mark.parametrize("with_key", [False, True])
+def test_quickstart_on_the_default_sqlite_file(tmp_path: Path, with_key: bool) -> None:
+    # The README: `python -m llmstore upgrade && python examples/quickstart.py`, run twice.
+    extra = {"LLMSTORE_ENCRYPTION_KEYS": generate_key()} if with_key else {}
+    env = _clean_env(tmp_path, **extra)
+    work = tmp_path / "app"
+    work.mkdir()
+    for attempt in ("created", "found"):
+        upgrade = _run([sys.executable, "-m", "llmstore", "upgrade"], work, env)
+        assert upgrade.returncode == 0, upgrade.stderr
+        result = _run([sys.executable, str(ROOT / "examples" / "quickstart.py")], work, env)
+        assert result.returncode == 0, result.stderr
+        assert f"{attempt} project quickstart" in result.stdout
+        assert f"has upstream key: {with_key}" in result.stdout
+    assert (work / "data" / "llmstore.db").exists()

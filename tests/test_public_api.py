@@ -1,0 +1,49 @@
+"""The public API: an explicit, sorted ``__all__``; private modules; one error hierarchy."""
+
+from __future__ import annotations
+
+import builtins
+import importlib
+import pkgutil
+import types
+
+import llmstore
+
+
+def test_all_is_sorted_and_complete() -> None:
+    assert llmstore.__all__ == sorted(llmstore.__all__)
+    assert len(set(llmstore.__all__)) == len(llmstore.__all__)
+    for name in llmstore.__all__:
+        assert hasattr(llmstore, name), name
+    public = {
+        name
+        for name, value in vars(llmstore).items()
+        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+    }
+    assert public == set(llmstore.__all__)
+
+
+def test_modules_are_private_except_the_plugin() -> None:
+    modules = {info.name for info in pkgutil.iter_modules(llmstore.__path__)}
+    assert {name for name in modules if not name.startswith("_")} == {"pytest_plugin"}
+    for name in modules:
+        importlib.import_module(f"llmstore.{name}") if name != "__main__" else None
+
+
+def test_errors_share_one_base_and_shadow_no_builtin() -> None:
+    errors = [getattr(llmstore, n) for n in llmstore.__all__ if n.endswith("Error")]
+    assert {
+        "ConfigError",
+        "NotFoundError",
+        "ConflictError",
+        "SchemaOutOfDateError",
+        "ValidationError",
+        "LlmstoreError",
+    } <= {e.__name__ for e in errors}
+    for error in errors:
+        assert issubclass(error, llmstore.LlmstoreError)
+    assert not set(llmstore.__all__) & set(dir(builtins))
+
+
+def test_package_is_typed() -> None:
+    assert importlib.resources.files("llmstore").joinpath("py.typed").is_file()
