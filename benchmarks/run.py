@@ -611,7 +611,6 @@ async def main_async(args: argparse.Namespace) -> int:
         print(f"postgres: {masked(url)} (from {POSTGRES_URL_VARIABLE} or the default)")
     print(f"{args.ops:,} sequential ops per round and variant, {args.rounds} rounds, medians")
     print()
-    status = 0
     header_printed = False
     for driver in drivers:
         if driver == "postgres":
@@ -620,7 +619,6 @@ async def main_async(args: argparse.Namespace) -> int:
                 print(f"postgres: skipped, cannot connect to {masked(url)}: {problem}")
                 if args.driver == "postgres":
                     return 1
-                status = 1
                 continue
         async with context_for(driver, url) as ctx:
             for name in names:
@@ -631,7 +629,7 @@ async def main_async(args: argparse.Namespace) -> int:
                 print(result_line(result), flush=True)
                 if args.verbose:
                     print(rounds_line(result), flush=True)
-    return status
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,19 +22,36 @@ MEMORY = ":memory:"
 _SCHEMA_MAX = 63
 
 
+_PASSWORD_PARAMETERS = ("password", "pass", "passwd", "pwd", "secret")
+
+
 def mask_url(url: str) -> str:
     """Return ``url`` with any password replaced by ``***``; never raises."""
     try:
         parsed = make_url(url)
     except Exception:
-        # Not parseable as a URL: hide everything between "://" and the last "@".
-        scheme, sep, rest = url.partition("://")
-        if sep and "@" in rest:
-            return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
-        return url
-    if parsed.password is None:
+        parsed = None
+    authority = url.split("://", 1)[-1].split("/", 1)[0]
+    if parsed is None or authority.count("@") > 1:
+        # Unparseable, or an unescaped "@" in the password: hide all before the last "@".
+        if "@" not in url:
+            return url
+        scheme, sep, _ = url.partition("://")
+        return f"{scheme + sep if sep else ''}***@{url.rsplit('@', 1)[1]}"
+    if any(name.lower() in _PASSWORD_PARAMETERS for name in parsed.query):
+        parsed = parsed.update_query_dict(
+            {name: "***" for name in parsed.query if name.lower() in _PASSWORD_PARAMETERS}
+        )
+    elif parsed.password is None:
         return url
     return parsed.render_as_string(hide_password=True)
+
+
+def sqlite_url(path: str) -> str:
+    """The URL of a SQLite file, escaped so that SQLAlchemy reads back exactly ``path``."""
+    if path == MEMORY:
+        return "sqlite:///:memory:"
+    return URL.create("sqlite", database=path).render_as_string()
 
 
 def _config_error(message: str, url: str) -> ConfigError:
@@ -55,9 +72,9 @@ class StoreConfig(BaseModel):
     env: Environment = "dev"
     pool_size: int = Field(default=10, ge=1, le=1000)
     max_overflow: int = Field(default=10, ge=0, le=1000)
-    conn_max_lifetime: float = Field(default=3600.0, gt=0)
+    conn_max_lifetime: float = Field(default=3600.0, gt=0, allow_inf_nan=False)
     schema_name: str | None = Field(default=None, min_length=1, max_length=_SCHEMA_MAX)
-    busy_timeout: float = Field(default=30.0, gt=0, le=3600)
+    busy_timeout: float = Field(default=30.0, gt=0, le=3600, allow_inf_nan=False)
     encryption_keys: tuple[SecretStr, ...] = ()
 
     @field_validator("url", mode="before")
@@ -139,7 +156,7 @@ class StoreConfig(BaseModel):
                         "LLMSTORE_ENV=prod refuses defaults: set DATABASE_URL or DATABASE_PATH"
                     )
                 path = DEFAULT_SQLITE_PATH
-            url = f"sqlite:///{path}"
+            url = sqlite_url(path)
         values: dict[str, Any] = {"url": url, "env": env}
         for name, variable, kind in (
             ("pool_size", "DATABASE_POOL_SIZE", int),
@@ -198,7 +215,7 @@ def normalise_url(raw: str) -> str:
         database = url.database or MEMORY
         if database.startswith("file:") or url.query:
             raise _config_error("SQLite URL options are not supported", text)
-        return f"sqlite:///{database}"
+        return sqlite_url(database)
     if backend in ("postgresql", "postgres"):
         if dbapi not in ("", "asyncpg"):
             raise _config_error(
@@ -206,6 +223,8 @@ def normalise_url(raw: str) -> str:
             )
         if not url.database:
             raise _config_error("PostgreSQL URL names no database", text)
+        if text.split("://", 1)[-1].split("/", 1)[0].count("@") > 1:
+            raise _config_error('malformed database URL (write "@" in a password as %40)', text)
         return url.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
     raise _config_error("unknown database driver in URL (use sqlite or postgresql)", text)
 

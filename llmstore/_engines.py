@@ -42,7 +42,7 @@ def sqlite_engine(
         options["poolclass"] = NullPool
     else:
         options.update(pool_size=pool_size, max_overflow=0, pool_timeout=busy_timeout)
-    engine = sa.create_engine(f"sqlite:///{path}", **options)
+    engine = sa.create_engine(sa.URL.create("sqlite", database=path), **options)
 
     @event.listens_for(engine, "connect")
     def _configure(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
