@@ -580,11 +580,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="llmstore vs the raw driver vs the SQLAlchemy ORM, per operation "
         "(sequential ops/s, median of rounds).",
     )
-    parser.add_argument("--driver", choices=[*DRIVERS, "all"], default="all")
+    parser.add_argument(
+        "--driver", choices=[*DRIVERS, "all"], default="all", help="database(s) to run on"
+    )
     parser.add_argument(
         "--ops", type=positive, default=DEFAULT_OPS, help="operations per round and variant"
     )
-    parser.add_argument("--rounds", type=positive, default=DEFAULT_ROUNDS)
+    parser.add_argument(
+        "--rounds", type=positive, default=DEFAULT_ROUNDS, help="timed rounds; medians are shown"
+    )
     parser.add_argument(
         "--only", choices=list(OPERATIONS), metavar="OPNAME", help="run one operation only"
     )
@@ -609,7 +613,8 @@ async def main_async(args: argparse.Namespace) -> int:
     )
     if "postgres" in drivers:
         print(f"postgres: {masked(url)} (from {POSTGRES_URL_VARIABLE} or the default)")
-    print(f"{args.ops:,} sequential ops per round and variant, {args.rounds} rounds, medians")
+    rounds = "1 round" if args.rounds == 1 else f"{args.rounds} rounds (medians shown)"
+    print(f"{args.ops:,} sequential ops per round and variant, {rounds}")
     print()
     header_printed = False
     for driver in drivers:

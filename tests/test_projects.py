@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from llmstore import (
     ConfigError,
@@ -214,3 +217,45 @@ async def test_allow_plaintext_secrets_stores_a_marked_plaintext() -> None:
         project = await plain.projects.create("test only", api_key="sk-test")
         assert await plain.projects.reveal_api_key(project.id) == "sk-test"
         assert await _stored_api_key(plain, project.id) == "plain:sk-test"
+
+
+async def test_plaintext_key_never_reaches_the_database(store: Store) -> None:
+    secret = "sk-needle-" + uuid.uuid4().hex
+    project = await store.projects.create("needle", api_key=secret)
+    await store.projects.update(project.id, name="needle-2")
+    dump = await store._require_open().read(
+        lambda conn: repr(conn.execute(sa.select(projects)).all())
+    )
+    assert "needle-2" in dump
+    assert secret not in dump
+    path = store.config.sqlite_path
+    if store.driver == "sqlite" and path and path != ":memory:":
+        for file in Path(path).parent.glob(Path(path).name + "*"):
+            assert secret.encode() not in file.read_bytes(), file.name
+
+
+@settings(
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    names=st.sets(
+        st.text(
+            st.characters(min_codepoint=32, max_codepoint=0x2FFF), min_size=1, max_size=40
+        ).filter(lambda s: s.strip() and not any(0x7F <= ord(c) <= 0x9F for c in s)),
+        max_size=12,
+    ),
+    page=st.integers(min_value=1, max_value=5),
+)
+async def test_pages_cover_every_project_once(store: Store, names: set[str], page: int) -> None:
+    for existing in await store.projects.list(limit=1000):
+        await store.projects.delete(existing.id)
+    created = {(await store.projects.create(name)).id for name in names}
+    seen: list[uuid.UUID] = []
+    after = None
+    while batch := await store.projects.list(limit=page, after=after):
+        seen.extend(p.id for p in batch)
+        after = batch[-1].id
+    assert seen == sorted(created)
+    assert {(await store.projects.get_by_name(name)).name for name in names} == names
