@@ -5,20 +5,18 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import uuid
-from collections.abc import Callable
-from typing import Any, Final, Protocol, TypeVar
+from typing import Any, Final
 
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy.engine import Connection, Row
+from sqlalchemy.engine import Connection
 
 from ._errors import NotFoundError, ValidationError
 from ._ids import new_id, utcnow
-from ._schema import projects
+from ._runner import Runner
+from ._schema import UTCDateTime, projects
 from ._secrets import SecretBox
 from ._validate import check_id, check_limit, check_optional_bool, check_secret, check_text
-
-T = TypeVar("T")
 
 NAME_MAX = 200
 
@@ -59,7 +57,14 @@ _RETURNED = (
 )
 
 
-def _record(row: Row[Any]) -> Project:
+# Built once: constructing a statement costs more than executing a cached one.
+_INSERT = projects.insert().returning(*_RETURNED)
+_SELECT = sa.select(*_RETURNED)
+_BY_ID = _SELECT.where(projects.c.id == sa.bindparam("key"))
+_BY_NAME = _SELECT.where(projects.c.name == sa.bindparam("name"))
+
+
+def _record(row: Any) -> Project:
     return Project(
         id=row.id,
         name=row.name,
@@ -84,31 +89,27 @@ class ProjectRepository:
         if api_key is not None:
             encrypted = self._secrets.encrypt(check_secret(api_key, "api_key"))
         now = utcnow()
-        statement = (
-            projects.insert()
-            .values(
-                id=new_id(),
-                name=name,
-                api_key_encrypted=encrypted,
-                is_active=True,
-                created_at=now,
-                updated_at=now,
-                deactivated_at=None,
-            )
-            .returning(*_RETURNED)
-        )
-        return _record(self._conn.execute(statement).one())
+        values = {
+            "id": new_id(),
+            "name": name,
+            "api_key_encrypted": encrypted,
+            "is_active": True,
+            "created_at": now,
+            "updated_at": now,
+            "deactivated_at": None,
+        }
+        return _record(self._conn.execute(_INSERT, values).one())
 
     def get(self, project_id: uuid.UUID | str) -> Project:
         key = check_id(project_id, "project id")
-        row = self._conn.execute(sa.select(*_RETURNED).where(projects.c.id == key)).first()
+        row = self._conn.execute(_BY_ID, {"key": key}).first()
         if row is None:
             raise NotFoundError(f"no project with id {key}")
         return _record(row)
 
     def get_by_name(self, name: str) -> Project:
         name = check_text(name, "project name", max_length=NAME_MAX)
-        row = self._conn.execute(sa.select(*_RETURNED).where(projects.c.name == name)).first()
+        row = self._conn.execute(_BY_NAME, {"name": name}).first()
         if row is None:
             raise NotFoundError(f"no project named {name!r}")
         return _record(row)
@@ -120,7 +121,7 @@ class ProjectRepository:
         after: uuid.UUID | str | None = None,
     ) -> list[Project]:
         """Projects in creation order; pass the last id of a page as ``after`` for the next."""
-        statement = sa.select(*_RETURNED).order_by(projects.c.id).limit(check_limit(limit))
+        statement = _SELECT.order_by(projects.c.id).limit(check_limit(limit))
         if check_optional_bool(active, "active") is not None:
             statement = statement.where(projects.c.is_active == active)
         if after is not None:
@@ -155,7 +156,9 @@ class ProjectRepository:
             key,
             is_active=False,
             updated_at=now,
-            deactivated_at=sa.func.coalesce(projects.c.deactivated_at, sa.literal(now, _TS)),
+            deactivated_at=sa.func.coalesce(
+                projects.c.deactivated_at, sa.literal(now, UTCDateTime())
+            ),
         )
 
     def activate(self, project_id: uuid.UUID | str) -> Project:
@@ -191,19 +194,11 @@ class ProjectRepository:
         return _record(row)
 
 
-_TS = projects.c.deactivated_at.type
-
-
-class Runner(Protocol):
-    """Runs a function of a connection as one unit: one thread hop or one ``run_sync``."""
-
-    async def read(self, fn: Callable[[Connection], T]) -> T: ...
-
-    async def write(self, fn: Callable[[Connection], T]) -> T: ...
-
-
 class Projects:
-    """``store.projects`` and ``tx.projects``: each call is one unit of work."""
+    """``store.projects`` and ``tx.projects``: each call is one unit of work.
+
+    Every project operation is a single statement, so each runs with ``single=True``.
+    """
 
     def __init__(self, runner: Runner, secrets: SecretBox) -> None:
         self._runner = runner
@@ -213,13 +208,15 @@ class Projects:
         return ProjectRepository(conn, self._secrets)
 
     async def create(self, name: str, api_key: str | None = None) -> Project:
-        return await self._runner.write(lambda conn: self._repo(conn).create(name, api_key))
+        return await self._runner.write(
+            lambda conn: self._repo(conn).create(name, api_key), single=True
+        )
 
     async def get(self, project_id: uuid.UUID | str) -> Project:
-        return await self._runner.read(lambda conn: self._repo(conn).get(project_id))
+        return await self._runner.read(lambda conn: self._repo(conn).get(project_id), single=True)
 
     async def get_by_name(self, name: str) -> Project:
-        return await self._runner.read(lambda conn: self._repo(conn).get_by_name(name))
+        return await self._runner.read(lambda conn: self._repo(conn).get_by_name(name), single=True)
 
     async def list(
         self,
@@ -227,7 +224,9 @@ class Projects:
         limit: int = 100,
         after: uuid.UUID | str | None = None,
     ) -> list[Project]:
-        return await self._runner.read(lambda conn: self._repo(conn).list(active, limit, after))
+        return await self._runner.read(
+            lambda conn: self._repo(conn).list(active, limit, after), single=True
+        )
 
     async def update(
         self,
@@ -237,17 +236,24 @@ class Projects:
         api_key: str | Unset | None = UNSET,
     ) -> Project:
         return await self._runner.write(
-            lambda conn: self._repo(conn).update(project_id, name=name, api_key=api_key)
+            lambda conn: self._repo(conn).update(project_id, name=name, api_key=api_key),
+            single=True,
         )
 
     async def deactivate(self, project_id: uuid.UUID | str) -> Project:
-        return await self._runner.write(lambda conn: self._repo(conn).deactivate(project_id))
+        return await self._runner.write(
+            lambda conn: self._repo(conn).deactivate(project_id), single=True
+        )
 
     async def activate(self, project_id: uuid.UUID | str) -> Project:
-        return await self._runner.write(lambda conn: self._repo(conn).activate(project_id))
+        return await self._runner.write(
+            lambda conn: self._repo(conn).activate(project_id), single=True
+        )
 
     async def delete(self, project_id: uuid.UUID | str) -> None:
-        await self._runner.write(lambda conn: self._repo(conn).delete(project_id))
+        await self._runner.write(lambda conn: self._repo(conn).delete(project_id), single=True)
 
     async def reveal_api_key(self, project_id: uuid.UUID | str) -> str | None:
-        return await self._runner.read(lambda conn: self._repo(conn).reveal_api_key(project_id))
+        return await self._runner.read(
+            lambda conn: self._repo(conn).reveal_api_key(project_id), single=True
+        )

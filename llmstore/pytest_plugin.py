@@ -81,17 +81,18 @@ async def _postgres_factory() -> AsyncIterator[StoreFactory]:
 try:
     import pytest_asyncio
 except ImportError:  # pragma: no cover - depends on the user's environment
+    pytest_asyncio = None  # type: ignore[assignment]
 
-    @pytest.fixture
-    def llmstore_memory_store() -> None:
-        pytest.fail("llmstore's fixtures need pytest-asyncio: pip install 'llmstore[pytest]'")
 
-    @pytest.fixture
-    def llmstore_postgres_factory() -> None:
-        pytest.fail("llmstore's fixtures need pytest-asyncio: pip install 'llmstore[pytest]'")
+def _missing_plugin() -> None:
+    pytest.fail("llmstore's fixtures need pytest-asyncio: pip install 'llmstore[pytest]'")
 
-else:
-    llmstore_memory_store = pytest_asyncio.fixture(_memory_store, name="llmstore_memory_store")
-    llmstore_postgres_factory = pytest_asyncio.fixture(
-        _postgres_factory, name="llmstore_postgres_factory"
-    )
+
+_fixture: Any = pytest.fixture if pytest_asyncio is None else pytest_asyncio.fixture
+llmstore_memory_store = _fixture(
+    _missing_plugin if pytest_asyncio is None else _memory_store, name="llmstore_memory_store"
+)
+llmstore_postgres_factory = _fixture(
+    _missing_plugin if pytest_asyncio is None else _postgres_factory,
+    name="llmstore_postgres_factory",
+)

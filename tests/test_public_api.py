@@ -6,6 +6,7 @@ import builtins
 import importlib
 import pkgutil
 import types
+from typing import Any
 
 import llmstore
 
@@ -47,3 +48,18 @@ def test_errors_share_one_base_and_shadow_no_builtin() -> None:
 
 def test_package_is_typed() -> None:
     assert importlib.resources.files("llmstore").joinpath("py.typed").is_file()
+
+
+async def test_plugin_memory_store_fixture(llmstore_memory_store: llmstore.Store) -> None:
+    project = await llmstore_memory_store.projects.create("from the plugin", api_key="sk-x")
+    assert await llmstore_memory_store.projects.reveal_api_key(project.id) == "sk-x"
+    assert llmstore_memory_store.driver == "sqlite"
+
+
+async def test_plugin_postgres_factory_fixture(llmstore_postgres_factory: Any) -> None:
+    first = await llmstore_postgres_factory()
+    second = await llmstore_postgres_factory()
+    await first.projects.create("isolated")
+    assert await second.projects.list() == []
+    assert first.driver == "postgresql"
+    assert first.config.schema_name != second.config.schema_name
