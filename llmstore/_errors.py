@@ -135,11 +135,7 @@ def translate(exc: BaseException) -> LlmstoreError | None:
         if getattr(exc, "sqlite_errorname", "") in _SQLITE_BUSY:
             return DatabaseUnavailableError(f"database unavailable ({exc})")
         return DatabaseError(f"database error ({type(exc).__name__}: {exc})")
-    if isinstance(exc, ConnectionError | TimeoutError) or type(exc).__module__.startswith(
-        "asyncpg"
-    ):
-        return DatabaseUnavailableError(f"cannot reach the database ({type(exc).__name__}: {exc})")
-    if isinstance(exc, OSError):
+    if isinstance(exc, OSError) or type(exc).__module__.startswith("asyncpg"):
         return DatabaseUnavailableError(f"cannot reach the database ({type(exc).__name__}: {exc})")
     return None
 
