@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
@@ -199,7 +199,7 @@ class Store:
                 readers=1,
                 shared_reads=True,
             )
-            await runner.start(_copy_head_schema)
+            await _started(runner, _copy_head_schema)
             return runner
         if self._auto_upgrade:
             await _migrations.upgrade(config)
@@ -213,7 +213,7 @@ class Store:
             readers=readers,
             shared_reads=False,
         )
-        await runner.start()
+        await _started(runner, None)
         return runner
 
     async def _check_revision(self, runner: Runner) -> None:
@@ -264,6 +264,14 @@ class Store:
         runner = self._require_open()
         async with runner.transaction() as tx_runner:
             yield Transaction(tx_runner, self._secrets)
+
+
+async def _started(runner: SQLiteRunner, prepare: Callable[[Connection], None] | None) -> None:
+    try:
+        await runner.start(prepare)
+    except BaseException:
+        await runner.close()  # stops the threads a failed start would otherwise leave
+        raise
 
 
 def _ping(conn: Connection) -> None:

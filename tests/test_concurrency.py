@@ -48,10 +48,6 @@ async def _work(config: StoreConfig, worker: int, start: Any) -> tuple[int, int,
     return won, lost, failures
 
 
-def _raw_json(data: dict[str, Any]) -> str:
-    return json.dumps(data)
-
-
 @pytest.mark.slow
 async def test_processes_write_concurrently_without_locking_errors(db_config: StoreConfig) -> None:
     await upgrade(db_config)
@@ -61,7 +57,7 @@ async def test_processes_write_concurrently_without_locking_errors(db_config: St
     try:
         with context.Pool(WORKERS) as pool:
             pending = [
-                pool.apply_async(_worker, (_raw_json(_plain(db_config)), worker, start))
+                pool.apply_async(_worker, (_config_json(db_config), worker, start))
                 for worker in range(WORKERS)
             ]
             await asyncio.sleep(0.5)
@@ -80,8 +76,9 @@ async def test_processes_write_concurrently_without_locking_errors(db_config: St
     assert sorted(names) == sorted(own | shared)
 
 
-def _plain(config: StoreConfig) -> dict[str, Any]:
+def _config_json(config: StoreConfig) -> str:
+    # SecretStr fields serialise masked; hand the workers the real values.
     data = config.model_dump()
     data["url"] = config.url.get_secret_value()
     data["encryption_keys"] = [key.get_secret_value() for key in config.encryption_keys]
-    return data
+    return json.dumps(data)
