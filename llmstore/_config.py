@@ -76,6 +76,7 @@ class StoreConfig(BaseModel):
     schema_name: str | None = Field(default=None, min_length=1, max_length=_SCHEMA_MAX)
     busy_timeout: float = Field(default=30.0, gt=0, le=3600, allow_inf_nan=False)
     encryption_keys: tuple[SecretStr, ...] = ()
+    token_pepper: SecretStr | None = None
 
     @field_validator("url", mode="before")
     @classmethod
@@ -92,6 +93,16 @@ class StoreConfig(BaseModel):
     @classmethod
     def _split_keys(cls, value: object) -> object:
         return parse_keys(value) if isinstance(value, str) else value
+
+    @field_validator("token_pepper", mode="before")
+    @classmethod
+    def _check_pepper(cls, value: object) -> object:
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if isinstance(raw, str) and not raw.strip():
+            return None
+        if isinstance(raw, str) and len(raw) < 16:
+            raise ConfigError("LLMSTORE_TOKEN_PEPPER must be at least 16 characters")
+        return value
 
     @field_validator("schema_name")
     @classmethod
@@ -125,10 +136,13 @@ class StoreConfig(BaseModel):
     def from_url(cls, url: str | URL, **options: Any) -> StoreConfig:
         """A config for ``url``; ``options`` set any other field.
 
-        ``encryption_keys``, when not given, is read from ``LLMSTORE_ENCRYPTION_KEYS``.
+        ``encryption_keys`` and ``token_pepper``, when not given, are read from
+        ``LLMSTORE_ENCRYPTION_KEYS`` and ``LLMSTORE_TOKEN_PEPPER``.
         """
         if "encryption_keys" not in options:
             options["encryption_keys"] = parse_keys(os.environ.get("LLMSTORE_ENCRYPTION_KEYS", ""))
+        if "token_pepper" not in options:
+            options["token_pepper"] = os.environ.get("LLMSTORE_TOKEN_PEPPER") or None
         return cls._build(url=url, **options)
 
     @classmethod
@@ -174,6 +188,7 @@ class StoreConfig(BaseModel):
         if schema:
             values["schema_name"] = schema
         values["encryption_keys"] = parse_keys(source.get("LLMSTORE_ENCRYPTION_KEYS", ""))
+        values["token_pepper"] = source.get("LLMSTORE_TOKEN_PEPPER") or None
         values.update(overrides)
         return cls._build(**values)
 

@@ -6,6 +6,7 @@
     ├── ConfigError               bad or missing configuration
     ├── ValidationError           bad input, refused before anything is written
     ├── NotFoundError             no row with that id or name
+    ├── TokenRejectedError        tokens.use() refused a token; ``.reason`` says why
     ├── ConflictError             a uniqueness or state conflict
     ├── StoreClosedError          the store is not open (never opened, or closed)
     ├── TransactionError          a transaction used the wrong way
@@ -22,6 +23,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Literal
 
 import sqlalchemy.exc
 
@@ -40,6 +42,22 @@ class ValidationError(LlmstoreError):
 
 class NotFoundError(LlmstoreError):
     """No row exists with the given id or name."""
+
+
+TokenRejectionReason = Literal[
+    "unknown", "inactive", "project_inactive", "expired", "quota_exhausted"
+]
+
+
+class TokenRejectedError(LlmstoreError):
+    """``tokens.use()`` refused the token; ``reason`` is one of ``TokenRejectionReason``.
+
+    The message never quotes the secret.
+    """
+
+    def __init__(self, reason: TokenRejectionReason, message: str | None = None) -> None:
+        super().__init__(message or f"token rejected: {reason.replace('_', ' ')}")
+        self.reason: TokenRejectionReason = reason
 
 
 class ConflictError(LlmstoreError):
@@ -135,9 +153,26 @@ def translate(exc: BaseException) -> LlmstoreError | None:
         if getattr(exc, "sqlite_errorname", "") in _SQLITE_BUSY:
             return DatabaseUnavailableError(f"database unavailable ({exc})")
         return DatabaseError(f"database error ({type(exc).__name__}: {exc})")
-    if isinstance(exc, OSError) or type(exc).__module__.startswith("asyncpg"):
+    if type(exc).__module__.startswith("asyncpg"):
+        return _raw_asyncpg(exc)
+    if isinstance(exc, OSError):
         return DatabaseUnavailableError(f"cannot reach the database ({type(exc).__name__}: {exc})")
     return None
+
+
+def _raw_asyncpg(exc: BaseException) -> LlmstoreError:
+    """An exception from asyncpg used directly (the lean path), classified by SQLSTATE."""
+    code = _driver_code(exc)
+    detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    if code in _PG_CONFLICT:
+        return ConflictError(f"conflicts with an existing row ({detail})")
+    if code in _PG_NOT_FOUND:
+        return NotFoundError(f"refers to a row that does not exist ({detail})")
+    if code in _PG_INVALID or code.startswith("23"):
+        return ValidationError(f"rejected by the database ({detail})")
+    if not code or code.startswith(("08", "28", "57P", "3D")):
+        return DatabaseUnavailableError(f"cannot reach the database ({detail})")
+    return DatabaseError(f"database error ({detail})")
 
 
 @contextmanager

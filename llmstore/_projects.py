@@ -11,12 +11,20 @@ import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy.engine import Connection
 
+from ._audit import AuditRepository
 from ._errors import NotFoundError, ValidationError
 from ._ids import new_id, utcnow
 from ._runner import Runner
 from ._schema import UTCDateTime, projects
 from ._secrets import SecretBox
-from ._validate import check_id, check_limit, check_optional_bool, check_secret, check_text
+from ._validate import (
+    check_actor,
+    check_id,
+    check_limit,
+    check_optional_bool,
+    check_secret,
+    check_text,
+)
 
 NAME_MAX = 200
 
@@ -83,8 +91,9 @@ class ProjectRepository:
         self._conn = conn
         self._secrets = secrets
 
-    def create(self, name: str, api_key: str | None = None) -> Project:
+    def create(self, name: str, api_key: str | None = None, *, actor: str | None = None) -> Project:
         name = check_text(name, "project name", max_length=NAME_MAX)
+        actor = check_actor(actor)
         encrypted = None
         if api_key is not None:
             encrypted = self._secrets.encrypt(check_secret(api_key, "api_key"))
@@ -98,7 +107,9 @@ class ProjectRepository:
             "updated_at": now,
             "deactivated_at": None,
         }
-        return _record(self._conn.execute(_INSERT, values).one())
+        return self._audited(
+            actor, "project.create", _record(self._conn.execute(_INSERT, values).one())
+        )
 
     def get(self, project_id: uuid.UUID | str) -> Project:
         key = check_id(project_id, "project id")
@@ -134,9 +145,11 @@ class ProjectRepository:
         *,
         name: str | Unset = UNSET,
         api_key: str | Unset | None = UNSET,
+        actor: str | None = None,
     ) -> Project:
         """Rename the project and/or replace its upstream key (``api_key=None`` removes it)."""
         key = check_id(project_id, "project id")
+        actor = check_actor(actor)
         changes: dict[str, Any] = {}
         if name is not UNSET:
             changes["name"] = check_text(name, "project name", max_length=NAME_MAX)
@@ -146,13 +159,16 @@ class ProjectRepository:
             )
         if not changes:
             raise ValidationError("update() needs at least one of name= or api_key=")
-        return self._change(key, updated_at=utcnow(), **changes)
+        return self._audited(
+            actor, "project.update", self._change(key, updated_at=utcnow(), **changes)
+        )
 
-    def deactivate(self, project_id: uuid.UUID | str) -> Project:
+    def deactivate(self, project_id: uuid.UUID | str, *, actor: str | None = None) -> Project:
         """Mark the project inactive; an already inactive project keeps its first date."""
         key = check_id(project_id, "project id")
+        actor = check_actor(actor)
         now = utcnow()
-        return self._change(
+        project = self._change(
             key,
             is_active=False,
             updated_at=now,
@@ -160,18 +176,24 @@ class ProjectRepository:
                 projects.c.deactivated_at, sa.literal(now, UTCDateTime())
             ),
         )
+        return self._audited(actor, "project.deactivate", project)
 
-    def activate(self, project_id: uuid.UUID | str) -> Project:
+    def activate(self, project_id: uuid.UUID | str, *, actor: str | None = None) -> Project:
         key = check_id(project_id, "project id")
-        return self._change(key, is_active=True, updated_at=utcnow(), deactivated_at=None)
+        actor = check_actor(actor)
+        project = self._change(key, is_active=True, updated_at=utcnow(), deactivated_at=None)
+        return self._audited(actor, "project.activate", project)
 
-    def delete(self, project_id: uuid.UUID | str) -> None:
+    def delete(self, project_id: uuid.UUID | str, *, actor: str | None = None) -> None:
+        """Delete the project with its tokens and provider credentials."""
         key = check_id(project_id, "project id")
-        deleted = self._conn.execute(
-            projects.delete().where(projects.c.id == key).returning(projects.c.id)
+        actor = check_actor(actor)
+        row = self._conn.execute(
+            projects.delete().where(projects.c.id == key).returning(*_RETURNED)
         ).first()
-        if deleted is None:
+        if row is None:
             raise NotFoundError(f"no project with id {key}")
+        self._audited(actor, "project.delete", _record(row))
 
     def reveal_api_key(self, project_id: uuid.UUID | str) -> str | None:
         """The decrypted upstream key, or None when the project has none."""
@@ -185,6 +207,11 @@ class ProjectRepository:
             None if row.api_key_encrypted is None else self._secrets.decrypt(row.api_key_encrypted)
         )
 
+    def _audited(self, actor: str | None, action: str, project: Project) -> Project:
+        if actor is not None:
+            AuditRepository(self._conn).record(action, actor, "success", project_id=project.id)
+        return project
+
     def _change(self, key: uuid.UUID, **values: Any) -> Project:
         row = self._conn.execute(
             projects.update().where(projects.c.id == key).values(**values).returning(*_RETURNED)
@@ -197,7 +224,8 @@ class ProjectRepository:
 class Projects:
     """``store.projects`` and ``tx.projects``: each call is one unit of work.
 
-    Every project operation is a single statement, so each runs with ``single=True``.
+    Every project operation is a single statement; with ``actor=``, the change and its
+    audit event are written in one transaction.
     """
 
     def __init__(self, runner: Runner, secrets: SecretBox) -> None:
@@ -207,9 +235,11 @@ class Projects:
     def _repo(self, conn: Connection) -> ProjectRepository:
         return ProjectRepository(conn, self._secrets)
 
-    async def create(self, name: str, api_key: str | None = None) -> Project:
+    async def create(
+        self, name: str, api_key: str | None = None, *, actor: str | None = None
+    ) -> Project:
         return await self._runner.write(
-            lambda conn: self._repo(conn).create(name, api_key), single=True
+            lambda conn: self._repo(conn).create(name, api_key, actor=actor), single=actor is None
         )
 
     async def get(self, project_id: uuid.UUID | str) -> Project:
@@ -234,24 +264,29 @@ class Projects:
         *,
         name: str | Unset = UNSET,
         api_key: str | Unset | None = UNSET,
+        actor: str | None = None,
     ) -> Project:
         return await self._runner.write(
-            lambda conn: self._repo(conn).update(project_id, name=name, api_key=api_key),
-            single=True,
+            lambda conn: self._repo(conn).update(
+                project_id, name=name, api_key=api_key, actor=actor
+            ),
+            single=actor is None,
         )
 
-    async def deactivate(self, project_id: uuid.UUID | str) -> Project:
+    async def deactivate(self, project_id: uuid.UUID | str, *, actor: str | None = None) -> Project:
         return await self._runner.write(
-            lambda conn: self._repo(conn).deactivate(project_id), single=True
+            lambda conn: self._repo(conn).deactivate(project_id, actor=actor), single=actor is None
         )
 
-    async def activate(self, project_id: uuid.UUID | str) -> Project:
+    async def activate(self, project_id: uuid.UUID | str, *, actor: str | None = None) -> Project:
         return await self._runner.write(
-            lambda conn: self._repo(conn).activate(project_id), single=True
+            lambda conn: self._repo(conn).activate(project_id, actor=actor), single=actor is None
         )
 
-    async def delete(self, project_id: uuid.UUID | str) -> None:
-        await self._runner.write(lambda conn: self._repo(conn).delete(project_id), single=True)
+    async def delete(self, project_id: uuid.UUID | str, *, actor: str | None = None) -> None:
+        await self._runner.write(
+            lambda conn: self._repo(conn).delete(project_id, actor=actor), single=actor is None
+        )
 
     async def reveal_api_key(self, project_id: uuid.UUID | str) -> str | None:
         return await self._runner.read(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, Protocol, TypeVar
@@ -26,6 +26,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ._errors import StoreClosedError, TransactionError, translated
+from ._lean import LeanStatement, PostgresLane, Row
 
 T = TypeVar("T")
 Unit = Callable[[Connection], T]
@@ -42,6 +43,10 @@ class Runner(Protocol):
     async def read(self, fn: Unit[T], *, single: bool = False) -> T: ...
 
     async def write(self, fn: Unit[T], *, single: bool = False) -> T: ...
+
+    async def lean_first(self, statement: LeanStatement, params: Mapping[str, Any]) -> Row | None:
+        """Run one hot write statement on the lean path; its first row, or None."""
+        ...
 
 
 def run_unit(conn: Connection, fn: Unit[T], begin: str | None) -> T:
@@ -94,6 +99,9 @@ class TransactionRunner:
             raise
         return result
 
+    async def lean_first(self, statement: LeanStatement, params: Mapping[str, Any]) -> Row | None:
+        return await self.write(lambda conn: statement.first(conn, params))
+
 
 class SQLiteRunner:
     """llmstore's own SQLite engine: a writer thread, reader threads, one hop per unit."""
@@ -137,6 +145,9 @@ class SQLiteRunner:
         call = self._on_writer(fn, None if single else "BEGIN IMMEDIATE")
         async with self._lock:
             return await self._hop(self._writer, call)
+
+    async def lean_first(self, statement: LeanStatement, params: Mapping[str, Any]) -> Row | None:
+        return await self.write(lambda conn: statement.first_sqlite(conn, params), single=True)
 
     async def read(self, fn: Unit[T], *, single: bool = False) -> T:
         if self._readers is None:
@@ -211,8 +222,11 @@ class SQLiteRunner:
 class AsyncEngineRunner:
     """An ``AsyncEngine`` (asyncpg, or a host application's aiosqlite): one run_sync per unit."""
 
-    def __init__(self, engine: AsyncEngine, *, owned: bool) -> None:
+    def __init__(
+        self, engine: AsyncEngine, *, owned: bool, lane: PostgresLane | None = None
+    ) -> None:
         self._engine = engine
+        self._lane = lane
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         self._sqlite = engine.dialect.name == "sqlite"
         self._owned = owned
@@ -234,6 +248,14 @@ class AsyncEngineRunner:
 
     async def write(self, fn: Unit[T], *, single: bool = False) -> T:
         return await self._unit(fn, write=True, single=single)
+
+    async def lean_first(self, statement: LeanStatement, params: Mapping[str, Any]) -> Row | None:
+        if self._lane is None:
+            return await self.write(lambda conn: statement.first(conn, params), single=True)
+        if self._closed:
+            raise StoreClosedError("the store is closed")
+        _check_outside_transaction(self)
+        return await self._lane.first(statement, params)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[TransactionRunner]:
@@ -271,6 +293,8 @@ class AsyncEngineRunner:
         if self._closed:
             return
         self._closed = True
+        if self._lane is not None:
+            await self._lane.close()
         if self._owned:
             await self._engine.dispose()
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import secrets
 from collections.abc import Sequence
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
@@ -63,3 +66,28 @@ class SecretBox:
 def generate_key() -> str:
     """A new Fernet key for ``LLMSTORE_ENCRYPTION_KEYS``."""
     return Fernet.generate_key().decode("ascii")
+
+
+class SecretDigester:
+    """Digests of bearer secrets (tokens, API keys): what is stored and looked up.
+
+    SHA-256, or HMAC-SHA256 keyed by a pepper kept outside the database, so that a stolen
+    database alone cannot be used to test guesses.
+    """
+
+    def __init__(self, pepper: SecretStr | None) -> None:
+        self._pepper = None if pepper is None else pepper.get_secret_value().encode("utf-8")
+
+    def __repr__(self) -> str:
+        return f"SecretDigester(peppered={self._pepper is not None})"
+
+    def digest(self, secret: str) -> str:
+        data = secret.encode("utf-8")
+        if self._pepper is None:
+            return hashlib.sha256(data).hexdigest()
+        return hmac.new(self._pepper, data, hashlib.sha256).hexdigest()
+
+
+def new_bearer_secret(prefix: str) -> str:
+    """``prefix`` followed by 256 random bits, URL-safe base64 (43 characters)."""
+    return prefix + secrets.token_urlsafe(32)

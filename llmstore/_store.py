@@ -17,6 +17,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import _migrations
+from ._audit import Audit
 from ._config import Driver, StoreConfig
 from ._engines import postgres_engine, sqlite_engine, with_schema
 from ._errors import (
@@ -26,11 +27,16 @@ from ._errors import (
     UnknownRevisionError,
     translated,
 )
+from ._lean import PostgresLane
 from ._projects import Projects
+from ._providers import Providers
 from ._runner import AsyncEngineRunner, Runner, SQLiteRunner
-from ._secrets import SecretBox
+from ._secrets import SecretBox, SecretDigester
+from ._tokens import Tokens
 
 _MAX_SQLITE_READERS = 8
+# Postgres connections held for the lean path (tokens.use): at most half the pool.
+_MAX_LANE = 4
 
 
 class HealthStatus(BaseModel):
@@ -46,8 +52,21 @@ class HealthStatus(BaseModel):
 class Transaction:
     """The repositories of a store, bound to one database transaction."""
 
-    def __init__(self, runner: Runner, secrets: SecretBox) -> None:
+    def __init__(self, runner: Runner, secrets: SecretBox, digester: SecretDigester) -> None:
         self.projects = Projects(runner, secrets)
+        self.tokens = Tokens(runner, digester)
+        self.audit = Audit(runner, snapshot_reads=False)
+        self.providers = Providers(runner, secrets, retry_conflicts=False)
+
+
+class _Repositories:
+    """The repositories of an open store, each call its own unit of work."""
+
+    def __init__(self, runner: Runner, secrets: SecretBox, digester: SecretDigester) -> None:
+        self.projects = Projects(runner, secrets)
+        self.tokens = Tokens(runner, digester)
+        self.audit = Audit(runner, snapshot_reads=True)
+        self.providers = Providers(runner, secrets, retry_conflicts=True)
 
 
 class _State(enum.Enum):
@@ -76,9 +95,10 @@ class Store:
         self._engine = engine
         self._auto_upgrade = auto_upgrade
         self._secrets = SecretBox(config.encryption_keys, allow_plaintext=allow_plaintext_secrets)
+        self._digester = SecretDigester(config.token_pepper)
         self._state = _State.NEW
         self._runner: SQLiteRunner | AsyncEngineRunner | None = None
-        self._projects: Projects | None = None
+        self._repositories: _Repositories | None = None
 
     @classmethod
     def from_env(
@@ -145,9 +165,24 @@ class Store:
 
     @property
     def projects(self) -> Projects:
+        return self._open_repositories().projects
+
+    @property
+    def tokens(self) -> Tokens:
+        return self._open_repositories().tokens
+
+    @property
+    def audit(self) -> Audit:
+        return self._open_repositories().audit
+
+    @property
+    def providers(self) -> Providers:
+        return self._open_repositories().providers
+
+    def _open_repositories(self) -> _Repositories:
         self._require_open()
-        assert self._projects is not None
-        return self._projects
+        assert self._repositories is not None
+        return self._repositories
 
     def __repr__(self) -> str:
         url = self._config.masked_url
@@ -178,7 +213,7 @@ class Store:
             await runner.close()
             raise
         self._runner = runner
-        self._projects = Projects(runner, self._secrets)
+        self._repositories = _Repositories(runner, self._secrets, self._digester)
         self._state = _State.OPEN
 
     async def _start_runner(self) -> SQLiteRunner | AsyncEngineRunner:
@@ -191,7 +226,17 @@ class Store:
         if config.driver == "postgresql":
             if self._auto_upgrade:
                 await _migrations.upgrade(config)
-            return AsyncEngineRunner(postgres_engine(config), owned=True)
+            engine = postgres_engine(config)
+            lane_size = min(_MAX_LANE, (config.pool_size + config.max_overflow) // 2)
+            lane = None
+            if lane_size > 0:
+                lane = PostgresLane(
+                    engine,
+                    size=lane_size,
+                    schema=config.schema_name,
+                    max_lifetime=config.conn_max_lifetime,
+                )
+            return AsyncEngineRunner(engine, owned=True, lane=lane)
         path = config.sqlite_path or ":memory:"
         if config.is_memory:
             runner = SQLiteRunner(
@@ -263,7 +308,7 @@ class Store:
         """One database transaction: committed on exit, rolled back on error or cancel."""
         runner = self._require_open()
         async with runner.transaction() as tx_runner:
-            yield Transaction(tx_runner, self._secrets)
+            yield Transaction(tx_runner, self._secrets, self._digester)
 
 
 async def _started(runner: SQLiteRunner, prepare: Callable[[Connection], None] | None) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 
 from ._errors import ValidationError
 
 MAX_PAGE = 1000
+MAX_INT64 = 2**63 - 1
 
 
 def check_id(value: object, what: str = "id") -> uuid.UUID:
@@ -53,3 +55,22 @@ def check_optional_bool(value: object, what: str) -> bool | None:
     if value is not None and not isinstance(value, bool):
         raise ValidationError(f"{what} must be True, False or None, not {type(value).__name__}")
     return value
+
+
+def check_aware(value: object, what: str) -> dt.datetime:
+    if not isinstance(value, dt.datetime):
+        raise ValidationError(f"{what} must be a datetime, not {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValidationError(f"{what} must be timezone-aware (naive datetimes are refused)")
+    return value.astimezone(dt.UTC)
+
+
+def check_positive_int(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_INT64:
+        raise ValidationError(f"{what} must be an integer from 1 to 2**63 - 1, not {value!r:.40}")
+    return value
+
+
+def check_actor(value: object) -> str | None:
+    """``actor=`` of an audited mutation: None (not audited) or who made the change."""
+    return None if value is None else check_text(value, "actor", max_length=200)

@@ -25,6 +25,7 @@ from llmstore import (
     generate_key,
 )
 from llmstore._migrations import downgrade, head_revision, upgrade
+from llmstore._schema import metadata
 
 from .conftest import require_postgres
 
@@ -266,7 +267,7 @@ async def test_postgres_schema_keeps_tables_out_of_public() -> None:
                 sa.text("SELECT table_name FROM information_schema.tables WHERE table_schema=:s"),
                 {"s": schema},
             )
-            assert set(tables) == {"projects", "alembic_version"}
+            assert set(tables) == set(metadata.tables) | {"alembic_version"}
             count = await conn.scalar(sa.text(f'SELECT count(*) FROM "{schema}".projects'))
             assert count == 1
     finally:
