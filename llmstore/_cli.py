@@ -2,7 +2,7 @@
 
 Exit codes: 0 success; 1 the command failed; 2 bad usage or configuration;
 3 ``check`` found differences between the database and the models;
-4 the database could not be reached.
+4 the database could not be reached; 5 ``audit verify`` found a broken chain.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
 from . import _migrations
+from ._audit import AuditVerification
 from ._config import StoreConfig, ensure_parent
 from ._engines import sqlite_engine
 from ._errors import (
@@ -31,12 +32,14 @@ from ._errors import (
 )
 from ._schema import metadata
 from ._secrets import generate_key
+from ._store import Store
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_DRIFT = 3
 EXIT_UNREACHABLE = 4
+EXIT_TAMPERED = 5
 
 
 def _config(args: argparse.Namespace) -> StoreConfig:
@@ -167,6 +170,29 @@ async def _row_counts(config: StoreConfig) -> list[tuple[str, int]]:
     return await _migrations.with_migration_connection(config, count, write=False)
 
 
+def _audit_verify(args: argparse.Namespace) -> int:
+    config = _config(args)
+    report = asyncio.run(_verify_audit(config))
+    if report.ok:
+        print(
+            f"{config.masked_url}: audit chain intact, {report.events_checked} event(s) "
+            f"after anchor {report.anchor_seq}"
+        )
+        return EXIT_OK
+    where = f" (event id {report.failed_event_id})" if report.failed_event_id else ""
+    print(
+        f"{config.masked_url}: audit chain broken at event {report.failed_seq}{where}: "
+        f"{report.reason}: {report.message}",
+        file=sys.stderr,
+    )
+    return EXIT_TAMPERED
+
+
+async def _verify_audit(config: StoreConfig) -> AuditVerification:
+    async with Store(config) as store:
+        return await store.audit.verify()
+
+
 def _generate_key(args: argparse.Namespace) -> int:
     print(generate_key())
     return EXIT_OK
@@ -184,7 +210,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m llmstore",
         description="Manage an llmstore database.",
         epilog="exit codes: 0 ok, 1 failed, 2 usage or configuration error, "
-        "3 schema differs from the models (check), 4 database unreachable",
+        "3 schema differs from the models (check), 4 database unreachable, "
+        "5 audit chain broken (audit verify)",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -207,6 +234,13 @@ def _parser() -> argparse.ArgumentParser:
     add("create-db", _create_db, "create the database (Postgres) or file (SQLite) if missing")
     add("info", _info, "print driver, URL (password masked), revision and row counts")
     add("generate-key", _generate_key, "print a new key for LLMSTORE_ENCRYPTION_KEYS")
+    audit = commands.add_parser(
+        "audit", help="audit log commands", description="audit log commands"
+    )
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
+    text = "recompute the audit hash chain (exit 5 if an event was altered or removed)"
+    verify = audit_commands.add_parser("verify", parents=[common], help=text, description=text)
+    verify.set_defaults(handler=_audit_verify)
     return parser
 
 
