@@ -46,3 +46,14 @@ def test_quickstart_on_the_default_sqlite_file(tmp_path: Path, with_key: bool) -
         assert f"{attempt} project quickstart" in result.stdout
         assert f"has upstream key: {with_key}" in result.stdout
     assert (work / "data" / "llmstore.db").exists()
+
+
+def test_proxy_tokens_example(tmp_path: Path) -> None:
+    env = _clean_env(tmp_path)
+    result = _run([sys.executable, str(ROOT / "examples" / "proxy_tokens.py")], tmp_path, env)
+    assert result.returncode == 0, result.stderr
+    assert "200: call openai/gpt-4o-mini, 1 request(s) left" in result.stdout
+    assert "401/429: quota_exhausted" in result.stdout
+    assert "401/429: malformed" in result.stdout
+    assert "chain intact: True" in result.stdout
+    assert "lst_" in result.stdout  # the display prefix, never the whole secret
