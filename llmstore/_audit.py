@@ -105,14 +105,23 @@ def _check_metadata(value: object) -> dict[str, Any] | None:
     if not isinstance(value, Mapping) or not all(isinstance(key, str) for key in value):
         raise ValidationError("metadata must be a mapping with string keys")
     try:
-        encoded = json.dumps(value, sort_keys=True, allow_nan=False, ensure_ascii=False)
-    except (TypeError, ValueError) as exc:
-        raise ValidationError(f"metadata must be JSON-serialisable ({exc})") from None
-    if len(encoded.encode("utf-8")) > METADATA_MAX_BYTES:
+        encoded = json.dumps(
+            dict(value), sort_keys=True, allow_nan=False, ensure_ascii=False, default=_plain
+        )
+        size = len(encoded.encode("utf-8"))
+    except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
+        raise ValidationError(f"metadata must be JSON-serialisable text ({exc})") from None
+    if size > METADATA_MAX_BYTES:
         raise ValidationError(f"metadata is larger than {METADATA_MAX_BYTES} bytes as JSON")
     # Stored as it will read back (tuples become lists, ...), so the hash is reproducible.
     decoded: dict[str, Any] = json.loads(encoded)
     return decoded
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
 
 
 def _check_ip(value: object) -> str | None:
@@ -315,6 +324,7 @@ class AuditRepository:
             )
 
         last_seq = chain.anchor_seq
+        last_row = None
         while True:
             rows = self._conn.execute(
                 _SELECT.where(audit_events.c.seq > last_seq, audit_events.c.seq <= chain.head_seq)
@@ -335,14 +345,22 @@ class AuditRepository:
                 expected_prev = row.hash
                 expected_seq += 1
                 checked += 1
+                last_row = row
             if len(rows) < _VERIFY_BATCH:
                 break
             last_seq = rows[-1].seq
-        if expected_seq != chain.head_seq + 1 or expected_prev != chain.head_hash:
+        if expected_seq != chain.head_seq + 1:
             return failed(
                 None,
                 "events_missing",
                 f"the chain ends at event {expected_seq - 1}, its head is {chain.head_seq}",
+            )
+        if expected_prev != chain.head_hash:
+            # The newest event has no successor to link to it: the head records its hash.
+            return failed(
+                last_row,
+                "content_altered",
+                f"event {expected_seq - 1} was rewritten: it does not match the chain head",
             )
         return AuditVerification(
             ok=True, events_checked=checked, anchor_seq=chain.anchor_seq, head_seq=chain.head_seq

@@ -31,7 +31,16 @@ def check_text(value: object, what: str, *, max_length: int) -> str:
         raise ValidationError(f"{what} is {len(value)} characters long; the limit is {max_length}")
     if any(ord(char) < 32 or ord(char) == 127 for char in value):
         raise ValidationError(f"{what} must not contain control characters")
+    _check_encodable(value, what)
     return value
+
+
+def _check_encodable(value: str, what: str) -> None:
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValidationError(f"{what} is not valid text (lone surrogates)") from None
 
 
 def check_secret(value: object, what: str, *, max_length: int = 4096) -> str:
@@ -42,6 +51,7 @@ def check_secret(value: object, what: str, *, max_length: int = 4096) -> str:
         raise ValidationError(
             f"{what} must be 1 to {max_length} characters with no surrounding whitespace"
         )
+    _check_encodable(value, what)
     return value
 
 
