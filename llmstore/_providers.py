@@ -2,8 +2,11 @@
 
 At most one credential is active per scope (a project, or ``global``); a partial unique
 index enforces it. Switching deactivates the old one and activates the new one in one
-transaction; on Postgres two switches racing in one scope make one of them hit the
-index, and that one is retried from the start.
+transaction. Every operation that may switch first takes its scope's lock: on SQLite the
+write lock already serialises them; on Postgres, at READ COMMITTED, two switches in one
+scope would otherwise deadlock on the index, and two ``ensure_default`` calls that both
+found nothing would both insert. A transaction-level advisory lock keyed by the scope
+orders them instead.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pydantic import BaseModel, ConfigDict
 from sqlalchemy.engine import Connection
 
 from ._audit import AuditRepository
-from ._errors import ConflictError, NotFoundError, ValidationError
+from ._errors import NotFoundError, ValidationError
 from ._ids import new_id, utcnow
 from ._projects import UNSET, Unset
 from ._runner import Runner
@@ -31,7 +34,8 @@ T = TypeVar("T")
 GLOBAL_SCOPE: Final = "global"
 _PROVIDER = re.compile(r"[a-z][a-z0-9_.-]{0,49}")
 _URL = re.compile(r"https?://[^\s/?#]+[^\s]*")
-_SWITCH_ATTEMPTS = 3
+# First key of the two-key advisory lock, so scope locks never meet other llmstore locks.
+_SCOPE_LOCK_NAMESPACE = 0x6C6C7370  # "llsp"
 
 
 class ProviderCredential(BaseModel):
@@ -148,6 +152,8 @@ class ProviderRepository:
             found = self._conn.execute(sa.select(projects.c.id).where(projects.c.id == project))
             if found.first() is None:
                 raise NotFoundError(f"no project with id {project}")
+        if active is not False:
+            self._lock_scope(scope)
         if active is None:
             active = self._active_in(scope) is None
         elif active:
@@ -207,10 +213,11 @@ class ProviderRepository:
         """Make this the active credential of its scope, deactivating the previous one."""
         key = check_id(credential_id, "credential id")
         actor = check_actor(actor)
-        row = self._row(key)
+        # The scope never changes; its state is read again under the lock.
+        scope = _scope(self._row(key).project_id)
+        self._lock_scope(scope)
         now = utcnow()
-        if not row.is_active:
-            self._deactivate_scope(_scope(row.project_id), now)
+        self._deactivate_scope(scope, now, keep=key)
         credential = self._change(key, is_active=True, updated_at=now)
         return self._audited(actor, "provider.activate", credential)
 
@@ -270,6 +277,7 @@ class ProviderRepository:
         if api_key is not None:
             check_secret(api_key, "api_key")
         actor = check_actor(actor)
+        self._lock_scope(GLOBAL_SCOPE)
         row = self._conn.execute(
             _SELECT.where(
                 _TABLE.c.scope == GLOBAL_SCOPE,
@@ -278,7 +286,6 @@ class ProviderRepository:
             )
             .order_by(_TABLE.c.is_active.desc(), _TABLE.c.id)
             .limit(1)
-            .with_for_update()
         ).first()
         now = utcnow()
         if row is None:
@@ -300,17 +307,27 @@ class ProviderRepository:
         credential = self._change(row.id, updated_at=now, **changes)
         return self._audited(actor, "provider.ensure_default", credential)
 
+    def _lock_scope(self, scope: str) -> None:
+        """Serialise switches in ``scope`` until the transaction ends (Postgres only)."""
+        if self._conn.dialect.name == "postgresql":
+            self._conn.execute(
+                sa.select(
+                    sa.func.pg_advisory_xact_lock(_SCOPE_LOCK_NAMESPACE, sa.func.hashtext(scope))
+                )
+            )
+
     def _active_in(self, scope: str) -> Any:
         return self._conn.execute(
             sa.select(_TABLE.c.id).where(_TABLE.c.scope == scope, _TABLE.c.is_active == sa.true())
         ).first()
 
-    def _deactivate_scope(self, scope: str, now: dt.datetime) -> None:
-        self._conn.execute(
-            _TABLE.update()
-            .where(_TABLE.c.scope == scope, _TABLE.c.is_active == sa.true())
-            .values(is_active=False, updated_at=now)
-        )
+    def _deactivate_scope(
+        self, scope: str, now: dt.datetime, keep: uuid.UUID | None = None
+    ) -> None:
+        statement = _TABLE.update().where(_TABLE.c.scope == scope, _TABLE.c.is_active == sa.true())
+        if keep is not None:
+            statement = statement.where(_TABLE.c.id != keep)
+        self._conn.execute(statement.values(is_active=False, updated_at=now))
 
     def _row(self, key: uuid.UUID) -> Any:
         row = self._conn.execute(_SELECT.where(_TABLE.c.id == key)).first()
@@ -347,23 +364,15 @@ class ProviderRepository:
 class Providers:
     """``store.providers`` and ``tx.providers``: each call is one unit of work."""
 
-    def __init__(self, runner: Runner, secrets: SecretBox, *, retry_conflicts: bool) -> None:
+    def __init__(self, runner: Runner, secrets: SecretBox) -> None:
         self._runner = runner
         self._secrets = secrets
-        # Only a unit that owns its transaction can start it again after losing a race.
-        self._attempts = _SWITCH_ATTEMPTS if retry_conflicts else 1
 
     def _repo(self, conn: Connection) -> ProviderRepository:
         return ProviderRepository(conn, self._secrets)
 
-    async def _switch(self, fn: Callable[[ProviderRepository], T]) -> T:
-        for attempt in range(1, self._attempts + 1):
-            try:
-                return await self._runner.write(lambda conn: fn(self._repo(conn)))
-            except ConflictError:
-                if attempt == self._attempts:
-                    raise
-        raise AssertionError("unreachable")
+    async def _write(self, fn: Callable[[ProviderRepository], T]) -> T:
+        return await self._runner.write(lambda conn: fn(self._repo(conn)))
 
     async def create(
         self,
@@ -376,7 +385,7 @@ class Providers:
         *,
         actor: str | None = None,
     ) -> ProviderCredential:
-        return await self._switch(
+        return await self._write(
             lambda repo: repo.create(
                 provider,
                 model,
@@ -428,7 +437,7 @@ class Providers:
     async def activate(
         self, credential_id: uuid.UUID | str, *, actor: str | None = None
     ) -> ProviderCredential:
-        return await self._switch(lambda repo: repo.activate(credential_id, actor=actor))
+        return await self._write(lambda repo: repo.activate(credential_id, actor=actor))
 
     async def deactivate(
         self, credential_id: uuid.UUID | str, *, actor: str | None = None
@@ -463,7 +472,7 @@ class Providers:
         base_url: str | None = None,
         actor: str | None = None,
     ) -> ProviderCredential:
-        return await self._switch(
+        return await self._write(
             lambda repo: repo.ensure_default(
                 provider, model, api_key=api_key, base_url=base_url, actor=actor
             )

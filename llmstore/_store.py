@@ -56,7 +56,7 @@ class Transaction:
         self.projects = Projects(runner, secrets)
         self.tokens = Tokens(runner, digester)
         self.audit = Audit(runner, snapshot_reads=False)
-        self.providers = Providers(runner, secrets, retry_conflicts=False)
+        self.providers = Providers(runner, secrets)
 
 
 class _Repositories:
@@ -66,7 +66,7 @@ class _Repositories:
         self.projects = Projects(runner, secrets)
         self.tokens = Tokens(runner, digester)
         self.audit = Audit(runner, snapshot_reads=True)
-        self.providers = Providers(runner, secrets, retry_conflicts=True)
+        self.providers = Providers(runner, secrets)
 
 
 class _State(enum.Enum):
