@@ -4,11 +4,13 @@ Run ``python -m benchmarks.run --help``; ``benchmarks/README.md`` explains the o
 
 Each operation is measured three ways in one process, on the same database:
 
-* ``llmstore``: the public ``Store`` API, on the ``projects`` table that the migrations create;
+* ``llmstore``: the public ``Store`` API, on the ``projects`` and ``tokens`` tables that the
+  migrations create;
 * ``raw``: the bare driver (stdlib ``sqlite3`` behind a one-thread executor, or ``asyncpg``)
-  sending the same single statement, on a ``raw_projects`` table with the same DDL;
-* ``orm``: the SQLAlchemy ORM written the usual way (``AsyncSession`` per operation), on an
-  ``orm_projects`` table with the same columns.
+  sending the same single statement, on ``raw_projects`` and ``raw_tokens`` tables with the
+  same DDL;
+* ``orm``: the SQLAlchemy ORM written the usual way (``AsyncSession`` per operation), on
+  ``orm_projects`` and ``orm_tokens`` tables with the same columns.
 
 Operations run one at a time, awaited, so the figures are latency-bound throughput.
 
@@ -25,6 +27,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import gc
+import hashlib
 import itertools
 import os
 import secrets
@@ -50,7 +53,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, joinedload, mapped_column, relationship
 
 import llmstore
 from llmstore import Store, StoreConfig
@@ -103,6 +106,10 @@ class RawDB(Protocol):
 
     def encode_time(self, value: dt.datetime) -> object:
         """An aware datetime as the column stores it (naive UTC text on SQLite)."""
+        ...
+
+    def is_true(self, column: str) -> str:
+        """A condition that the boolean ``column`` is true, as the dialect spells it."""
         ...
 
     async def close(self) -> None: ...
@@ -162,6 +169,9 @@ class RawSQLite:
         # What SQLAlchemy's SQLite DateTime stores: naive UTC, always with microseconds.
         return f"{value.astimezone(dt.UTC):%Y-%m-%d %H:%M:%S.%f}"
 
+    def is_true(self, column: str) -> str:
+        return f"{column} = 1"
+
     async def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
@@ -199,13 +209,18 @@ class RawPostgres:
     def encode_time(self, value: dt.datetime) -> object:
         return value
 
+    def is_true(self, column: str) -> str:
+        return column
+
     async def close(self) -> None:
         await self._conn.close()
 
 
-# The DDL of migration 0001_projects as each dialect receives it, under another name.
-RAW_DDL: Final[dict[Driver, str]] = {
-    "sqlite": """
+# The DDL of migrations 0001_projects (projects) and 0002_tokens_audit_providers (tokens) as
+# each dialect receives it, under other names; one statement per string, run in order.
+RAW_DDL: Final[dict[Driver, tuple[str, ...]]] = {
+    "sqlite": (
+        """
         CREATE TABLE raw_projects (
             id CHAR(32) NOT NULL,
             name VARCHAR(200) NOT NULL,
@@ -217,8 +232,35 @@ RAW_DDL: Final[dict[Driver, str]] = {
             CONSTRAINT pk_raw_projects PRIMARY KEY (id),
             CONSTRAINT uq_raw_projects_name UNIQUE (name)
         )
-    """,
-    "postgres": """
+        """,
+        """
+        CREATE TABLE raw_tokens (
+            id CHAR(32) NOT NULL,
+            project_id CHAR(32) NOT NULL,
+            secret_digest VARCHAR(64) NOT NULL,
+            prefix VARCHAR(16) NOT NULL,
+            name VARCHAR(200),
+            expires_at DATETIME,
+            is_active BOOLEAN NOT NULL,
+            deactivated_at DATETIME,
+            request_count BIGINT NOT NULL,
+            max_requests BIGINT,
+            cache_hit_count BIGINT NOT NULL,
+            created_at DATETIME NOT NULL,
+            last_used_at DATETIME,
+            CONSTRAINT pk_raw_tokens PRIMARY KEY (id),
+            CONSTRAINT uq_raw_tokens_secret_digest UNIQUE (secret_digest),
+            CONSTRAINT uq_raw_tokens_project_id_name UNIQUE (project_id, name),
+            CONSTRAINT ck_raw_tokens_request_count_not_negative CHECK (request_count >= 0),
+            CONSTRAINT ck_raw_tokens_max_requests_positive
+                CHECK (max_requests IS NULL OR max_requests > 0),
+            CONSTRAINT fk_raw_tokens_project_id_raw_projects FOREIGN KEY (project_id)
+                REFERENCES raw_projects (id) ON DELETE CASCADE
+        )
+        """,
+    ),
+    "postgres": (
+        """
         CREATE TABLE raw_projects (
             id UUID NOT NULL,
             name VARCHAR(200) NOT NULL,
@@ -230,7 +272,33 @@ RAW_DDL: Final[dict[Driver, str]] = {
             CONSTRAINT pk_raw_projects PRIMARY KEY (id),
             CONSTRAINT uq_raw_projects_name UNIQUE (name)
         )
-    """,
+        """,
+        """
+        CREATE TABLE raw_tokens (
+            id UUID NOT NULL,
+            project_id UUID NOT NULL,
+            secret_digest VARCHAR(64) NOT NULL,
+            prefix VARCHAR(16) NOT NULL,
+            name VARCHAR(200),
+            expires_at TIMESTAMP WITH TIME ZONE,
+            is_active BOOLEAN NOT NULL,
+            deactivated_at TIMESTAMP WITH TIME ZONE,
+            request_count BIGINT NOT NULL,
+            max_requests BIGINT,
+            cache_hit_count BIGINT NOT NULL,
+            created_at TIMESTAMP WITH TIME ZONE NOT NULL,
+            last_used_at TIMESTAMP WITH TIME ZONE,
+            CONSTRAINT pk_raw_tokens PRIMARY KEY (id),
+            CONSTRAINT uq_raw_tokens_secret_digest UNIQUE (secret_digest),
+            CONSTRAINT uq_raw_tokens_project_id_name UNIQUE (project_id, name),
+            CONSTRAINT ck_raw_tokens_request_count_not_negative CHECK (request_count >= 0),
+            CONSTRAINT ck_raw_tokens_max_requests_positive
+                CHECK (max_requests IS NULL OR max_requests > 0),
+            CONSTRAINT fk_raw_tokens_project_id_raw_projects FOREIGN KEY (project_id)
+                REFERENCES raw_projects (id) ON DELETE CASCADE
+        )
+        """,
+    ),
 }
 
 
@@ -253,6 +321,35 @@ class OrmProject(OrmBase):
     created_at: Mapped[dt.datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
     deactivated_at: Mapped[dt.datetime | None] = mapped_column(sa.DateTime(timezone=True))
+
+
+class OrmToken(OrmBase):
+    __tablename__ = "orm_tokens"
+    __table_args__ = (
+        sa.UniqueConstraint("project_id", "name"),
+        sa.CheckConstraint("request_count >= 0", name="request_count_not_negative"),
+        sa.CheckConstraint(
+            "max_requests IS NULL OR max_requests > 0", name="max_requests_positive"
+        ),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    project_id: Mapped[uuid.UUID] = mapped_column(
+        sa.ForeignKey("orm_projects.id", ondelete="CASCADE")
+    )
+    secret_digest: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(sa.String(16))
+    name: Mapped[str | None] = mapped_column(sa.String(200))
+    expires_at: Mapped[dt.datetime | None] = mapped_column(sa.DateTime(timezone=True))
+    is_active: Mapped[bool] = mapped_column(default=True)
+    deactivated_at: Mapped[dt.datetime | None] = mapped_column(sa.DateTime(timezone=True))
+    request_count: Mapped[int] = mapped_column(sa.BigInteger(), default=0)
+    max_requests: Mapped[int | None] = mapped_column(sa.BigInteger())
+    cache_hit_count: Mapped[int] = mapped_column(sa.BigInteger(), default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
+    last_used_at: Mapped[dt.datetime | None] = mapped_column(sa.DateTime(timezone=True))
+
+    project: Mapped[OrmProject] = relationship()
 
 
 def orm_sqlite_engine(path: Path) -> AsyncEngine:
@@ -304,11 +401,14 @@ async def sqlite_context() -> AsyncIterator[Context]:
         await raw.open()
         engine = orm_sqlite_engine(path)
         try:
-            await raw.execute(RAW_DDL["sqlite"])
+            for ddl in RAW_DDL["sqlite"]:
+                await raw.execute(ddl)
             async with engine.begin() as conn:
                 await conn.run_sync(OrmBase.metadata.create_all)
             sessions = async_sessionmaker(engine, expire_on_commit=False)
-            async with Store.from_url(url, allow_plaintext_secrets=True) as store:
+            async with Store.from_url(
+                url, allow_plaintext_secrets=True, token_pepper=None
+            ) as store:
                 yield Context("sqlite", store, raw, sessions)
         finally:
             await engine.dispose()
@@ -327,11 +427,14 @@ async def postgres_context(url: str) -> AsyncIterator[Context]:
             orm_url, connect_args={"server_settings": {"search_path": schema}}
         )
         try:
-            await raw.execute(RAW_DDL["postgres"])
+            for ddl in RAW_DDL["postgres"]:
+                await raw.execute(ddl)
             async with engine.begin() as conn:
                 await conn.run_sync(OrmBase.metadata.create_all)
             sessions = async_sessionmaker(engine, expire_on_commit=False)
-            store = Store.from_url(url, schema_name=schema, allow_plaintext_secrets=True)
+            store = Store.from_url(
+                url, schema_name=schema, allow_plaintext_secrets=True, token_pepper=None
+            )
             async with store:
                 yield Context("postgres", store, raw, sessions)
         finally:
@@ -472,10 +575,138 @@ class ProjectsGet:
         return call
 
 
+def new_token_secret() -> str:
+    """A secret shaped like llmstore's: ``lst_`` and 256 random bits, URL-safe base64."""
+    return "lst_" + secrets.token_urlsafe(32)
+
+
+def secret_digest(secret: str) -> str:
+    """What llmstore stores and looks up (without ``LLMSTORE_TOKEN_PEPPER``): SHA-256, hex."""
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+class TokenRefused(Exception):
+    """The ORM variant's refusal; never raised while benchmarking a usable token."""
+
+
+def as_utc(value: dt.datetime) -> dt.datetime:
+    # aiosqlite hands DateTime(timezone=True) back naive (stored as UTC); asyncpg, aware.
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value
+
+
+#: The columns that ``tokens.use`` returns, in the order of llmstore's ``Token``.
+TOKEN_COLUMNS: Final = (
+    "id, project_id, name, prefix, expires_at, is_active, deactivated_at, "
+    "request_count, max_requests, cache_hit_count, created_at, last_used_at"
+)
+
+
+class TokensUse:
+    description = "spend one request of an unlimited token (checks and increment) and return it"
+
+    async def llmstore(self, ctx: Context) -> OpCall:
+        store = ctx.store
+        project = await store.projects.create("tokens-use-llmstore")
+        secret = (await store.tokens.create(project.id, max_requests=None)).secret
+        tokens = store.tokens
+
+        async def call() -> object:
+            return await tokens.use(secret)
+
+        return call
+
+    async def raw(self, ctx: Context) -> OpCall:
+        db = ctx.raw
+        project = await raw_create_project(db, raw_insert_project(db), "tokens-use-raw")
+        secret = new_token_secret()
+        now = db.encode_time(utcnow())
+        values = {
+            "id": db.encode_id(new_id()),
+            "project_id": project[0],
+            "secret_digest": secret_digest(secret),
+            "prefix": secret[:12],
+            "name": None,
+            "expires_at": None,
+            "is_active": True,
+            "deactivated_at": None,
+            "request_count": 0,
+            "max_requests": None,  # unlimited
+            "cache_hit_count": 0,
+            "created_at": now,
+            "last_used_at": None,
+        }
+        insert = (
+            f"INSERT INTO raw_tokens ({', '.join(values)})"
+            f" VALUES ({db.placeholders(len(values))}) RETURNING id"
+        )
+        assert await db.fetchrow(insert, *values.values()) is not None
+        # $1 is now (used twice), $2 the digest; SQLite's "?" are positional, so now is sent
+        # twice there, as llmstore's compiled statement sends it.
+        now_mark, digest_mark = db.placeholder(1), db.placeholder(2)
+        sql = (
+            f"UPDATE raw_tokens SET request_count = request_count + 1, last_used_at = {now_mark}"
+            f" WHERE secret_digest = {digest_mark} AND {db.is_true('is_active')}"
+            f" AND (expires_at IS NULL OR expires_at > {now_mark})"
+            " AND (max_requests IS NULL OR request_count < max_requests)"
+            " AND EXISTS (SELECT 1 FROM raw_projects WHERE raw_projects.id = raw_tokens.project_id"
+            f" AND {db.is_true('raw_projects.is_active')})"
+            f" RETURNING {TOKEN_COLUMNS}"
+        )
+        positional = ctx.driver == "sqlite"
+
+        async def call() -> object:
+            digest = secret_digest(secret)
+            now = db.encode_time(utcnow())
+            args = (now, digest, now) if positional else (now, digest)
+            row = await db.fetchrow(sql, *args)
+            assert row is not None
+            return row
+
+        return call
+
+    async def orm(self, ctx: Context) -> OpCall:
+        sessions = ctx.orm
+        secret = new_token_secret()
+        async with sessions() as session:
+            project = OrmProject(name="tokens-use-orm")
+            session.add(project)
+            session.add(
+                OrmToken(project=project, secret_digest=secret_digest(secret), prefix=secret[:12])
+            )
+            await session.commit()
+
+        async def call() -> object:
+            digest = secret_digest(secret)
+            async with sessions() as session:
+                token = await session.scalar(
+                    sa.select(OrmToken)
+                    .options(joinedload(OrmToken.project))
+                    .where(OrmToken.secret_digest == digest)
+                )
+                now = utcnow()
+                if token is None:
+                    raise TokenRefused("unknown")
+                if not token.is_active:
+                    raise TokenRefused("inactive")
+                if not token.project.is_active:
+                    raise TokenRefused("project_inactive")
+                if token.expires_at is not None and as_utc(token.expires_at) <= now:
+                    raise TokenRefused("expired")
+                if token.max_requests is not None and token.request_count >= token.max_requests:
+                    raise TokenRefused("quota_exhausted")
+                token.request_count += 1
+                token.last_used_at = now
+                await session.commit()
+            return token
+
+        return call
+
+
 #: Operation name -> operation, in the order they run.
 OPERATIONS: Final[dict[str, Operation]] = {
     "projects.create": ProjectsCreate(),
     "projects.get": ProjectsGet(),
+    "tokens.use": TokensUse(),
 }
 
 
