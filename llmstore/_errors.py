@@ -128,11 +128,7 @@ def translate(exc: BaseException) -> LlmstoreError | None:
         code = _driver_code(orig)
         detail = f"{type(orig).__name__}: {str(orig).splitlines()[0] if str(orig) else ''}"
         if isinstance(exc, sqlalchemy.exc.IntegrityError):
-            if code in _PG_CONFLICT or code in _SQLITE_CONFLICT:
-                return ConflictError(f"conflicts with an existing row ({detail})")
-            if code in _PG_NOT_FOUND or code in _SQLITE_NOT_FOUND:
-                return NotFoundError(f"refers to a row that does not exist ({detail})")
-            return ValidationError(f"rejected by a database constraint ({detail})")
+            return _integrity_error(code, detail)
         if code in _PG_INVALID:
             return ValidationError(f"rejected by the database ({detail})")
         if code in _SQLITE_BUSY or isinstance(exc, sqlalchemy.exc.InterfaceError):
@@ -160,15 +156,21 @@ def translate(exc: BaseException) -> LlmstoreError | None:
     return None
 
 
+def _integrity_error(code: str, detail: str) -> LlmstoreError:
+    if code in _PG_CONFLICT or code in _SQLITE_CONFLICT:
+        return ConflictError(f"conflicts with an existing row ({detail})")
+    if code in _PG_NOT_FOUND or code in _SQLITE_NOT_FOUND:
+        return NotFoundError(f"refers to a row that does not exist ({detail})")
+    return ValidationError(f"rejected by a database constraint ({detail})")
+
+
 def _raw_asyncpg(exc: BaseException) -> LlmstoreError:
     """An exception from asyncpg used directly (the lean path), classified by SQLSTATE."""
     code = _driver_code(exc)
     detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    if code in _PG_CONFLICT:
-        return ConflictError(f"conflicts with an existing row ({detail})")
-    if code in _PG_NOT_FOUND:
-        return NotFoundError(f"refers to a row that does not exist ({detail})")
-    if code in _PG_INVALID or code.startswith("23"):
+    if code.startswith("23"):  # SQLSTATE class 23: integrity constraint violation
+        return _integrity_error(code, detail)
+    if code in _PG_INVALID:
         return ValidationError(f"rejected by the database ({detail})")
     if not code or code.startswith(("08", "28", "57P", "3D")):
         return DatabaseUnavailableError(f"cannot reach the database ({detail})")

@@ -1,0 +1,72 @@
+"""The lean path of tokens.use on Postgres: held connections that fail are replaced."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import asyncpg  # type: ignore[import-untyped]
+import pytest
+
+from llmstore import DatabaseUnavailableError, Store
+from llmstore.pytest_plugin import drop_schema, fresh_schema_name
+
+from .conftest import require_postgres
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+async def pg_store() -> AsyncIterator[Store]:
+    url = require_postgres()
+    schema = fresh_schema_name()
+    async with Store.from_url(url, schema_name=schema, auto_upgrade=True) as store:
+        yield store
+    await drop_schema(url, schema)
+
+
+def _lane_pids(store: Store) -> list[int]:
+    lane = store._require_open()._lane  # type: ignore[union-attr]
+    assert lane is not None
+    return [held.driver.get_server_pid() for held in lane._idle]
+
+
+async def _terminate(pids: list[int]) -> None:
+    url = require_postgres()
+    conn = await asyncpg.connect(url)
+    try:
+        for pid in pids:
+            assert await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
+    finally:
+        await conn.close()
+
+
+async def test_a_killed_lane_connection_fails_once_then_is_replaced(pg_store: Store) -> None:
+    project = await pg_store.projects.create("p")
+    issued = await pg_store.tokens.create(project.id, max_requests=10)
+    await pg_store.tokens.use(issued.secret)
+    pids = _lane_pids(pg_store)
+    assert len(pids) == 1
+    await _terminate(pids)
+    await asyncio.sleep(0.1)
+    with pytest.raises(DatabaseUnavailableError):
+        await pg_store.tokens.use(issued.secret)
+    token = await pg_store.tokens.use(issued.secret)
+    assert token.request_count == 2  # the failed call spent nothing
+    assert _lane_pids(pg_store) != pids
+
+
+async def test_a_cancelled_use_leaves_the_lane_usable(pg_store: Store) -> None:
+    project = await pg_store.projects.create("p")
+    issued = await pg_store.tokens.create(project.id)
+    for _ in range(20):
+        task = asyncio.create_task(pg_store.tokens.use(issued.secret))
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    before = (await pg_store.tokens.get(issued.token.id)).request_count
+    token = await pg_store.tokens.use(issued.secret)
+    assert token.request_count == before + 1
+    results = await asyncio.gather(*(pg_store.tokens.use(issued.secret) for _ in range(30)))
+    assert sorted(t.request_count for t in results) == list(range(before + 2, before + 32))
