@@ -161,3 +161,127 @@ provider_credentials = sa.Table(
     ),
     sa.Index(None, "project_id"),
 )
+
+
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("id", sa.Uuid(), primary_key=True),
+    # SHA-256 (or HMAC-SHA256 under LLMSTORE_TOKEN_PEPPER) of the secret, hex; never the secret.
+    sa.Column("secret_digest", sa.String(64), nullable=False),
+    sa.Column("prefix", sa.String(16), nullable=False),
+    # Money outlives projects: deleting a project detaches its keys.
+    sa.Column(
+        "project_id",
+        sa.Uuid(),
+        sa.ForeignKey("projects.id", ondelete="SET NULL"),
+        nullable=True,
+    ),
+    # Integer minor units (millisatoshis, cents, ...). reserved is held out of balance.
+    sa.Column("balance", sa.BigInteger(), nullable=False),
+    sa.Column("reserved", sa.BigInteger(), nullable=False),
+    sa.Column("total_deposited", sa.BigInteger(), nullable=False),
+    sa.Column("total_spent", sa.BigInteger(), nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("last_used_at", UTCDateTime(), nullable=True),
+    sa.Column("expires_at", UTCDateTime(), nullable=True),
+    sa.Column("key_metadata", sa.JSON(), nullable=True),
+    sa.UniqueConstraint("secret_digest"),
+    sa.CheckConstraint("balance >= 0", name="balance_not_negative"),
+    sa.CheckConstraint("reserved >= 0 AND reserved <= balance", name="reserved_within_balance"),
+    sa.CheckConstraint("total_deposited >= 0 AND total_spent >= 0", name="totals_not_negative"),
+    sa.Index(None, "project_id"),
+    sa.Index(None, "expires_at"),
+)
+
+LEDGER_KINDS = (
+    "deposit",
+    "charge",
+    "settlement",
+    "transfer_in",
+    "transfer_out",
+    "withdrawal",
+    "withdrawal_refund",
+)
+
+ledger_entries = sa.Table(
+    "ledger_entries",
+    metadata,
+    # 64-bit and increasing: newest first is id order, and pages stay cheap at any depth.
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
+    sa.Column(
+        "api_key_id",
+        sa.Uuid(),
+        sa.ForeignKey("api_keys.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("kind", sa.String(20), nullable=False),
+    # Signed: credits are positive, debits negative.
+    sa.Column("amount", sa.BigInteger(), nullable=False),
+    sa.Column("balance_after", sa.BigInteger(), nullable=False),
+    sa.Column("description", sa.String(500), nullable=False),
+    sa.Column("idempotency_key", sa.String(200), nullable=True),
+    # SHA-256 of the operation's parameters, to tell a replay from a reused key.
+    sa.Column("params_digest", sa.String(64), nullable=True),
+    sa.Column("request_data", sa.JSON(), nullable=True),
+    # What a settlement could not collect (the key could not cover the actual cost).
+    sa.Column("shortfall", sa.BigInteger(), nullable=False),
+    sa.Column("reservation_id", sa.Uuid(), nullable=True),
+    sa.Column("withdrawal_id", sa.Uuid(), nullable=True),
+    # Both entries of a transfer share it.
+    sa.Column("transfer_id", sa.Uuid(), nullable=True),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.UniqueConstraint("api_key_id", "idempotency_key"),
+    sa.CheckConstraint(
+        "kind IN (" + ", ".join(f"'{kind}'" for kind in LEDGER_KINDS) + ")", name="kind"
+    ),
+    sa.CheckConstraint("balance_after >= 0", name="balance_after_not_negative"),
+    sa.CheckConstraint("shortfall >= 0", name="shortfall_not_negative"),
+    sa.Index(None, "api_key_id", "id"),
+)
+
+reservations = sa.Table(
+    "reservations",
+    metadata,
+    sa.Column("id", sa.Uuid(), primary_key=True),
+    sa.Column(
+        "api_key_id",
+        sa.Uuid(),
+        sa.ForeignKey("api_keys.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("amount", sa.BigInteger(), nullable=False),
+    sa.Column("status", sa.String(10), nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("expires_at", UTCDateTime(), nullable=False),
+    sa.Column("settled_amount", sa.BigInteger(), nullable=True),
+    sa.Column("finished_at", UTCDateTime(), nullable=True),
+    sa.CheckConstraint("amount > 0", name="amount_positive"),
+    sa.CheckConstraint("status IN ('active', 'settled', 'released', 'expired')", name="status"),
+    sa.Index(None, "api_key_id", "status"),
+    sa.Index(None, "status", "expires_at"),
+)
+
+withdrawals = sa.Table(
+    "withdrawals",
+    metadata,
+    sa.Column("id", sa.Uuid(), primary_key=True),
+    sa.Column(
+        "api_key_id",
+        sa.Uuid(),
+        sa.ForeignKey("api_keys.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("amount", sa.BigInteger(), nullable=False),
+    # Fernet ciphertext of the eCash token; never the token.
+    sa.Column("token_encrypted", sa.Text(), nullable=False),
+    sa.Column("mint_url", sa.String(2000), nullable=False),
+    sa.Column("status", sa.String(10), nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("completed_at", UTCDateTime(), nullable=True),
+    sa.Column("error_message", sa.String(2000), nullable=True),
+    sa.Column("retry_count", sa.Integer(), nullable=False),
+    sa.CheckConstraint("amount > 0", name="amount_positive"),
+    sa.CheckConstraint("status IN ('pending', 'completed', 'failed')", name="status"),
+    sa.Index(None, "api_key_id", "status"),
+)
