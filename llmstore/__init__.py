@@ -3,13 +3,18 @@
 Everything public is importable from here; the modules beginning with ``_`` are private.
 """
 
+from ._api_keys import ApiKey, ApiKeys, IssuedApiKey, LedgerMismatch, LedgerReport
 from ._audit import Audit, AuditEvent, AuditVerification, Outcome
 from ._config import StoreConfig
 from ._errors import (
+    ApiKeyRejectedError,
+    ApiKeyRejectionReason,
     ConfigError,
     ConflictError,
     DatabaseError,
     DatabaseUnavailableError,
+    IdempotencyConflictError,
+    InsufficientBalanceError,
     LlmstoreError,
     MigrationError,
     NotFoundError,
@@ -22,6 +27,8 @@ from ._errors import (
     UnknownRevisionError,
     ValidationError,
 )
+from ._holds import Reservation, Withdrawal
+from ._ledger import LedgerEntry
 from ._projects import UNSET, Project, Projects, Unset
 from ._providers import ProviderCredential, Providers
 from ._secrets import generate_key
@@ -31,6 +38,10 @@ from ._tokens import IssuedToken, Token, Tokens
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "ApiKey",
+    "ApiKeyRejectedError",
+    "ApiKeyRejectionReason",
+    "ApiKeys",
     "Audit",
     "AuditEvent",
     "AuditVerification",
@@ -39,7 +50,13 @@ __all__ = [
     "DatabaseError",
     "DatabaseUnavailableError",
     "HealthStatus",
+    "IdempotencyConflictError",
+    "InsufficientBalanceError",
+    "IssuedApiKey",
     "IssuedToken",
+    "LedgerEntry",
+    "LedgerMismatch",
+    "LedgerReport",
     "LlmstoreError",
     "MigrationError",
     "NotFoundError",
@@ -48,6 +65,7 @@ __all__ = [
     "Projects",
     "ProviderCredential",
     "Providers",
+    "Reservation",
     "SchemaError",
     "SchemaOutOfDateError",
     "Store",
@@ -63,5 +81,6 @@ __all__ = [
     "UnknownRevisionError",
     "Unset",
     "ValidationError",
+    "Withdrawal",
     "generate_key",
 ]

@@ -25,11 +25,10 @@ from ._errors import NotFoundError, ValidationError
 from ._ids import new_id, utcnow
 from ._runner import Runner
 from ._schema import audit_chain, audit_events
-from ._validate import check_aware, check_id, check_limit, check_text
+from ._validate import check_aware, check_id, check_json_mapping, check_limit, check_text
 
 Outcome = Literal["success", "failure", "denied"]
 OUTCOMES: tuple[Outcome, ...] = ("success", "failure", "denied")
-METADATA_MAX_BYTES = 16_384
 _VERIFY_BATCH = 1000
 
 
@@ -97,31 +96,6 @@ def event_hash(values: Mapping[str, Any]) -> str:
 
 def _text_or_none(value: object) -> str | None:
     return None if value is None else str(value)
-
-
-def _check_metadata(value: object) -> dict[str, Any] | None:
-    if value is None:
-        return None
-    if not isinstance(value, Mapping) or not all(isinstance(key, str) for key in value):
-        raise ValidationError("metadata must be a mapping with string keys")
-    try:
-        encoded = json.dumps(
-            dict(value), sort_keys=True, allow_nan=False, ensure_ascii=False, default=_plain
-        )
-        size = len(encoded.encode("utf-8"))
-    except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
-        raise ValidationError(f"metadata must be JSON-serialisable text ({exc})") from None
-    if size > METADATA_MAX_BYTES:
-        raise ValidationError(f"metadata is larger than {METADATA_MAX_BYTES} bytes as JSON")
-    # Stored as it will read back (tuples become lists, ...), so the hash is reproducible.
-    decoded: dict[str, Any] = json.loads(encoded)
-    return decoded
-
-
-def _plain(value: object) -> object:
-    if isinstance(value, Mapping):
-        return dict(value)
-    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
 
 
 def _check_ip(value: object) -> str | None:
@@ -211,7 +185,7 @@ class AuditRepository:
             "token_id": _optional_id(token_id, "token id"),
             "request_id": _optional_text(request_id, "request_id", 200),
             "client_ip": _check_ip(client_ip),
-            "event_metadata": _check_metadata(metadata),
+            "event_metadata": check_json_mapping(metadata, "metadata"),
         }
         return self.append(values)
 

@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 1 the command failed; 2 bad usage or configuration;
 3 ``check`` found differences between the database and the models;
-4 the database could not be reached; 5 ``audit verify`` found a broken chain.
+4 the database could not be reached; 5 ``audit verify`` found a broken chain or
+``verify`` found balances that disagree with the ledger.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
 from . import _migrations
+from ._api_keys import LedgerReport
 from ._audit import AuditVerification
 from ._config import StoreConfig, ensure_parent
 from ._engines import sqlite_engine
@@ -188,6 +190,30 @@ def _audit_verify(args: argparse.Namespace) -> int:
     return EXIT_TAMPERED
 
 
+def _verify_ledger(args: argparse.Namespace) -> int:
+    config = _config(args)
+    report = asyncio.run(_ledger_report(config))
+    for mismatch in report.mismatches:
+        print(
+            f"api key {mismatch.api_key_id}: {mismatch.field} is {mismatch.stored}, "
+            f"the ledger says {mismatch.expected}"
+        )
+    if report.ok:
+        print(f"{config.masked_url}: {report.keys_checked} API key(s) agree with the ledger")
+        return EXIT_OK
+    print(
+        f"{config.masked_url}: {len(report.mismatches)} mismatch(es) in "
+        f"{report.keys_checked} API key(s)",
+        file=sys.stderr,
+    )
+    return EXIT_TAMPERED
+
+
+async def _ledger_report(config: StoreConfig) -> LedgerReport:
+    async with Store(config) as store:
+        return await store.api_keys.verify()
+
+
 async def _verify_audit(config: StoreConfig) -> AuditVerification:
     async with Store(config) as store:
         return await store.audit.verify()
@@ -211,7 +237,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Manage an llmstore database.",
         epilog="exit codes: 0 ok, 1 failed, 2 usage or configuration error, "
         "3 schema differs from the models (check), 4 database unreachable, "
-        "5 audit chain broken (audit verify)",
+        "5 audit chain broken (audit verify) or balances disagree with the ledger (verify)",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -234,6 +260,11 @@ def _parser() -> argparse.ArgumentParser:
     add("create-db", _create_db, "create the database (Postgres) or file (SQLite) if missing")
     add("info", _info, "print driver, URL (password masked), revision and row counts")
     add("generate-key", _generate_key, "print a new key for LLMSTORE_ENCRYPTION_KEYS")
+    add(
+        "verify",
+        _verify_ledger,
+        "check every API key against the ledger and its holds (exit 5 on any mismatch)",
+    )
     audit = commands.add_parser(
         "audit", help="audit log commands", description="audit log commands"
     )

@@ -7,7 +7,10 @@
     ├── ValidationError           bad input, refused before anything is written
     ├── NotFoundError             no row with that id or name
     ├── TokenRejectedError        tokens.use() refused a token; ``.reason`` says why
+    ├── ApiKeyRejectedError       api_keys.authenticate() refused a key; ``.reason`` says why
+    ├── InsufficientBalanceError  the available balance does not cover the amount
     ├── ConflictError             a uniqueness or state conflict
+    │   └── IdempotencyConflictError  an idempotency key reused with other parameters
     ├── StoreClosedError          the store is not open (never opened, or closed)
     ├── TransactionError          a transaction used the wrong way
     ├── SchemaError
@@ -60,8 +63,32 @@ class TokenRejectedError(LlmstoreError):
         self.reason: TokenRejectionReason = reason
 
 
+ApiKeyRejectionReason = Literal["unknown", "expired"]
+
+
+class ApiKeyRejectedError(LlmstoreError):
+    """``api_keys.authenticate()`` refused the key; ``reason`` is ``unknown`` or ``expired``."""
+
+    def __init__(self, reason: ApiKeyRejectionReason) -> None:
+        super().__init__(f"API key rejected: {reason}")
+        self.reason: ApiKeyRejectionReason = reason
+
+
+class InsufficientBalanceError(LlmstoreError):
+    """The key's available balance (``balance - reserved``) is less than requested."""
+
+    def __init__(self, available: int, requested: int) -> None:
+        super().__init__(f"insufficient balance: {available} available, {requested} requested")
+        self.available = available
+        self.requested = requested
+
+
 class ConflictError(LlmstoreError):
     """The change conflicts with existing data, for example a duplicate name."""
+
+
+class IdempotencyConflictError(ConflictError):
+    """An idempotency key was used again with different parameters."""
 
 
 class StoreClosedError(LlmstoreError):

@@ -93,6 +93,12 @@ class LeanStatement:
         row = conn.execute(self.statement, dict(params)).first()
         return None if row is None else tuple(row)
 
+    def first_any(self, conn: Connection, params: Mapping[str, Any]) -> Row | None:
+        """The first row, on the bare ``sqlite3`` connection when there is one."""
+        if conn.dialect.driver == "pysqlite":
+            return self.first_sqlite(conn, params)
+        return self.first(conn, params)
+
     def first_sqlite(self, conn: Connection, params: Mapping[str, Any]) -> Row | None:
         """The first row, through the ``sqlite3`` connection under ``conn``."""
         compiled = self.compiled(conn.dialect, None)

@@ -40,6 +40,10 @@ _current_transaction: contextvars.ContextVar[tuple[object, asyncio.Task[Any] | N
 class Runner(Protocol):
     """Runs units of work; each call is one thread hop or one ``run_sync``."""
 
+    #: The dialect whose single statements this runner runs in autocommit ("sqlite",
+    #: "postgresql"), or None inside a transaction, where a failed statement dooms it.
+    autocommit_dialect: str | None
+
     async def read(self, fn: Unit[T], *, single: bool = False) -> T: ...
 
     async def write(self, fn: Unit[T], *, single: bool = False) -> T: ...
@@ -75,6 +79,7 @@ class TransactionRunner:
     """Runs units inside one open transaction; a database failure dooms it."""
 
     def __init__(self, call: Callable[[Unit[Any]], Any]) -> None:
+        self.autocommit_dialect: str | None = None
         self._call = call
         self.finished = False
         self.doomed = False
@@ -105,6 +110,8 @@ class TransactionRunner:
 
 class SQLiteRunner:
     """llmstore's own SQLite engine: a writer thread, reader threads, one hop per unit."""
+
+    autocommit_dialect: str | None = "sqlite"
 
     def __init__(self, engine: Engine, *, readers: int, shared_reads: bool) -> None:
         self._engine = engine
@@ -227,6 +234,7 @@ class AsyncEngineRunner:
     ) -> None:
         self._engine = engine
         self._lane = lane
+        self.autocommit_dialect: str | None = engine.dialect.name
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         self._sqlite = engine.dialect.name == "sqlite"
         self._owned = owned

@@ -17,6 +17,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import _migrations
+from ._api_keys import ApiKeys
 from ._audit import Audit
 from ._config import Driver, StoreConfig
 from ._engines import postgres_engine, sqlite_engine, with_schema
@@ -57,6 +58,7 @@ class Transaction:
         self.tokens = Tokens(runner, digester)
         self.audit = Audit(runner, snapshot_reads=False)
         self.providers = Providers(runner, secrets)
+        self.api_keys = ApiKeys(runner, secrets, digester)
 
 
 class _Repositories:
@@ -67,6 +69,7 @@ class _Repositories:
         self.tokens = Tokens(runner, digester)
         self.audit = Audit(runner, snapshot_reads=True)
         self.providers = Providers(runner, secrets)
+        self.api_keys = ApiKeys(runner, secrets, digester)
 
 
 class _State(enum.Enum):
@@ -178,6 +181,10 @@ class Store:
     @property
     def providers(self) -> Providers:
         return self._open_repositories().providers
+
+    @property
+    def api_keys(self) -> ApiKeys:
+        return self._open_repositories().api_keys
 
     def _open_repositories(self) -> _Repositories:
         self._require_open()

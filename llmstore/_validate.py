@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import uuid
+from collections.abc import Mapping
+from typing import Any
 
 from ._errors import ValidationError
 
 MAX_PAGE = 1000
 MAX_INT64 = 2**63 - 1
+JSON_MAX_BYTES = 16_384
 
 
 def check_id(value: object, what: str = "id") -> uuid.UUID:
@@ -84,3 +88,29 @@ def check_positive_int(value: object, what: str) -> int:
 def check_actor(value: object) -> str | None:
     """``actor=`` of an audited mutation: None (not audited) or who made the change."""
     return None if value is None else check_text(value, "actor", max_length=200)
+
+
+def check_json_mapping(value: object, what: str) -> dict[str, Any] | None:
+    """None, or a JSON object of at most ``JSON_MAX_BYTES``, as it will read back."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or not all(isinstance(key, str) for key in value):
+        raise ValidationError(f"{what} must be a mapping with string keys")
+    try:
+        encoded = json.dumps(
+            dict(value), sort_keys=True, allow_nan=False, ensure_ascii=False, default=_plain
+        )
+        size = len(encoded.encode("utf-8"))
+    except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
+        raise ValidationError(f"{what} must be JSON-serialisable text ({exc})") from None
+    if size > JSON_MAX_BYTES:
+        raise ValidationError(f"{what} is larger than {JSON_MAX_BYTES} bytes as JSON")
+    # Tuples become lists and so on, so that what is hashed or compared is what is stored.
+    decoded: dict[str, Any] = json.loads(encoded)
+    return decoded
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")

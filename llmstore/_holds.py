@@ -1,0 +1,350 @@
+"""Reservations (holds on a key's balance) and withdrawals (eCash payouts).
+
+Both lock their own row first and the key's row second, the same order everywhere, and
+move state only along fixed edges with a conditional ``UPDATE ... WHERE status = ...``,
+so each transition happens exactly once however many callers race for it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import uuid
+from collections import defaultdict
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy.engine import Connection
+
+from ._errors import ConflictError, NotFoundError, ValidationError
+from ._ids import new_id, utcnow
+from ._ledger import INSERT_ENTRY, K, Ledger, LedgerEntry, Movement, check_amount, entry
+from ._schema import reservations, withdrawals
+from ._secrets import SecretBox
+from ._validate import check_id, check_limit, check_secret, check_text
+
+ReservationStatus = Literal["active", "settled", "released", "expired"]
+WithdrawalStatus = Literal["pending", "completed", "failed"]
+MAX_TTL = dt.timedelta(days=7)
+_EXPIRY_BATCH = 500
+_URL = re.compile(r"https?://[^\s/?#]+[^\s]*")
+
+
+class Reservation(BaseModel):
+    """A hold on part of a key's balance, until it is settled, released or expires."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: uuid.UUID
+    api_key_id: uuid.UUID
+    amount: int
+    status: ReservationStatus
+    created_at: dt.datetime
+    expires_at: dt.datetime
+    settled_amount: int | None
+    finished_at: dt.datetime | None
+
+
+class Withdrawal(BaseModel):
+    """A payout; its eCash token is stored encrypted and only read by ``reveal``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: uuid.UUID
+    api_key_id: uuid.UUID
+    amount: int
+    mint_url: str
+    status: WithdrawalStatus
+    created_at: dt.datetime
+    completed_at: dt.datetime | None
+    error_message: str | None
+    retry_count: int
+
+
+R = reservations
+W = withdrawals
+_RESERVATION_COLUMNS = tuple(R.c)
+_WITHDRAWAL_COLUMNS = tuple(column for column in W.c if column.name != "token_encrypted")
+
+
+def _reservation(row: Any) -> Reservation:
+    return Reservation.model_validate(dict(row._mapping))
+
+
+def _withdrawal(row: Any) -> Withdrawal:
+    return Withdrawal.model_validate(dict(row._mapping))
+
+
+def check_ttl(value: object) -> dt.timedelta:
+    if not isinstance(value, dt.timedelta) or not dt.timedelta(0) < value <= MAX_TTL:
+        raise ValidationError(f"ttl must be a timedelta above zero and at most {MAX_TTL}")
+    return value
+
+
+class ReservationRepository:
+    """Reservations on one connection; the caller owns the transaction."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._ledger = Ledger(conn)
+
+    def reserve(self, key_id: uuid.UUID | str, amount: int, ttl: dt.timedelta) -> Reservation:
+        key = check_id(key_id, "API key id")
+        checked = check_amount(amount)
+        lifetime = check_ttl(ttl)
+        now = utcnow()
+        held = self._conn.execute(
+            K.update()
+            .where(K.c.id == key, K.c.balance - K.c.reserved >= checked)
+            .values(reserved=K.c.reserved + checked, last_used_at=now)
+            .returning(K.c.id)
+        ).first()
+        if held is None:
+            raise self._ledger.refusal(Movement(key, "charge", checked))
+        row = self._conn.execute(
+            R.insert().returning(*_RESERVATION_COLUMNS),
+            {
+                "id": new_id(),
+                "api_key_id": key,
+                "amount": checked,
+                "status": "active",
+                "created_at": now,
+                "expires_at": now + lifetime,
+                "settled_amount": None,
+                "finished_at": None,
+            },
+        ).one()
+        return _reservation(row)
+
+    def get(self, reservation_id: uuid.UUID | str) -> Reservation:
+        key = check_id(reservation_id, "reservation id")
+        row = self._conn.execute(sa.select(*_RESERVATION_COLUMNS).where(R.c.id == key)).first()
+        if row is None:
+            raise NotFoundError(f"no reservation with id {key}")
+        return _reservation(row)
+
+    def extend(self, reservation_id: uuid.UUID | str, ttl: dt.timedelta) -> Reservation:
+        """Hold for ``ttl`` from now; a hold already settled, released or expired stays so."""
+        key = check_id(reservation_id, "reservation id")
+        lifetime = check_ttl(ttl)
+        row = self._conn.execute(
+            R.update()
+            .where(R.c.id == key, R.c.status == "active")
+            .values(expires_at=utcnow() + lifetime)
+            .returning(*_RESERVATION_COLUMNS)
+        ).first()
+        if row is None:
+            raise self._not_active(key)
+        return _reservation(row)
+
+    def settle(self, reservation_id: uuid.UUID | str, actual_amount: int) -> LedgerEntry:
+        """Charge the actual cost once and free the hold; what cannot be paid is a shortfall."""
+        key = check_id(reservation_id, "reservation id")
+        actual = check_amount(actual_amount, "actual_amount")
+        now = utcnow()
+        finished = self._finish(key, "settled", now)
+        hold = finished.amount
+        account = self._conn.execute(
+            sa.select(K.c.balance, K.c.reserved)
+            .where(K.c.id == finished.api_key_id)
+            .with_for_update()
+        ).one()
+        charged = min(actual, account.balance - account.reserved + hold)
+        balance = self._conn.execute(
+            K.update()
+            .where(K.c.id == finished.api_key_id)
+            .values(
+                reserved=K.c.reserved - hold,
+                balance=K.c.balance - charged,
+                total_spent=K.c.total_spent + charged,
+                last_used_at=now,
+            )
+            .returning(K.c.balance)
+        ).scalar_one()
+        self._conn.execute(R.update().where(R.c.id == key).values(settled_amount=charged))
+        written = INSERT_ENTRY.first_any(
+            self._conn,
+            {
+                "api_key_id": finished.api_key_id,
+                "kind": "settlement",
+                "amount": -charged,
+                "balance_after": balance,
+                "description": "",
+                "idempotency_key": None,
+                "params_digest": None,
+                "request_data": None,
+                "shortfall": actual - charged,
+                "reservation_id": key,
+                "withdrawal_id": None,
+                "transfer_id": None,
+                "created_at": now,
+            },
+        )
+        assert written is not None
+        return entry(written)
+
+    def release(self, reservation_id: uuid.UUID | str) -> Reservation:
+        """Free the hold without charging; exactly once."""
+        key = check_id(reservation_id, "reservation id")
+        finished = self._finish(key, "released", utcnow())
+        self._unhold({finished.api_key_id: finished.amount})
+        return finished
+
+    def expire(self, now: dt.datetime) -> int:
+        """Release one batch of holds whose time has passed; returns how many."""
+        # SKIP LOCKED (Postgres): replicas sweeping at once take different rows.
+        due = self._conn.execute(
+            sa.select(R.c.id, R.c.api_key_id, R.c.amount)
+            .where(R.c.status == "active", R.c.expires_at <= now)
+            .order_by(R.c.id)
+            .limit(_EXPIRY_BATCH)
+            .with_for_update(skip_locked=True)
+        ).all()
+        if not due:
+            return 0
+        self._conn.execute(
+            R.update()
+            .where(R.c.id.in_([row.id for row in due]), R.c.status == "active")
+            .values(status="expired", finished_at=now)
+        )
+        held: dict[uuid.UUID, int] = defaultdict(int)
+        for row in due:
+            held[row.api_key_id] += row.amount
+        self._unhold(held)
+        return len(due)
+
+    def _finish(self, key: uuid.UUID, status: str, now: dt.datetime) -> Reservation:
+        row = self._conn.execute(
+            R.update()
+            .where(R.c.id == key, R.c.status == "active")
+            .values(status=status, finished_at=now)
+            .returning(*_RESERVATION_COLUMNS)
+        ).first()
+        if row is None:
+            raise self._not_active(key)
+        return _reservation(row)
+
+    def _unhold(self, held: dict[uuid.UUID, int]) -> None:
+        for key_id in sorted(held):  # id order, as everywhere a transaction locks keys
+            self._conn.execute(
+                K.update().where(K.c.id == key_id).values(reserved=K.c.reserved - held[key_id])
+            )
+
+    def _not_active(self, key: uuid.UUID) -> Exception:
+        status = self._conn.execute(sa.select(R.c.status).where(R.c.id == key)).scalar()
+        if status is None:
+            return NotFoundError(f"no reservation with id {key}")
+        return ConflictError(f"reservation {key} is {status}, not active")
+
+
+class WithdrawalRepository:
+    """Withdrawals on one connection; the caller owns the transaction."""
+
+    def __init__(self, conn: Connection, secrets: SecretBox) -> None:
+        self._conn = conn
+        self._secrets = secrets
+        self._ledger = Ledger(conn)
+
+    def withdraw(
+        self, key_id: uuid.UUID | str, amount: int, token: str, mint_url: str
+    ) -> Withdrawal:
+        """Debit at once and record a pending withdrawal; the token is stored encrypted."""
+        key = check_id(key_id, "API key id")
+        checked = check_amount(amount)
+        encrypted = self._secrets.encrypt(check_secret(token, "token", max_length=100_000))
+        url = check_text(mint_url, "mint_url", max_length=2000)
+        if _URL.fullmatch(url) is None:
+            raise ValidationError(f"mint_url must be an http:// or https:// URL, not {url!r:.80}")
+        withdrawal_id = new_id()
+        now = utcnow()
+        self._ledger.apply(Movement(key, "withdrawal", checked, withdrawal_id=withdrawal_id), now)
+        row = self._conn.execute(
+            W.insert().returning(*_WITHDRAWAL_COLUMNS),
+            {
+                "id": withdrawal_id,
+                "api_key_id": key,
+                "amount": checked,
+                "token_encrypted": encrypted,
+                "mint_url": url,
+                "status": "pending",
+                "created_at": now,
+                "completed_at": None,
+                "error_message": None,
+                "retry_count": 0,
+            },
+        ).one()
+        return _withdrawal(row)
+
+    def get(self, withdrawal_id: uuid.UUID | str) -> Withdrawal:
+        key = check_id(withdrawal_id, "withdrawal id")
+        row = self._conn.execute(sa.select(*_WITHDRAWAL_COLUMNS).where(W.c.id == key)).first()
+        if row is None:
+            raise NotFoundError(f"no withdrawal with id {key}")
+        return _withdrawal(row)
+
+    def list(
+        self,
+        key_id: uuid.UUID | str | None = None,
+        status: str | None = None,
+        limit: int = 100,
+        after: uuid.UUID | str | None = None,
+    ) -> list[Withdrawal]:
+        statement = sa.select(*_WITHDRAWAL_COLUMNS).order_by(W.c.id).limit(check_limit(limit))
+        if key_id is not None:
+            statement = statement.where(W.c.api_key_id == check_id(key_id, "API key id"))
+        if status is not None:
+            if status not in ("pending", "completed", "failed"):
+                raise ValidationError(f"status must be pending, completed or failed: {status!r}")
+            statement = statement.where(W.c.status == status)
+        if after is not None:
+            statement = statement.where(W.c.id > check_id(after, "after"))
+        return [_withdrawal(row) for row in self._conn.execute(statement)]
+
+    def reveal_token(self, withdrawal_id: uuid.UUID | str) -> str:
+        key = check_id(withdrawal_id, "withdrawal id")
+        stored = self._conn.execute(sa.select(W.c.token_encrypted).where(W.c.id == key)).scalar()
+        if stored is None:
+            raise NotFoundError(f"no withdrawal with id {key}")
+        return self._secrets.decrypt(stored)
+
+    def complete(self, withdrawal_id: uuid.UUID | str) -> Withdrawal:
+        key = check_id(withdrawal_id, "withdrawal id")
+        return self._move(key, "pending", status="completed", completed_at=utcnow())
+
+    def fail(self, withdrawal_id: uuid.UUID | str, error: str) -> Withdrawal:
+        """Mark it failed, count the attempt, and refund the amount with a ledger entry."""
+        key = check_id(withdrawal_id, "withdrawal id")
+        message = check_text(error, "error", max_length=2000)
+        failed = self._move(
+            key, "pending", status="failed", error_message=message, retry_count=W.c.retry_count + 1
+        )
+        self._ledger.apply(
+            Movement(failed.api_key_id, "withdrawal_refund", failed.amount, withdrawal_id=key),
+            utcnow(),
+        )
+        return failed
+
+    def retry(self, withdrawal_id: uuid.UUID | str) -> Withdrawal:
+        """Debit again and return it to pending (``InsufficientBalanceError`` if spent)."""
+        key = check_id(withdrawal_id, "withdrawal id")
+        pending = self._move(key, "failed", status="pending")
+        self._ledger.apply(
+            Movement(pending.api_key_id, "withdrawal", pending.amount, withdrawal_id=key),
+            utcnow(),
+        )
+        return pending
+
+    def _move(self, key: uuid.UUID, current: str, **values: Any) -> Withdrawal:
+        row = self._conn.execute(
+            W.update()
+            .where(W.c.id == key, W.c.status == current)
+            .values(**values)
+            .returning(*_WITHDRAWAL_COLUMNS)
+        ).first()
+        if row is None:
+            status = self._conn.execute(sa.select(W.c.status).where(W.c.id == key)).scalar()
+            if status is None:
+                raise NotFoundError(f"no withdrawal with id {key}")
+            raise ConflictError(f"withdrawal {key} is {status}; this needs it {current}")
+        return _withdrawal(row)
