@@ -234,6 +234,14 @@ class ApiKeyRepository:
         self, source: uuid.UUID, target: uuid.UUID, out: Movement
     ) -> tuple[LedgerEntry, LedgerEntry]:
         """Move ``out.amount`` between two keys; returns (debit entry, credit entry)."""
+        # Both rows locked in id order: opposing transfers queue instead of deadlocking,
+        # and a racing call with the same idempotency key is seen once the lock is ours.
+        locked = self._conn.execute(
+            sa.select(K.c.id).where(K.c.id.in_([source, target])).order_by(K.c.id).with_for_update()
+        ).all()
+        if len(locked) < 2:
+            missing = target if any(row.id == source for row in locked) else source
+            raise NotFoundError(f"no API key with id {missing}")
         replayed = self._ledger.replay(out)
         if replayed is not None:
             paired = self._conn.execute(
@@ -242,13 +250,6 @@ class ApiKeyRepository:
                 )
             ).one()
             return replayed, entry(tuple(paired))
-        # Both rows locked in id order: opposing transfers queue instead of deadlocking.
-        locked = self._conn.execute(
-            sa.select(K.c.id).where(K.c.id.in_([source, target])).order_by(K.c.id).with_for_update()
-        ).all()
-        if len(locked) < 2:
-            missing = target if any(row.id == source for row in locked) else source
-            raise NotFoundError(f"no API key with id {missing}")
         now = utcnow()
         transfer_id = new_id()
         debit = self._ledger.apply(
