@@ -75,8 +75,25 @@ def _check_outside_transaction(runner: object) -> None:
         )
 
 
+def _in_savepoint(fn: Unit[T], conn: Connection) -> T:
+    """Run ``fn`` whole or not at all inside the caller's transaction."""
+    savepoint = conn.begin_nested()
+    try:
+        result = fn(conn)
+    except BaseException:
+        savepoint.rollback()
+        raise
+    savepoint.commit()
+    return result
+
+
 class TransactionRunner:
-    """Runs units inside one open transaction; a database failure dooms it."""
+    """Runs units inside one open transaction; a database failure dooms it.
+
+    A unit of several statements runs in a savepoint, so an operation refused halfway
+    (too little money for the second half of a transfer, say) leaves nothing behind
+    when the caller catches the error and commits the rest.
+    """
 
     def __init__(self, call: Callable[[Unit[Any]], Any]) -> None:
         self.autocommit_dialect: str | None = None
@@ -85,9 +102,10 @@ class TransactionRunner:
         self.doomed = False
 
     async def read(self, fn: Unit[T], *, single: bool = False) -> T:
-        return await self.write(fn)
+        return await self.write(fn, single=single)
 
     async def write(self, fn: Unit[T], *, single: bool = False) -> T:
+        unit = fn if single else functools.partial(_in_savepoint, fn)
         if self.finished:
             raise TransactionError("this transaction has ended")
         if self.doomed:
@@ -97,7 +115,7 @@ class TransactionRunner:
             )
         try:
             with translated():
-                result: T = await self._call(fn)
+                result: T = await self._call(unit)
         except Exception as exc:
             if isinstance(exc.__cause__, sqlalchemy.exc.DBAPIError):
                 self.doomed = True
@@ -105,7 +123,7 @@ class TransactionRunner:
         return result
 
     async def lean_first(self, statement: LeanStatement, params: Mapping[str, Any]) -> Row | None:
-        return await self.write(lambda conn: statement.first(conn, params))
+        return await self.write(lambda conn: statement.first(conn, params), single=True)
 
 
 class SQLiteRunner:
