@@ -208,7 +208,13 @@ class SQLiteRunner:
                 conn.rollback()
 
         async with self._lock:
-            await self._hop(self._writer, begin)
+            try:
+                await self._hop(self._writer, begin)
+            except BaseException:
+                # Cancelled while BEGIN ran (or waited for the lock) in the writer thread:
+                # it still completes there, so roll it back before the next unit.
+                await asyncio.shield(self._hop(self._writer, lambda: finish(False)))
+                raise
             tx = TransactionRunner(lambda fn: self._hop(self._writer, functools.partial(fn, conn)))
             token = _current_transaction.set((self, asyncio.current_task()))
             try:
