@@ -211,8 +211,8 @@ class SQLiteRunner:
             try:
                 await self._hop(self._writer, begin)
             except BaseException:
-                # Cancelled while BEGIN ran (or waited for the lock) in the writer thread:
-                # it still completes there, so roll it back before the next unit.
+                # Cancelled while BEGIN was queued or running in the writer thread: once
+                # started it completes there, so roll it back before the next unit.
                 await asyncio.shield(self._hop(self._writer, lambda: finish(False)))
                 raise
             tx = TransactionRunner(lambda fn: self._hop(self._writer, functools.partial(fn, conn)))
@@ -228,10 +228,12 @@ class SQLiteRunner:
             finally:
                 _current_transaction.reset(token)
             tx.finished = True
+            # Shielded: a cancelled hop that has not started yet never runs, and this one
+            # must, or the writer connection would be left inside the transaction.
             if tx.doomed:
-                await self._hop(self._writer, lambda: finish(False))
+                await asyncio.shield(self._hop(self._writer, lambda: finish(False)))
                 raise TransactionError("the transaction was rolled back: an operation failed")
-            await self._hop(self._writer, lambda: finish(True))
+            await asyncio.shield(self._hop(self._writer, lambda: finish(True)))
 
     async def close(self) -> None:
         if self._closed:
