@@ -4,13 +4,13 @@ Run ``python -m benchmarks.run --help``; ``benchmarks/README.md`` explains the o
 
 Each operation is measured three ways in one process, on the same database:
 
-* ``llmstore``: the public ``Store`` API, on the ``projects`` and ``tokens`` tables that the
-  migrations create;
+* ``llmstore``: the public ``Store`` API, on the tables that the migrations create
+  (``projects``, ``tokens``, ``api_keys``, ``ledger_entries``, ``reservations``);
 * ``raw``: the bare driver (stdlib ``sqlite3`` behind a one-thread executor, or ``asyncpg``)
-  sending the same single statement, on ``raw_projects`` and ``raw_tokens`` tables with the
-  same DDL;
+  sending the same statements as llmstore (a multi-statement unit in one transaction: one
+  thread hop on SQLite, BEGIN ... COMMIT on Postgres), on ``raw_*`` tables with the same DDL;
 * ``orm``: the SQLAlchemy ORM written the usual way (``AsyncSession`` per operation), on
-  ``orm_projects`` and ``orm_tokens`` tables with the same columns.
+  ``orm_*`` tables with the same columns.
 
 Operations run one at a time, awaited, so the figures are latency-bound throughput.
 
@@ -30,6 +30,7 @@ import gc
 import hashlib
 import itertools
 import os
+import re
 import secrets
 import sqlite3
 import statistics
@@ -37,11 +38,19 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal, Protocol
+from typing import Any, Final, Literal, Protocol, TypeVar
 
 import asyncpg  # type: ignore[import-untyped]
 import sqlalchemy as sa
@@ -81,6 +90,43 @@ OpCall = Callable[[], Awaitable[object]]
 # --------------------------------------------------------------------------------------
 
 
+T = TypeVar("T")
+
+#: A raw transaction's body: yields ``(sql, args)``, is sent each statement's first row.
+RawSteps = Generator[tuple[str, tuple[object, ...]], Sequence[Any] | None, T]
+
+_MARKER = re.compile(r"(?<![:\w]):([a-z_][a-z0-9_]*)")
+
+
+@dataclass(frozen=True)
+class RawSQL:
+    """A statement with its parameter names in the order the driver takes them."""
+
+    text: str
+    names: tuple[str, ...]
+
+    def args(self, values: Mapping[str, object]) -> tuple[object, ...]:
+        return tuple([values[name] for name in self.names])
+
+
+def sqlite_sql(template: str) -> RawSQL:
+    """``?`` per marker: a name used twice is sent twice."""
+    names = tuple(_MARKER.findall(template))
+    return RawSQL(_MARKER.sub("?", template), names)
+
+
+def postgres_sql(template: str) -> RawSQL:
+    """``$n`` per distinct name, numbered by first use."""
+    names: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        if match[1] not in names:
+            names.append(match[1])
+        return f"${names.index(match[1]) + 1}"
+
+    return RawSQL(_MARKER.sub(number, template), tuple(names))
+
+
 class RawDB(Protocol):
     """A bare driver connection, driven from async code, with the dialect's spellings."""
 
@@ -110,6 +156,22 @@ class RawDB(Protocol):
 
     def is_true(self, column: str) -> str:
         """A condition that the boolean ``column`` is true, as the dialect spells it."""
+        ...
+
+    def sql(self, template: str) -> RawSQL:
+        """``template`` with ``:name`` markers, in the dialect's parameter style."""
+        ...
+
+    #: `` FOR UPDATE`` where the dialect locks selected rows (Postgres), else empty.
+    for_update: str
+
+    async def transaction(self, steps: Callable[[], RawSteps[T]]) -> T:
+        """Run ``steps`` as one transaction: one thread hop (SQLite), or BEGIN ... COMMIT.
+
+        ``steps()`` is a generator that yields ``(sql, args)`` and is sent each
+        statement's first row (or None); its return value is returned. An exception
+        raised in it rolls the transaction back.
+        """
         ...
 
     async def close(self) -> None: ...
@@ -172,6 +234,35 @@ class RawSQLite:
     def is_true(self, column: str) -> str:
         return f"{column} = 1"
 
+    def sql(self, template: str) -> RawSQL:
+        return sqlite_sql(template)
+
+    for_update = ""  # SQLite has no row locks: BEGIN IMMEDIATE takes the write lock
+
+    async def transaction(self, steps: Callable[[], RawSteps[T]]) -> T:
+        conn = self._connection()
+
+        def run() -> T:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                body = steps()
+                row: Sequence[Any] | None = None
+                try:
+                    while True:
+                        sql, args = body.send(row)
+                        rows = conn.execute(sql, args).fetchall()
+                        row = rows[0] if rows else None
+                except StopIteration as stop:
+                    result: T = stop.value
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return result
+
+        done: T = await self._hop(run)
+        return done
+
     async def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
@@ -212,12 +303,31 @@ class RawPostgres:
     def is_true(self, column: str) -> str:
         return column
 
+    def sql(self, template: str) -> RawSQL:
+        return postgres_sql(template)
+
+    for_update = " FOR UPDATE"
+
+    async def transaction(self, steps: Callable[[], RawSteps[T]]) -> T:
+        conn = self._conn
+        async with conn.transaction():
+            body = steps()
+            row: Sequence[Any] | None = None
+            try:
+                while True:
+                    sql, args = body.send(row)
+                    row = await conn.fetchrow(sql, *args)
+            except StopIteration as stop:
+                result: T = stop.value
+        return result
+
     async def close(self) -> None:
         await self._conn.close()
 
 
-# The DDL of migrations 0001_projects (projects) and 0002_tokens_audit_providers (tokens) as
-# each dialect receives it, under other names; one statement per string, run in order.
+# The DDL of migrations 0001_projects (projects), 0002_tokens_audit_providers (tokens) and
+# 0003_api_keys_ledger (api_keys, ledger_entries, reservations, with their indexes) as each
+# dialect receives it, under other names; one statement per string, run in order.
 RAW_DDL: Final[dict[Driver, tuple[str, ...]]] = {
     "sqlite": (
         """
@@ -258,6 +368,85 @@ RAW_DDL: Final[dict[Driver, tuple[str, ...]]] = {
                 REFERENCES raw_projects (id) ON DELETE CASCADE
         )
         """,
+        """
+        CREATE TABLE raw_api_keys (
+            id CHAR(32) NOT NULL,
+            secret_digest VARCHAR(64) NOT NULL,
+            prefix VARCHAR(16) NOT NULL,
+            project_id CHAR(32),
+            balance BIGINT NOT NULL,
+            reserved BIGINT NOT NULL,
+            total_deposited BIGINT NOT NULL,
+            total_spent BIGINT NOT NULL,
+            created_at DATETIME NOT NULL,
+            last_used_at DATETIME,
+            expires_at DATETIME,
+            key_metadata JSON,
+            CONSTRAINT pk_raw_api_keys PRIMARY KEY (id),
+            CONSTRAINT uq_raw_api_keys_secret_digest UNIQUE (secret_digest),
+            CONSTRAINT ck_raw_api_keys_balance_not_negative CHECK (balance >= 0),
+            CONSTRAINT ck_raw_api_keys_reserved_within_balance
+                CHECK (reserved >= 0 AND reserved <= balance),
+            CONSTRAINT ck_raw_api_keys_totals_not_negative
+                CHECK (total_deposited >= 0 AND total_spent >= 0),
+            CONSTRAINT fk_raw_api_keys_project_id_raw_projects
+                FOREIGN KEY (project_id) REFERENCES raw_projects (id) ON DELETE SET NULL
+        )
+        """,
+        "CREATE INDEX ix_raw_api_keys_expires_at ON raw_api_keys (expires_at)",
+        "CREATE INDEX ix_raw_api_keys_project_id ON raw_api_keys (project_id)",
+        """
+        CREATE TABLE raw_ledger_entries (
+            id INTEGER NOT NULL,
+            api_key_id CHAR(32) NOT NULL,
+            kind VARCHAR(20) NOT NULL,
+            amount BIGINT NOT NULL,
+            balance_after BIGINT NOT NULL,
+            description VARCHAR(500) NOT NULL,
+            idempotency_key VARCHAR(200),
+            params_digest VARCHAR(64),
+            request_data JSON,
+            shortfall BIGINT NOT NULL,
+            reservation_id CHAR(32),
+            withdrawal_id CHAR(32),
+            transfer_id CHAR(32),
+            created_at DATETIME NOT NULL,
+            CONSTRAINT pk_raw_ledger_entries PRIMARY KEY (id),
+            CONSTRAINT uq_raw_ledger_entries_api_key_id_idempotency_key
+                UNIQUE (api_key_id, idempotency_key),
+            CONSTRAINT ck_raw_ledger_entries_kind CHECK (
+                kind IN ('deposit', 'charge', 'settlement', 'transfer_in', 'transfer_out',
+                         'withdrawal', 'withdrawal_refund')
+            ),
+            CONSTRAINT ck_raw_ledger_entries_balance_after_not_negative CHECK (balance_after >= 0),
+            CONSTRAINT ck_raw_ledger_entries_shortfall_not_negative CHECK (shortfall >= 0),
+            CONSTRAINT fk_raw_ledger_entries_api_key_id_raw_api_keys
+                FOREIGN KEY (api_key_id) REFERENCES raw_api_keys (id) ON DELETE CASCADE
+        )
+        """,
+        "CREATE INDEX ix_raw_ledger_entries_api_key_id_id ON raw_ledger_entries (api_key_id, id)",
+        """
+        CREATE TABLE raw_reservations (
+            id CHAR(32) NOT NULL,
+            api_key_id CHAR(32) NOT NULL,
+            amount BIGINT NOT NULL,
+            status VARCHAR(10) NOT NULL,
+            created_at DATETIME NOT NULL,
+            expires_at DATETIME NOT NULL,
+            settled_amount BIGINT,
+            finished_at DATETIME,
+            CONSTRAINT pk_raw_reservations PRIMARY KEY (id),
+            CONSTRAINT ck_raw_reservations_amount_positive CHECK (amount > 0),
+            CONSTRAINT ck_raw_reservations_status
+                CHECK (status IN ('active', 'settled', 'released', 'expired')),
+            CONSTRAINT fk_raw_reservations_api_key_id_raw_api_keys
+                FOREIGN KEY (api_key_id) REFERENCES raw_api_keys (id) ON DELETE CASCADE
+        )
+        """,
+        "CREATE INDEX ix_raw_reservations_api_key_id_status"
+        " ON raw_reservations (api_key_id, status)",
+        "CREATE INDEX ix_raw_reservations_status_expires_at"
+        " ON raw_reservations (status, expires_at)",
     ),
     "postgres": (
         """
@@ -298,6 +487,85 @@ RAW_DDL: Final[dict[Driver, tuple[str, ...]]] = {
                 REFERENCES raw_projects (id) ON DELETE CASCADE
         )
         """,
+        """
+        CREATE TABLE raw_api_keys (
+            id UUID NOT NULL,
+            secret_digest VARCHAR(64) NOT NULL,
+            prefix VARCHAR(16) NOT NULL,
+            project_id UUID,
+            balance BIGINT NOT NULL,
+            reserved BIGINT NOT NULL,
+            total_deposited BIGINT NOT NULL,
+            total_spent BIGINT NOT NULL,
+            created_at TIMESTAMP WITH TIME ZONE NOT NULL,
+            last_used_at TIMESTAMP WITH TIME ZONE,
+            expires_at TIMESTAMP WITH TIME ZONE,
+            key_metadata JSON,
+            CONSTRAINT pk_raw_api_keys PRIMARY KEY (id),
+            CONSTRAINT uq_raw_api_keys_secret_digest UNIQUE (secret_digest),
+            CONSTRAINT ck_raw_api_keys_balance_not_negative CHECK (balance >= 0),
+            CONSTRAINT ck_raw_api_keys_reserved_within_balance
+                CHECK (reserved >= 0 AND reserved <= balance),
+            CONSTRAINT ck_raw_api_keys_totals_not_negative
+                CHECK (total_deposited >= 0 AND total_spent >= 0),
+            CONSTRAINT fk_raw_api_keys_project_id_raw_projects
+                FOREIGN KEY (project_id) REFERENCES raw_projects (id) ON DELETE SET NULL
+        )
+        """,
+        "CREATE INDEX ix_raw_api_keys_expires_at ON raw_api_keys (expires_at)",
+        "CREATE INDEX ix_raw_api_keys_project_id ON raw_api_keys (project_id)",
+        """
+        CREATE TABLE raw_ledger_entries (
+            id BIGSERIAL NOT NULL,
+            api_key_id UUID NOT NULL,
+            kind VARCHAR(20) NOT NULL,
+            amount BIGINT NOT NULL,
+            balance_after BIGINT NOT NULL,
+            description VARCHAR(500) NOT NULL,
+            idempotency_key VARCHAR(200),
+            params_digest VARCHAR(64),
+            request_data JSON,
+            shortfall BIGINT NOT NULL,
+            reservation_id UUID,
+            withdrawal_id UUID,
+            transfer_id UUID,
+            created_at TIMESTAMP WITH TIME ZONE NOT NULL,
+            CONSTRAINT pk_raw_ledger_entries PRIMARY KEY (id),
+            CONSTRAINT uq_raw_ledger_entries_api_key_id_idempotency_key
+                UNIQUE (api_key_id, idempotency_key),
+            CONSTRAINT ck_raw_ledger_entries_kind CHECK (
+                kind IN ('deposit', 'charge', 'settlement', 'transfer_in', 'transfer_out',
+                         'withdrawal', 'withdrawal_refund')
+            ),
+            CONSTRAINT ck_raw_ledger_entries_balance_after_not_negative CHECK (balance_after >= 0),
+            CONSTRAINT ck_raw_ledger_entries_shortfall_not_negative CHECK (shortfall >= 0),
+            CONSTRAINT fk_raw_ledger_entries_api_key_id_raw_api_keys
+                FOREIGN KEY (api_key_id) REFERENCES raw_api_keys (id) ON DELETE CASCADE
+        )
+        """,
+        "CREATE INDEX ix_raw_ledger_entries_api_key_id_id ON raw_ledger_entries (api_key_id, id)",
+        """
+        CREATE TABLE raw_reservations (
+            id UUID NOT NULL,
+            api_key_id UUID NOT NULL,
+            amount BIGINT NOT NULL,
+            status VARCHAR(10) NOT NULL,
+            created_at TIMESTAMP WITH TIME ZONE NOT NULL,
+            expires_at TIMESTAMP WITH TIME ZONE NOT NULL,
+            settled_amount BIGINT,
+            finished_at TIMESTAMP WITH TIME ZONE,
+            CONSTRAINT pk_raw_reservations PRIMARY KEY (id),
+            CONSTRAINT ck_raw_reservations_amount_positive CHECK (amount > 0),
+            CONSTRAINT ck_raw_reservations_status
+                CHECK (status IN ('active', 'settled', 'released', 'expired')),
+            CONSTRAINT fk_raw_reservations_api_key_id_raw_api_keys
+                FOREIGN KEY (api_key_id) REFERENCES raw_api_keys (id) ON DELETE CASCADE
+        )
+        """,
+        "CREATE INDEX ix_raw_reservations_api_key_id_status"
+        " ON raw_reservations (api_key_id, status)",
+        "CREATE INDEX ix_raw_reservations_status_expires_at"
+        " ON raw_reservations (status, expires_at)",
     ),
 }
 
@@ -350,6 +618,87 @@ class OrmToken(OrmBase):
     last_used_at: Mapped[dt.datetime | None] = mapped_column(sa.DateTime(timezone=True))
 
     project: Mapped[OrmProject] = relationship()
+
+
+#: ``ledger_entries.id``: BIGSERIAL on Postgres, the rowid (INTEGER PRIMARY KEY) on SQLite.
+LEDGER_ID_TYPE: Final = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+class OrmApiKey(OrmBase):
+    __tablename__ = "orm_api_keys"
+    __table_args__ = (
+        sa.CheckConstraint("balance >= 0", name="balance_not_negative"),
+        sa.CheckConstraint("reserved >= 0 AND reserved <= balance", name="reserved_within_balance"),
+        sa.CheckConstraint("total_deposited >= 0 AND total_spent >= 0", name="totals_not_negative"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    secret_digest: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(sa.String(16))
+    project_id: Mapped[uuid.UUID | None] = mapped_column(
+        sa.ForeignKey("orm_projects.id", ondelete="SET NULL"), index=True
+    )
+    balance: Mapped[int] = mapped_column(sa.BigInteger())
+    reserved: Mapped[int] = mapped_column(sa.BigInteger(), default=0)
+    total_deposited: Mapped[int] = mapped_column(sa.BigInteger())
+    total_spent: Mapped[int] = mapped_column(sa.BigInteger(), default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
+    last_used_at: Mapped[dt.datetime | None] = mapped_column(sa.DateTime(timezone=True))
+    expires_at: Mapped[dt.datetime | None] = mapped_column(sa.DateTime(timezone=True), index=True)
+    key_metadata: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON())
+
+
+class OrmLedgerEntry(OrmBase):
+    __tablename__ = "orm_ledger_entries"
+    __table_args__ = (
+        sa.UniqueConstraint("api_key_id", "idempotency_key"),
+        sa.CheckConstraint(
+            "kind IN ('deposit', 'charge', 'settlement', 'transfer_in', 'transfer_out', "
+            "'withdrawal', 'withdrawal_refund')",
+            name="kind",
+        ),
+        sa.CheckConstraint("balance_after >= 0", name="balance_after_not_negative"),
+        sa.CheckConstraint("shortfall >= 0", name="shortfall_not_negative"),
+        sa.Index(None, "api_key_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(LEDGER_ID_TYPE, primary_key=True)
+    api_key_id: Mapped[uuid.UUID] = mapped_column(
+        sa.ForeignKey("orm_api_keys.id", ondelete="CASCADE")
+    )
+    kind: Mapped[str] = mapped_column(sa.String(20))
+    amount: Mapped[int] = mapped_column(sa.BigInteger())
+    balance_after: Mapped[int] = mapped_column(sa.BigInteger())
+    description: Mapped[str] = mapped_column(sa.String(500), default="")
+    idempotency_key: Mapped[str | None] = mapped_column(sa.String(200))
+    params_digest: Mapped[str | None] = mapped_column(sa.String(64))
+    request_data: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON())
+    shortfall: Mapped[int] = mapped_column(sa.BigInteger(), default=0)
+    reservation_id: Mapped[uuid.UUID | None]
+    withdrawal_id: Mapped[uuid.UUID | None]
+    transfer_id: Mapped[uuid.UUID | None]
+    created_at: Mapped[dt.datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
+
+
+class OrmReservation(OrmBase):
+    __tablename__ = "orm_reservations"
+    __table_args__ = (
+        sa.CheckConstraint("amount > 0", name="amount_positive"),
+        sa.CheckConstraint("status IN ('active', 'settled', 'released', 'expired')", name="status"),
+        sa.Index(None, "api_key_id", "status"),
+        sa.Index(None, "status", "expires_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    api_key_id: Mapped[uuid.UUID] = mapped_column(
+        sa.ForeignKey("orm_api_keys.id", ondelete="CASCADE")
+    )
+    amount: Mapped[int] = mapped_column(sa.BigInteger())
+    status: Mapped[str] = mapped_column(sa.String(10))
+    created_at: Mapped[dt.datetime] = mapped_column(sa.DateTime(timezone=True))
+    expires_at: Mapped[dt.datetime] = mapped_column(sa.DateTime(timezone=True))
+    settled_amount: Mapped[int | None] = mapped_column(sa.BigInteger())
+    finished_at: Mapped[dt.datetime | None] = mapped_column(sa.DateTime(timezone=True))
 
 
 def orm_sqlite_engine(path: Path) -> AsyncEngine:
@@ -702,11 +1051,429 @@ class TokensUse:
         return call
 
 
+#: A funded key never runs dry here: 10**15 units outlast any run by far.
+OPENING_BALANCE: Final = 10**15
+CHARGE_AMOUNT: Final = 1
+HOLD_AMOUNT: Final = 5
+SETTLED_AMOUNT: Final = 3
+HOLD_TTL: Final = dt.timedelta(minutes=15)  # llmstore's default ttl
+MAX_INT64: Final = 2**63 - 1
+
+
+class LedgerRefused(Exception):
+    """The raw and ORM variants' refusal; never raised while benchmarking a funded key."""
+
+
+#: The columns that a ledger write returns, in the order of llmstore's ``LedgerEntry``.
+ENTRY_COLUMNS: Final = (
+    "id, api_key_id, kind, amount, balance_after, description, idempotency_key, "
+    "request_data, shortfall, reservation_id, withdrawal_id, transfer_id, created_at"
+)
+RESERVATION_COLUMNS: Final = (
+    "id, api_key_id, amount, status, created_at, expires_at, settled_amount, finished_at"
+)
+
+# The statements of llmstore's Ledger and ReservationRepository (llmstore/_ledger.py,
+# llmstore/_holds.py), on the raw tables, with ":name" markers that RawDB.sql() turns into
+# the dialect's parameters.
+RAW_INSERT_ENTRY: Final = (
+    "INSERT INTO raw_ledger_entries (api_key_id, kind, amount, balance_after, description,"
+    " idempotency_key, params_digest, request_data, shortfall, reservation_id, withdrawal_id,"
+    " transfer_id, created_at)"
+    " VALUES (:api_key_id, :kind, :amount, :balance_after, :description, :idempotency_key,"
+    " :params_digest, :request_data, :shortfall, :reservation_id, :withdrawal_id, :transfer_id,"
+    " :created_at)"
+    f" RETURNING {ENTRY_COLUMNS}"
+)
+# A charge's debit: enough available, no entry under this idempotency key yet (always true
+# when it is NULL, as here), and total_spent cannot overflow.
+RAW_DEBIT_WHERE: Final = (
+    " WHERE id = :key_id AND balance - reserved >= :amount"
+    " AND NOT EXISTS (SELECT 1 FROM raw_ledger_entries"
+    " WHERE raw_ledger_entries.api_key_id = raw_api_keys.id"
+    " AND raw_ledger_entries.idempotency_key = :idempotency_key)"
+    f" AND total_spent <= {MAX_INT64} - :amount"
+)
+RAW_DEBIT: Final = (
+    "UPDATE raw_api_keys SET balance = balance - :amount, total_spent = total_spent + :amount,"
+    " last_used_at = :now" + RAW_DEBIT_WHERE + " RETURNING balance"
+)
+# Postgres: the debit feeding its entry's INSERT, one statement (llmstore's CHARGE_CTE).
+RAW_CHARGE_CTE: Final = (
+    "WITH changed AS ("
+    "UPDATE raw_api_keys SET balance = balance - :amount::BIGINT,"
+    " total_spent = total_spent + :amount::BIGINT, last_used_at = :now::TIMESTAMPTZ"
+    + RAW_DEBIT_WHERE
+    + " RETURNING id, balance)"
+    " INSERT INTO raw_ledger_entries (api_key_id, kind, amount, balance_after, description,"
+    " idempotency_key, params_digest, request_data, shortfall, created_at)"
+    " SELECT changed.id, 'charge', -:amount::BIGINT, changed.balance, :description::VARCHAR,"
+    " :idempotency_key::VARCHAR, :params_digest::VARCHAR, :request_data::JSON, 0,"
+    " :now::TIMESTAMPTZ FROM changed"
+    f" RETURNING {ENTRY_COLUMNS}"
+)
+RAW_HOLD: Final = (
+    "UPDATE raw_api_keys SET reserved = reserved + :amount, last_used_at = :now"
+    " WHERE id = :key_id AND balance - reserved >= :amount RETURNING id"
+)
+RAW_INSERT_RESERVATION: Final = (
+    "INSERT INTO raw_reservations (id, api_key_id, amount, status, created_at, expires_at,"
+    " settled_amount, finished_at)"
+    " VALUES (:id, :api_key_id, :amount, :status, :created_at, :expires_at, :settled_amount,"
+    " :finished_at)"
+    f" RETURNING {RESERVATION_COLUMNS}"
+)
+RAW_FINISH: Final = (
+    "UPDATE raw_reservations SET status = :status, finished_at = :now"
+    f" WHERE id = :id AND status = :active RETURNING {RESERVATION_COLUMNS}"
+)
+RAW_KEY_FOR_SETTLE: Final = "SELECT balance, reserved FROM raw_api_keys WHERE id = :key_id"
+RAW_SETTLE_KEY: Final = (
+    "UPDATE raw_api_keys SET reserved = reserved - :hold, balance = balance - :charged,"
+    " total_spent = total_spent + :charged, last_used_at = :now"
+    " WHERE id = :key_id RETURNING balance"
+)
+RAW_SETTLED_AMOUNT: Final = "UPDATE raw_reservations SET settled_amount = :charged WHERE id = :id"
+
+
+def entry_values(
+    api_key_id: object,
+    kind: str,
+    amount: int,
+    balance_after: object,
+    now: object,
+    *,
+    description: str = "",
+    shortfall: int = 0,
+    reservation_id: object = None,
+) -> dict[str, object]:
+    """A ledger row's parameters, as llmstore's INSERT_ENTRY binds them."""
+    return {
+        "api_key_id": api_key_id,
+        "kind": kind,
+        "amount": amount,
+        "balance_after": balance_after,
+        "description": description,
+        "idempotency_key": None,
+        "params_digest": None,
+        "request_data": None,
+        "shortfall": shortfall,
+        "reservation_id": reservation_id,
+        "withdrawal_id": None,
+        "transfer_id": None,
+        "created_at": now,
+    }
+
+
+def new_api_key_secret() -> str:
+    """A secret shaped like llmstore's API keys: ``lsk_`` and 256 random bits."""
+    return "lsk_" + secrets.token_urlsafe(32)
+
+
+async def raw_create_api_key(db: RawDB, balance: int) -> object:
+    """A key holding ``balance``, with its opening deposit entry; its id as stored."""
+    key_id = db.encode_id(new_id())
+    secret = new_api_key_secret()
+    insert_key = db.sql(
+        "INSERT INTO raw_api_keys (id, secret_digest, prefix, project_id, balance, reserved,"
+        " total_deposited, total_spent, created_at, last_used_at, expires_at, key_metadata)"
+        " VALUES (:id, :digest, :prefix, NULL, :balance, 0, :balance, 0, :now, NULL, NULL, NULL)"
+    )
+    insert_entry = db.sql(RAW_INSERT_ENTRY)
+
+    def steps() -> RawSteps[object]:
+        now = db.encode_time(utcnow())
+        values = {"id": key_id, "digest": secret_digest(secret), "prefix": secret[:12]}
+        yield insert_key.text, insert_key.args({**values, "balance": balance, "now": now})
+        yield (
+            insert_entry.text,
+            insert_entry.args(
+                entry_values(key_id, "deposit", balance, balance, now, description="opening")
+            ),
+        )
+        return key_id
+
+    return await db.transaction(steps)
+
+
+async def orm_create_api_key(sessions: async_sessionmaker[AsyncSession], balance: int) -> uuid.UUID:
+    secret = new_api_key_secret()
+    key = OrmApiKey(
+        secret_digest=secret_digest(secret),
+        prefix=secret[:12],
+        balance=balance,
+        total_deposited=balance,
+    )
+    async with sessions() as session:
+        session.add(key)
+        await session.flush()
+        session.add(
+            OrmLedgerEntry(
+                api_key_id=key.id,
+                kind="deposit",
+                amount=balance,
+                balance_after=balance,
+                description="opening",
+            )
+        )
+        await session.commit()
+    return key.id
+
+
+class ApiKeysCharge:
+    description = f"charge {CHARGE_AMOUNT} to a funded key: a checked debit and its ledger entry"
+
+    async def llmstore(self, ctx: Context) -> OpCall:
+        api_keys = ctx.store.api_keys
+        key_id = (await api_keys.create(balance=OPENING_BALANCE)).key.id
+
+        async def call() -> object:
+            return await api_keys.charge(key_id, CHARGE_AMOUNT)
+
+        return call
+
+    async def raw(self, ctx: Context) -> OpCall:
+        db = ctx.raw
+        key_id = await raw_create_api_key(db, OPENING_BALANCE)
+        if ctx.driver == "postgres":
+            # One statement, autocommit: what llmstore sends outside a transaction.
+            cte = db.sql(RAW_CHARGE_CTE)
+
+            async def one_statement() -> object:
+                values = {
+                    "key_id": key_id,
+                    "amount": CHARGE_AMOUNT,
+                    "now": utcnow(),
+                    "idempotency_key": None,
+                    "description": "",
+                    "params_digest": None,
+                    "request_data": None,
+                }
+                row = await db.fetchrow(cte.text, *cte.args(values))
+                if row is None:
+                    raise LedgerRefused("the debit was refused")
+                return row
+
+            return one_statement
+
+        # SQLite: BEGIN IMMEDIATE, the debit, the entry, COMMIT, in one thread hop.
+        debit = db.sql(RAW_DEBIT)
+        insert_entry = db.sql(RAW_INSERT_ENTRY)
+
+        def steps() -> RawSteps[Sequence[Any]]:
+            now = db.encode_time(utcnow())
+            changed = yield (
+                debit.text,
+                debit.args(
+                    {"key_id": key_id, "amount": CHARGE_AMOUNT, "now": now, "idempotency_key": None}
+                ),
+            )
+            if changed is None:
+                raise LedgerRefused("the debit was refused")
+            values = entry_values(key_id, "charge", -CHARGE_AMOUNT, changed[0], now)
+            written = yield insert_entry.text, insert_entry.args(values)
+            assert written is not None
+            return written
+
+        async def call() -> object:
+            return await db.transaction(steps)
+
+        return call
+
+    async def orm(self, ctx: Context) -> OpCall:
+        sessions = ctx.orm
+        key_id = await orm_create_api_key(sessions, OPENING_BALANCE)
+
+        async def call() -> object:
+            async with sessions() as session:
+                key = await session.get(OrmApiKey, key_id, with_for_update=True)
+                if key is None:
+                    raise LedgerRefused("unknown key")
+                if key.balance - key.reserved < CHARGE_AMOUNT:
+                    raise LedgerRefused("insufficient balance")
+                now = utcnow()
+                key.balance -= CHARGE_AMOUNT
+                key.total_spent += CHARGE_AMOUNT
+                key.last_used_at = now
+                entry = OrmLedgerEntry(
+                    api_key_id=key.id,
+                    kind="charge",
+                    amount=-CHARGE_AMOUNT,
+                    balance_after=key.balance,
+                    created_at=now,
+                )
+                session.add(entry)
+                await session.commit()
+            return entry
+
+        return call
+
+
+class ApiKeysReserveSettle:
+    description = (
+        f"reserve {HOLD_AMOUNT} on a funded key, then settle it at {SETTLED_AMOUNT}: "
+        "two units of work"
+    )
+
+    async def llmstore(self, ctx: Context) -> OpCall:
+        api_keys = ctx.store.api_keys
+        key_id = (await api_keys.create(balance=OPENING_BALANCE)).key.id
+
+        async def call() -> object:
+            reservation = await api_keys.reserve(key_id, HOLD_AMOUNT)
+            return await api_keys.settle(reservation.id, SETTLED_AMOUNT)
+
+        return call
+
+    async def raw(self, ctx: Context) -> OpCall:
+        db = ctx.raw
+        key_id = await raw_create_api_key(db, OPENING_BALANCE)
+        hold = db.sql(RAW_HOLD)
+        insert_reservation = db.sql(RAW_INSERT_RESERVATION)
+        finish = db.sql(RAW_FINISH)
+        lock_key = db.sql(RAW_KEY_FOR_SETTLE + db.for_update)
+        settle_key = db.sql(RAW_SETTLE_KEY)
+        settled_amount = db.sql(RAW_SETTLED_AMOUNT)
+        insert_entry = db.sql(RAW_INSERT_ENTRY)
+
+        def reserve() -> RawSteps[Sequence[Any]]:
+            moment = utcnow()
+            now = db.encode_time(moment)
+            held = yield (
+                hold.text,
+                hold.args({"key_id": key_id, "amount": HOLD_AMOUNT, "now": now}),
+            )
+            if held is None:
+                raise LedgerRefused("insufficient balance")
+            values = {
+                "id": db.encode_id(new_id()),
+                "api_key_id": key_id,
+                "amount": HOLD_AMOUNT,
+                "status": "active",
+                "created_at": now,
+                "expires_at": db.encode_time(moment + HOLD_TTL),
+                "settled_amount": None,
+                "finished_at": None,
+            }
+            reservation = yield insert_reservation.text, insert_reservation.args(values)
+            assert reservation is not None
+            return reservation
+
+        def settle(reservation_id: object, actual: int) -> RawSteps[Sequence[Any]]:
+            now = db.encode_time(utcnow())
+            finished = yield (
+                finish.text,
+                finish.args(
+                    {"id": reservation_id, "status": "settled", "now": now, "active": "active"}
+                ),
+            )
+            if finished is None:
+                raise LedgerRefused("the reservation is not active")
+            account_id, held_amount = finished[1], finished[2]
+            account = yield lock_key.text, lock_key.args({"key_id": account_id})
+            assert account is not None
+            balance, reserved = account
+            charged = min(actual, balance - reserved + held_amount)
+            changed = yield (
+                settle_key.text,
+                settle_key.args(
+                    {"key_id": account_id, "hold": held_amount, "charged": charged, "now": now}
+                ),
+            )
+            assert changed is not None
+            yield (
+                settled_amount.text,
+                settled_amount.args({"id": reservation_id, "charged": charged}),
+            )
+            values = entry_values(
+                account_id,
+                "settlement",
+                -charged,
+                changed[0],
+                now,
+                shortfall=actual - charged,
+                reservation_id=reservation_id,
+            )
+            written = yield insert_entry.text, insert_entry.args(values)
+            assert written is not None
+            return written
+
+        async def call() -> object:
+            reservation = await db.transaction(reserve)
+            return await db.transaction(lambda: settle(reservation[0], SETTLED_AMOUNT))
+
+        return call
+
+    async def orm(self, ctx: Context) -> OpCall:
+        sessions = ctx.orm
+        key_id = await orm_create_api_key(sessions, OPENING_BALANCE)
+
+        async def reserve() -> OrmReservation:
+            async with sessions() as session:
+                key = await session.get(OrmApiKey, key_id, with_for_update=True)
+                if key is None:
+                    raise LedgerRefused("unknown key")
+                if key.balance - key.reserved < HOLD_AMOUNT:
+                    raise LedgerRefused("insufficient balance")
+                now = utcnow()
+                key.reserved += HOLD_AMOUNT
+                key.last_used_at = now
+                reservation = OrmReservation(
+                    api_key_id=key.id,
+                    amount=HOLD_AMOUNT,
+                    status="active",
+                    created_at=now,
+                    expires_at=now + HOLD_TTL,
+                )
+                session.add(reservation)
+                await session.commit()
+            return reservation
+
+        async def settle(reservation_id: uuid.UUID, actual: int) -> OrmLedgerEntry:
+            async with sessions() as session:
+                reservation = await session.get(
+                    OrmReservation, reservation_id, with_for_update=True
+                )
+                if reservation is None or reservation.status != "active":
+                    raise LedgerRefused("the reservation is not active")
+                key = await session.get(OrmApiKey, reservation.api_key_id, with_for_update=True)
+                assert key is not None
+                now = utcnow()
+                charged = min(actual, key.balance - key.reserved + reservation.amount)
+                key.reserved -= reservation.amount
+                key.balance -= charged
+                key.total_spent += charged
+                key.last_used_at = now
+                reservation.status = "settled"
+                reservation.finished_at = now
+                reservation.settled_amount = charged
+                entry = OrmLedgerEntry(
+                    api_key_id=key.id,
+                    kind="settlement",
+                    amount=-charged,
+                    balance_after=key.balance,
+                    shortfall=actual - charged,
+                    reservation_id=reservation.id,
+                    created_at=now,
+                )
+                session.add(entry)
+                await session.commit()
+            return entry
+
+        async def call() -> object:
+            reservation = await reserve()
+            return await settle(reservation.id, SETTLED_AMOUNT)
+
+        return call
+
+
 #: Operation name -> operation, in the order they run.
 OPERATIONS: Final[dict[str, Operation]] = {
     "projects.create": ProjectsCreate(),
     "projects.get": ProjectsGet(),
     "tokens.use": TokensUse(),
+    "api_keys.charge": ApiKeysCharge(),
+    "api_keys.reserve_settle": ApiKeysReserveSettle(),
 }
 
 
@@ -755,7 +1522,7 @@ async def bench(ctx: Context, name: str, operation: Operation, ops: int, rounds:
 
 COLUMNS: Final = (
     ("driver", 9, "<"),
-    ("operation", 17, "<"),
+    ("operation", 23, "<"),
     ("llmstore ops/s", 15, ">"),
     ("raw ops/s", 11, ">"),
     ("orm ops/s", 11, ">"),

@@ -19,8 +19,9 @@ from sqlalchemy.engine import Connection
 
 from ._errors import ConflictError, NotFoundError, ValidationError
 from ._ids import new_id, utcnow
+from ._lean import LeanStatement
 from ._ledger import INSERT_ENTRY, K, Ledger, LedgerEntry, Movement, check_amount, entry
-from ._schema import reservations, withdrawals
+from ._schema import UTCDateTime, reservations, withdrawals
 from ._secrets import SecretBox
 from ._validate import check_id, check_limit, check_secret, check_text
 
@@ -68,8 +69,56 @@ _RESERVATION_COLUMNS = tuple(R.c)
 _WITHDRAWAL_COLUMNS = tuple(column for column in W.c if column.name != "token_encrypted")
 
 
+_P = sa.bindparam
+# Built once: constructing a statement costs more than running a cached one.
+_HOLD = LeanStatement(
+    K.update()
+    .where(K.c.id == _P("key_id"), K.c.balance - K.c.reserved >= _P("amount"))
+    .values(reserved=K.c.reserved + _P("amount"), last_used_at=_P("now", type_=UTCDateTime()))
+    .returning(K.c.id),
+    (K.c.id,),
+)
+_INSERT_RESERVATION = LeanStatement(
+    R.insert()
+    .values({column.name: _P(column.name) for column in R.c})
+    .returning(*_RESERVATION_COLUMNS),
+    _RESERVATION_COLUMNS,
+)
+_FINISH = LeanStatement(
+    R.update()
+    .where(R.c.id == _P("reservation_id"), R.c.status == "active")
+    .values(status=_P("new_status"), finished_at=_P("now", type_=UTCDateTime()))
+    .returning(*_RESERVATION_COLUMNS),
+    _RESERVATION_COLUMNS,
+)
+_ACCOUNT = LeanStatement(
+    sa.select(K.c.balance, K.c.reserved).where(K.c.id == _P("key_id")).with_for_update(),
+    (K.c.balance, K.c.reserved),
+)
+_SETTLE_KEY = LeanStatement(
+    K.update()
+    .where(K.c.id == _P("key_id"))
+    .values(
+        reserved=K.c.reserved - _P("hold"),
+        balance=K.c.balance - _P("charged"),
+        total_spent=K.c.total_spent + _P("charged"),
+        last_used_at=_P("now", type_=UTCDateTime()),
+    )
+    .returning(K.c.balance),
+    (K.c.balance,),
+)
+_SETTLED_AMOUNT = LeanStatement(
+    R.update()
+    .where(R.c.id == _P("reservation_id"))
+    .values(settled_amount=_P("charged"))
+    .returning(R.c.id),
+    (R.c.id,),
+)
+
+
 def _reservation(row: Any) -> Reservation:
-    return Reservation.model_validate(dict(row._mapping))
+    values = dict(zip((column.name for column in _RESERVATION_COLUMNS), tuple(row), strict=True))
+    return Reservation.model_construct(**values)
 
 
 def _withdrawal(row: Any) -> Withdrawal:
@@ -94,16 +143,11 @@ class ReservationRepository:
         checked = check_amount(amount)
         lifetime = check_ttl(ttl)
         now = utcnow()
-        held = self._conn.execute(
-            K.update()
-            .where(K.c.id == key, K.c.balance - K.c.reserved >= checked)
-            .values(reserved=K.c.reserved + checked, last_used_at=now)
-            .returning(K.c.id)
-        ).first()
+        held = _HOLD.first_any(self._conn, {"key_id": key, "amount": checked, "now": now})
         if held is None:
             raise self._ledger.refusal(Movement(key, "charge", checked))
-        row = self._conn.execute(
-            R.insert().returning(*_RESERVATION_COLUMNS),
+        row = _INSERT_RESERVATION.first_any(
+            self._conn,
             {
                 "id": new_id(),
                 "api_key_id": key,
@@ -114,7 +158,7 @@ class ReservationRepository:
                 "settled_amount": None,
                 "finished_at": None,
             },
-        ).one()
+        )
         return _reservation(row)
 
     def get(self, reservation_id: uuid.UUID | str) -> Reservation:
@@ -145,31 +189,23 @@ class ReservationRepository:
         now = utcnow()
         finished = self._finish(key, "settled", now)
         hold = finished.amount
-        account = self._conn.execute(
-            sa.select(K.c.balance, K.c.reserved)
-            .where(K.c.id == finished.api_key_id)
-            .with_for_update()
-        ).one()
-        charged = min(actual, account.balance - account.reserved + hold)
-        balance = self._conn.execute(
-            K.update()
-            .where(K.c.id == finished.api_key_id)
-            .values(
-                reserved=K.c.reserved - hold,
-                balance=K.c.balance - charged,
-                total_spent=K.c.total_spent + charged,
-                last_used_at=now,
-            )
-            .returning(K.c.balance)
-        ).scalar_one()
-        self._conn.execute(R.update().where(R.c.id == key).values(settled_amount=charged))
+        account = _ACCOUNT.first_any(self._conn, {"key_id": finished.api_key_id})
+        assert account is not None
+        balance, reserved = account
+        charged = min(actual, balance - reserved + hold)
+        changed = _SETTLE_KEY.first_any(
+            self._conn,
+            {"key_id": finished.api_key_id, "hold": hold, "charged": charged, "now": now},
+        )
+        assert changed is not None
+        _SETTLED_AMOUNT.first_any(self._conn, {"reservation_id": key, "charged": charged})
         written = INSERT_ENTRY.first_any(
             self._conn,
             {
                 "api_key_id": finished.api_key_id,
                 "kind": "settlement",
                 "amount": -charged,
-                "balance_after": balance,
+                "balance_after": changed[0],
                 "description": "",
                 "idempotency_key": None,
                 "params_digest": None,
@@ -215,12 +251,9 @@ class ReservationRepository:
         return len(due)
 
     def _finish(self, key: uuid.UUID, status: str, now: dt.datetime) -> Reservation:
-        row = self._conn.execute(
-            R.update()
-            .where(R.c.id == key, R.c.status == "active")
-            .values(status=status, finished_at=now)
-            .returning(*_RESERVATION_COLUMNS)
-        ).first()
+        row = _FINISH.first_any(
+            self._conn, {"reservation_id": key, "new_status": status, "now": now}
+        )
         if row is None:
             raise self._not_active(key)
         return _reservation(row)

@@ -246,7 +246,7 @@ def _one_statement(kind: EntryKind) -> LeanStatement:
         sa.bindparam("description", type_=sa.String(DESCRIPTION_MAX)),
         _IDEMPOTENCY_KEY,
         sa.bindparam("params_digest", type_=sa.String(64)),
-        sa.bindparam("request_data", type_=sa.JSON()),
+        sa.bindparam("request_data", type_=L.c.request_data.type),
         sa.literal(0, sa.BigInteger()),
         _NOW,
     )

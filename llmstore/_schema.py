@@ -18,6 +18,10 @@ NAMING_CONVENTION = {
 
 metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
 
+# JSON columns store Python None as SQL NULL (not the JSON text 'null'), so that
+# "IS NULL" finds them.
+Json = sa.JSON(none_as_null=True)
+
 
 class UTCDateTime(sa.TypeDecorator[dt.datetime]):
     """A timezone-aware UTC timestamp on both drivers.
@@ -105,7 +109,7 @@ audit_events = sa.Table(
     sa.Column("token_id", sa.Uuid(), nullable=True),
     sa.Column("request_id", sa.String(200), nullable=True),
     sa.Column("client_ip", sa.String(45), nullable=True),
-    sa.Column("event_metadata", sa.JSON(), nullable=True),
+    sa.Column("event_metadata", Json, nullable=True),
     sa.Column("prev_hash", sa.String(64), nullable=False),
     sa.Column("hash", sa.String(64), nullable=False),
     sa.UniqueConstraint("seq"),
@@ -185,7 +189,7 @@ api_keys = sa.Table(
     sa.Column("created_at", UTCDateTime(), nullable=False),
     sa.Column("last_used_at", UTCDateTime(), nullable=True),
     sa.Column("expires_at", UTCDateTime(), nullable=True),
-    sa.Column("key_metadata", sa.JSON(), nullable=True),
+    sa.Column("key_metadata", Json, nullable=True),
     sa.UniqueConstraint("secret_digest"),
     sa.CheckConstraint("balance >= 0", name="balance_not_negative"),
     sa.CheckConstraint("reserved >= 0 AND reserved <= balance", name="reserved_within_balance"),
@@ -223,7 +227,7 @@ ledger_entries = sa.Table(
     sa.Column("idempotency_key", sa.String(200), nullable=True),
     # SHA-256 of the operation's parameters, to tell a replay from a reused key.
     sa.Column("params_digest", sa.String(64), nullable=True),
-    sa.Column("request_data", sa.JSON(), nullable=True),
+    sa.Column("request_data", Json, nullable=True),
     # What a settlement could not collect (the key could not cover the actual cost).
     sa.Column("shortfall", sa.BigInteger(), nullable=False),
     sa.Column("reservation_id", sa.Uuid(), nullable=True),
