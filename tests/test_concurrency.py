@@ -8,7 +8,6 @@ its own projects; it also races the other workers for a set of shared names.
 from __future__ import annotations
 
 import asyncio
-import json
 import multiprocessing
 from typing import Any
 
@@ -16,6 +15,7 @@ import pytest
 
 from llmstore import ConflictError, Store, StoreConfig
 from llmstore._migrations import upgrade
+from tests import processes
 
 WORKERS = 4
 ROUNDS = 40
@@ -57,7 +57,7 @@ async def test_processes_write_concurrently_without_locking_errors(db_config: St
     try:
         with context.Pool(WORKERS) as pool:
             pending = [
-                pool.apply_async(_worker, (_config_json(db_config), worker, start))
+                pool.apply_async(_worker, (processes.config_json(db_config), worker, start))
                 for worker in range(WORKERS)
             ]
             await asyncio.sleep(0.5)
@@ -74,11 +74,3 @@ async def test_processes_write_concurrently_without_locking_errors(db_config: St
     own = {f"w{w}-r{r}-done" for w in range(WORKERS) for r in range(ROUNDS)}
     shared = {f"shared-{r}" for r in range(ROUNDS)}
     assert sorted(names) == sorted(own | shared)
-
-
-def _config_json(config: StoreConfig) -> str:
-    # SecretStr fields serialise masked; hand the workers the real values.
-    data = config.model_dump()
-    data["url"] = config.url.get_secret_value()
-    data["encryption_keys"] = [key.get_secret_value() for key in config.encryption_keys]
-    return json.dumps(data)

@@ -10,16 +10,13 @@ the balances, the ledger, the holds and the withdrawals.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
-import json
-import multiprocessing
 import random
 import sqlite3
 import threading
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,61 +37,18 @@ from llmstore import (
 from llmstore._migrations import upgrade
 from llmstore._schema import api_keys, ledger_entries, reservations, withdrawals
 from llmstore.pytest_plugin import drop_schema, fresh_schema_name
+from tests import processes
 from tests.conftest import require_postgres
 
 WORKERS = 4
-READY_TIMEOUT = 120.0
 TOKEN = "cashuAeyJ0b2tlbiI6W3sicHJvb2ZzIjpbXX1dfQ"
 MINT = "https://mint.example.com/v1"
 
 pytestmark = pytest.mark.slow
 
 
-def _config_json(config: StoreConfig) -> str:
-    # SecretStr fields serialise masked; hand the workers the real values.
-    data = config.model_dump()
-    data["url"] = config.url.get_secret_value()
-    data["encryption_keys"] = [key.get_secret_value() for key in config.encryption_keys]
-    pepper = config.token_pepper
-    data["token_pepper"] = None if pepper is None else pepper.get_secret_value()
-    return json.dumps(data)
-
-
 def _failure(what: str, exc: BaseException) -> str:
     return f"{what}: {type(exc).__name__}: {exc}"
-
-
-async def _open_and_wait(
-    config_json: str, ready: Any, start: Any, work: Callable[[Store], Awaitable[Any]]
-) -> Any:
-    async with Store(StoreConfig.model_validate_json(config_json)) as store:
-        ready.wait(READY_TIMEOUT)
-        if not start.wait(READY_TIMEOUT):
-            raise RuntimeError("the start event was never set")
-        return await work(store)
-
-
-async def _run_workers(
-    entry: Callable[..., Any], args: Sequence[tuple[Any, ...]], *, round_barrier: bool = False
-) -> list[Any]:
-    """Run ``entry(*args[i], ready, start[, barrier])`` in one process per worker."""
-    context = multiprocessing.get_context("spawn")
-    manager = context.Manager()
-    try:
-        ready = manager.Barrier(len(args) + 1)
-        start = manager.Event()
-        extra = (manager.Barrier(len(args)),) if round_barrier else ()
-        with context.Pool(len(args)) as pool:
-            pending = [
-                pool.apply_async(entry, (*worker_args, ready, start, *extra))
-                for worker_args in args
-            ]
-            with contextlib.suppress(threading.BrokenBarrierError):
-                await asyncio.to_thread(ready.wait, READY_TIMEOUT)
-            start.set()
-            return await asyncio.to_thread(lambda: [p.get(timeout=240) for p in pending])
-    finally:
-        manager.shutdown()
 
 
 # -- consistency checks on the tables themselves ---------------------------------------------
@@ -198,7 +152,7 @@ def _charge_worker(
     config_json: str, key_id: str, count: int, ready: Any, start: Any
 ) -> tuple[list[tuple[int, int, int]], list[tuple[int, int]], list[str]]:
     return asyncio.run(
-        _open_and_wait(config_json, ready, start, lambda s: _charges(s, key_id, count))
+        processes.open_and_wait(config_json, ready, start, lambda s: _charges(s, key_id, count))
     )
 
 
@@ -231,8 +185,8 @@ async def test_concurrent_charges_never_overdraw(db_config: StoreConfig) -> None
     assert sum(CHARGES_PER_WORKER) == CHARGES
     assert CHARGES * CHARGE > BALANCE and BALANCE % CHARGE != 0
 
-    config_json = _config_json(db_config)
-    results = await _run_workers(
+    config_json = processes.config_json(db_config)
+    results = await processes.run_workers(
         _charge_worker, [(config_json, key_id, count) for count in CHARGES_PER_WORKER]
     )
 
@@ -277,7 +231,9 @@ def _idempotent_worker(
     config_json: str, worker: int, source: str, target: str, ready: Any, start: Any
 ) -> dict[str, list[Any]]:
     return asyncio.run(
-        _open_and_wait(config_json, ready, start, lambda s: _idempotent(s, worker, source, target))
+        processes.open_and_wait(
+            config_json, ready, start, lambda s: _idempotent(s, worker, source, target)
+        )
     )
 
 
@@ -318,8 +274,8 @@ async def test_identical_idempotent_calls_race_to_one_effect(db_config: StoreCon
         source = (await store.api_keys.create(balance=1000)).key.id
         target = (await store.api_keys.create(balance=100)).key.id
 
-    config_json = _config_json(db_config)
-    results: list[dict[str, list[Any]]] = await _run_workers(
+    config_json = processes.config_json(db_config)
+    results: list[dict[str, list[Any]]] = await processes.run_workers(
         _idempotent_worker,
         [(config_json, worker, str(source), str(target)) for worker in range(WORKERS)],
     )
@@ -403,7 +359,9 @@ def _mix_worker(
     config_json: str, worker: int, key_ids: list[str], ready: Any, start: Any, barrier: Any
 ) -> dict[str, Any]:
     return asyncio.run(
-        _open_and_wait(config_json, ready, start, lambda s: _mix(s, worker, key_ids, barrier))
+        processes.open_and_wait(
+            config_json, ready, start, lambda s: _mix(s, worker, key_ids, barrier)
+        )
     )
 
 
@@ -487,7 +445,7 @@ async def _mix(store: Store, worker: int, key_ids: list[str], barrier: Any) -> d
         await asyncio.gather(*(run(op) for op in ops))
     # Every short hold has been made; two replicas sweep at the same moment.
     try:
-        barrier.wait(READY_TIMEOUT)
+        barrier.wait(processes.READY_TIMEOUT)
     except threading.BrokenBarrierError as exc:
         done["failures"].append(_failure("barrier", exc))
     if worker < 2:
@@ -501,8 +459,8 @@ async def test_mixed_operations_conserve_money(db_config: StoreConfig) -> None:
     async with Store(db_config) as store:
         key_ids = [str((await store.api_keys.create(balance=OPENING)).key.id) for _ in range(KEYS)]
 
-    config_json = _config_json(db_config)
-    results: list[dict[str, Any]] = await _run_workers(
+    config_json = processes.config_json(db_config)
+    results: list[dict[str, Any]] = await processes.run_workers(
         _mix_worker, [(config_json, w, key_ids) for w in range(WORKERS)], round_barrier=True
     )
 

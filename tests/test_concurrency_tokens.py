@@ -9,14 +9,10 @@ report what they saw, and the test asserts on it and on the final state of the d
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
-import json
-import multiprocessing
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import pytest
@@ -25,64 +21,16 @@ import sqlalchemy as sa
 from llmstore import AuditEvent, Store, StoreConfig, TokenRejectedError
 from llmstore._migrations import upgrade
 from llmstore._schema import provider_credentials
+from tests import processes
 
 WORKERS = 4
 GENESIS = "0" * 64
-READY_TIMEOUT = 120.0
 
 pytestmark = pytest.mark.slow
 
 
-def _config_json(config: StoreConfig) -> str:
-    # SecretStr fields serialise masked; hand the workers the real values (and the same
-    # token pepper, or their digests would not match the parent's).
-    data = config.model_dump()
-    data["url"] = config.url.get_secret_value()
-    data["encryption_keys"] = [key.get_secret_value() for key in config.encryption_keys]
-    pepper = config.token_pepper
-    data["token_pepper"] = None if pepper is None else pepper.get_secret_value()
-    return json.dumps(data)
-
-
 def _failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
-
-
-async def _open_and_wait(
-    config_json: str, ready: Any, start: Any, work: Callable[[Store], Awaitable[Any]]
-) -> Any:
-    """Open a store, wait for every worker (and the parent), start on the event, work."""
-    async with Store(StoreConfig.model_validate_json(config_json)) as store:
-        ready.wait(READY_TIMEOUT)
-        if not start.wait(READY_TIMEOUT):
-            raise RuntimeError("the start event was never set")
-        return await work(store)
-
-
-async def _run_workers(
-    entry: Callable[..., Any], args: Sequence[tuple[Any, ...]], *, round_barrier: bool = False
-) -> list[Any]:
-    """Run ``entry(*args[i], ready, start[, barrier])`` in one process per worker."""
-    context = multiprocessing.get_context("spawn")
-    manager = context.Manager()
-    try:
-        ready = manager.Barrier(len(args) + 1)
-        start = manager.Event()
-        extra = (manager.Barrier(len(args)),) if round_barrier else ()
-        with context.Pool(len(args)) as pool:
-            pending = [
-                pool.apply_async(entry, (*worker_args, ready, start, *extra))
-                for worker_args in args
-            ]
-            # Every worker has opened its store: a worker process runs one task at a time,
-            # so the barrier also proves that the workers are distinct processes. If one
-            # failed to start, the barrier breaks and its get() below raises its error.
-            with contextlib.suppress(threading.BrokenBarrierError):
-                await asyncio.to_thread(ready.wait, READY_TIMEOUT)
-            start.set()
-            return await asyncio.to_thread(lambda: [p.get(timeout=240) for p in pending])
-    finally:
-        manager.shutdown()
 
 
 # -- 1. quota exactness ------------------------------------------------------------------
@@ -93,7 +41,9 @@ BATCH = 5
 
 
 def _spend_worker(config_json: str, secret: str, ready: Any, start: Any) -> Any:
-    return asyncio.run(_open_and_wait(config_json, ready, start, lambda s: _spend(s, secret)))
+    return asyncio.run(
+        processes.open_and_wait(config_json, ready, start, lambda s: _spend(s, secret))
+    )
 
 
 async def _spend(store: Store, secret: str) -> tuple[list[int], list[str], list[str]]:
@@ -123,8 +73,8 @@ async def test_processes_never_overspend_a_token_quota(db_config: StoreConfig) -
         issued = await store.tokens.create(project.id, max_requests=QUOTA)
     assert CALLS_PER_WORKER % BATCH == 0
 
-    results = await _run_workers(
-        _spend_worker, [(_config_json(db_config), issued.secret)] * WORKERS
+    results = await processes.run_workers(
+        _spend_worker, [(processes.config_json(db_config), issued.secret)] * WORKERS
     )
 
     counts = [count for worker_counts, _, _ in results for count in worker_counts]
@@ -159,7 +109,9 @@ EVENTS_PER_WORKER = AUDIT_BATCHES * (RECORDS_PER_BATCH + 1)
 
 
 def _audit_worker(config_json: str, worker: int, ready: Any, start: Any) -> Any:
-    return asyncio.run(_open_and_wait(config_json, ready, start, lambda s: _audit(s, worker)))
+    return asyncio.run(
+        processes.open_and_wait(config_json, ready, start, lambda s: _audit(s, worker))
+    )
 
 
 async def _audit(store: Store, worker: int) -> tuple[list[int], list[str], list[str]]:
@@ -199,9 +151,9 @@ async def _audit(store: Store, worker: int) -> tuple[list[int], list[str], list[
 
 async def test_processes_append_to_one_unbroken_audit_chain(db_config: StoreConfig) -> None:
     await upgrade(db_config)
-    config_json = _config_json(db_config)
+    config_json = processes.config_json(db_config)
 
-    results = await _run_workers(_audit_worker, [(config_json, w) for w in range(WORKERS)])
+    results = await processes.run_workers(_audit_worker, [(config_json, w) for w in range(WORKERS)])
 
     failures = [failure for _, _, worker_failures in results for failure in worker_failures]
     assert failures == []
@@ -251,7 +203,9 @@ ENSURES_PER_ROUND = 3
 
 
 def _ensure_worker(config_json: str, ready: Any, start: Any, barrier: Any) -> Any:
-    return asyncio.run(_open_and_wait(config_json, ready, start, lambda s: _ensure(s, barrier)))
+    return asyncio.run(
+        processes.open_and_wait(config_json, ready, start, lambda s: _ensure(s, barrier))
+    )
 
 
 async def _ensure(store: Store, barrier: Any) -> tuple[list[tuple[str, str, bool, str]], list[str]]:
@@ -268,7 +222,7 @@ async def _ensure(store: Store, barrier: Any) -> tuple[list[tuple[str, str, bool
 
     for model in MODELS:
         try:
-            barrier.wait(READY_TIMEOUT)
+            barrier.wait(processes.READY_TIMEOUT)
         except threading.BrokenBarrierError as exc:
             failures.append(_failure(exc))
             break
@@ -279,8 +233,8 @@ async def _ensure(store: Store, barrier: Any) -> tuple[list[tuple[str, str, bool
 async def test_replicas_ensure_one_default_credential(db_config: StoreConfig) -> None:
     await upgrade(db_config)
 
-    results = await _run_workers(
-        _ensure_worker, [(_config_json(db_config),)] * WORKERS, round_barrier=True
+    results = await processes.run_workers(
+        _ensure_worker, [(processes.config_json(db_config),)] * WORKERS, round_barrier=True
     )
 
     failures = [failure for _, worker_failures in results for failure in worker_failures]
@@ -317,7 +271,7 @@ ACTIVATE_ROUNDS = 6
 
 def _activate_worker(config_json: str, worker: int, ids: list[str], ready: Any, start: Any) -> Any:
     return asyncio.run(
-        _open_and_wait(config_json, ready, start, lambda s: _activate(s, worker, ids))
+        processes.open_and_wait(config_json, ready, start, lambda s: _activate(s, worker, ids))
     )
 
 
@@ -362,9 +316,11 @@ async def test_concurrent_activations_leave_one_active_credential(db_config: Sto
             for n in range(CREDENTIALS)
         ]
         assert await _active_ids(store, str(project.id)) == [uuid.UUID(ids[0])]
-    config_json = _config_json(db_config)
+    config_json = processes.config_json(db_config)
 
-    results = await _run_workers(_activate_worker, [(config_json, w, ids) for w in range(WORKERS)])
+    results = await processes.run_workers(
+        _activate_worker, [(config_json, w, ids) for w in range(WORKERS)]
+    )
 
     failures = [failure for _, worker_failures in results for failure in worker_failures]
     assert failures == []
