@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import builtins
 import datetime as dt
-import re
 import uuid
 from typing import Any, Final
 
@@ -30,7 +29,13 @@ from ._ledger import (
 )
 from ._runner import Runner
 from ._schema import projects, reservations, withdrawals
-from ._secrets import SecretBox, SecretDigester, new_bearer_secret
+from ._secrets import (
+    DISPLAY_LENGTH,
+    SecretBox,
+    SecretDigester,
+    check_bearer_secret,
+    new_bearer_secret,
+)
 from ._validate import (
     MAX_INT64,
     check_aware,
@@ -40,8 +45,6 @@ from ._validate import (
 )
 
 API_KEY_PREFIX: Final = "lsk_"
-_SHAPE = re.compile(r"lsk_[A-Za-z0-9_-]{43}")
-_DISPLAY_LENGTH = 12
 # A refused debit is re-checked; if the money is there by then, it is tried again.
 _DEBIT_ATTEMPTS = 5
 
@@ -122,13 +125,7 @@ def api_key(row: Any) -> ApiKey:
 
 
 def check_api_key_secret(secret: object) -> str:
-    if not isinstance(secret, str):
-        raise ValidationError(f"an API key must be a string, not {type(secret).__name__}")
-    if _SHAPE.fullmatch(secret) is None:
-        raise ValidationError(
-            f"not an API key: expected {API_KEY_PREFIX!r} and 43 URL-safe base64 characters"
-        )
-    return secret
+    return check_bearer_secret(secret, API_KEY_PREFIX, "an API key")
 
 
 def _check_balance(value: object) -> int:
@@ -169,7 +166,7 @@ class ApiKeyRepository:
             {
                 "id": key_id,
                 "secret_digest": self._digester.digest(secret),
-                "prefix": secret[:_DISPLAY_LENGTH],
+                "prefix": secret[:DISPLAY_LENGTH],
                 "project_id": project,
                 "balance": 0,
                 "reserved": 0,

@@ -344,11 +344,8 @@ class AuditRepository:
 class Audit:
     """``store.audit`` and ``tx.audit``: each call is one unit of work."""
 
-    def __init__(self, runner: Runner, *, snapshot_reads: bool) -> None:
+    def __init__(self, runner: Runner) -> None:
         self._runner = runner
-        # Postgres reads at READ COMMITTED; verify() asks for one snapshot when it owns
-        # its transaction, so appends and purges meanwhile cannot look like tampering.
-        self._snapshot_reads = snapshot_reads
 
     async def record(
         self,
@@ -426,7 +423,9 @@ class Audit:
         """Recompute the chain from its anchor; reports the first altered or missing event."""
 
         def verify(conn: Connection) -> AuditVerification:
-            if self._snapshot_reads and conn.dialect.name == "postgresql":
+            # Postgres reads at READ COMMITTED: when verify() owns its transaction it asks
+            # for one snapshot, so appends and purges meanwhile cannot look like tampering.
+            if self._runner.autocommit_dialect == "postgresql":
                 conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             return AuditRepository(conn).verify()
 

@@ -8,7 +8,6 @@ so each transition happens exactly once however many callers race for it.
 from __future__ import annotations
 
 import datetime as dt
-import re
 import uuid
 from collections import defaultdict
 from typing import Any, Literal
@@ -23,13 +22,12 @@ from ._lean import LeanStatement
 from ._ledger import INSERT_ENTRY, K, Ledger, LedgerEntry, Movement, check_amount, entry
 from ._schema import UTCDateTime, reservations, withdrawals
 from ._secrets import SecretBox
-from ._validate import check_id, check_limit, check_secret, check_text
+from ._validate import check_http_url, check_id, check_limit, check_secret, check_text
 
 ReservationStatus = Literal["active", "settled", "released", "expired"]
 WithdrawalStatus = Literal["pending", "completed", "failed"]
 MAX_TTL = dt.timedelta(days=7)
 _EXPIRY_BATCH = 500
-_URL = re.compile(r"https?://[^\s/?#]+[^\s]*")
 
 
 class Reservation(BaseModel):
@@ -286,9 +284,7 @@ class WithdrawalRepository:
         key = check_id(key_id, "API key id")
         checked = check_amount(amount)
         encrypted = self._secrets.encrypt(check_secret(token, "token", max_length=100_000))
-        url = check_text(mint_url, "mint_url", max_length=2000)
-        if _URL.fullmatch(url) is None:
-            raise ValidationError(f"mint_url must be an http:// or https:// URL, not {url!r:.80}")
+        url = check_http_url(mint_url, "mint_url")
         withdrawal_id = new_id()
         now = utcnow()
         self._ledger.apply(Movement(key, "withdrawal", checked, withdrawal_id=withdrawal_id), now)

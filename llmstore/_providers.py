@@ -28,12 +28,18 @@ from ._projects import UNSET, Unset
 from ._runner import Runner
 from ._schema import projects, provider_credentials
 from ._secrets import SecretBox
-from ._validate import check_actor, check_id, check_limit, check_secret, check_text
+from ._validate import (
+    check_actor,
+    check_http_url,
+    check_id,
+    check_limit,
+    check_secret,
+    check_text,
+)
 
 T = TypeVar("T")
 GLOBAL_SCOPE: Final = "global"
 _PROVIDER = re.compile(r"[a-z][a-z0-9_.-]{0,49}")
-_URL = re.compile(r"https?://[^\s/?#]+[^\s]*")
 # First key of the two-key advisory lock, so scope locks never meet other llmstore locks.
 _SCOPE_LOCK_NAMESPACE = 0x6C6C7370  # "llsp"
 
@@ -103,10 +109,7 @@ def _check_model(value: object) -> str:
 def _check_base_url(value: object) -> str | None:
     if value is None:
         return None
-    url = check_text(value, "base_url", max_length=2000)
-    if _URL.fullmatch(url) is None:
-        raise ValidationError(f"base_url must be an http:// or https:// URL, not {url!r:.80}")
-    return url
+    return check_http_url(value, "base_url")
 
 
 class ProviderRepository:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 from collections.abc import Sequence
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from pydantic import SecretStr
 
-from ._errors import ConfigError
+from ._errors import ConfigError, ValidationError
 
 _PLAINTEXT_PREFIX = "plain:"
 
@@ -88,6 +89,20 @@ class SecretDigester:
         return hmac.new(self._pepper, data, hashlib.sha256).hexdigest()
 
 
+_BEARER_BODY = re.compile(r"[A-Za-z0-9_-]{43}")
+# How much of a secret a record keeps for display: the prefix and 8 characters (48 bits).
+DISPLAY_LENGTH = 12
+
+
 def new_bearer_secret(prefix: str) -> str:
     """``prefix`` followed by 256 random bits, URL-safe base64 (43 characters)."""
     return prefix + secrets.token_urlsafe(32)
+
+
+def check_bearer_secret(value: object, prefix: str, what: str) -> str:
+    """Refuse anything not shaped like ``new_bearer_secret(prefix)``, without quoting it."""
+    if not isinstance(value, str):
+        raise ValidationError(f"{what} must be a string, not {type(value).__name__}")
+    if not value.startswith(prefix) or _BEARER_BODY.fullmatch(value[len(prefix) :]) is None:
+        raise ValidationError(f"not {what}: expected {prefix!r} and 43 URL-safe base64 characters")
+    return value

@@ -50,26 +50,19 @@ class HealthStatus(BaseModel):
     latency_ms: float
 
 
-class Transaction:
-    """The repositories of a store, bound to one database transaction."""
-
-    def __init__(self, runner: Runner, secrets: SecretBox, digester: SecretDigester) -> None:
-        self.projects = Projects(runner, secrets)
-        self.tokens = Tokens(runner, digester)
-        self.audit = Audit(runner, snapshot_reads=False)
-        self.providers = Providers(runner, secrets)
-        self.api_keys = ApiKeys(runner, secrets, digester)
-
-
 class _Repositories:
-    """The repositories of an open store, each call its own unit of work."""
+    """The repositories over one runner: the store's own, or one transaction's."""
 
     def __init__(self, runner: Runner, secrets: SecretBox, digester: SecretDigester) -> None:
         self.projects = Projects(runner, secrets)
         self.tokens = Tokens(runner, digester)
-        self.audit = Audit(runner, snapshot_reads=True)
+        self.audit = Audit(runner)
         self.providers = Providers(runner, secrets)
         self.api_keys = ApiKeys(runner, secrets, digester)
+
+
+class Transaction(_Repositories):
+    """The repositories of a store, bound to one database transaction."""
 
 
 class _State(enum.Enum):

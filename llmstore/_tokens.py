@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import re
 import uuid
 from typing import Any, Final
 
@@ -31,7 +30,7 @@ from ._lean import LeanStatement, Row
 from ._projects import UNSET, Unset
 from ._runner import Runner
 from ._schema import UTCDateTime, projects, tokens
-from ._secrets import SecretDigester, new_bearer_secret
+from ._secrets import DISPLAY_LENGTH, SecretDigester, check_bearer_secret, new_bearer_secret
 from ._validate import (
     check_actor,
     check_aware,
@@ -43,8 +42,6 @@ from ._validate import (
 )
 
 TOKEN_PREFIX: Final = "lst_"
-_SHAPE = re.compile(r"lst_[A-Za-z0-9_-]{43}")
-_DISPLAY_LENGTH = 12
 NAME_MAX = 200
 _USE_ATTEMPTS = 5
 
@@ -146,14 +143,7 @@ _DIAGNOSE = (
 
 
 def check_token_secret(secret: object) -> str:
-    """Refuse anything that is not shaped like a token secret, without quoting it."""
-    if not isinstance(secret, str):
-        raise ValidationError(f"a token secret must be a string, not {type(secret).__name__}")
-    if _SHAPE.fullmatch(secret) is None:
-        raise ValidationError(
-            f"not a token secret: expected {TOKEN_PREFIX!r} and 43 URL-safe base64 characters"
-        )
-    return secret
+    return check_bearer_secret(secret, TOKEN_PREFIX, "a token secret")
 
 
 def rejection_reason(
@@ -217,7 +207,7 @@ class TokenRepository:
             id=new_id(),
             project_id=project,
             secret_digest=self._digester.digest(secret),
-            prefix=secret[:_DISPLAY_LENGTH],
+            prefix=secret[:DISPLAY_LENGTH],
             is_active=True,
             deactivated_at=None,
             request_count=0,

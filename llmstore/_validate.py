@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -13,6 +14,7 @@ from ._errors import ValidationError
 MAX_PAGE = 1000
 MAX_INT64 = 2**63 - 1
 JSON_MAX_BYTES = 16_384
+_HTTP_URL = re.compile(r"https?://[^\s/?#]+[^\s]*")
 
 
 def check_id(value: object, what: str = "id") -> uuid.UUID:
@@ -114,3 +116,10 @@ def _plain(value: object) -> object:
     if isinstance(value, Mapping):
         return dict(value)
     raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
+def check_http_url(value: object, what: str) -> str:
+    url = check_text(value, what, max_length=2000)
+    if _HTTP_URL.fullmatch(url) is None:
+        raise ValidationError(f"{what} must be an http:// or https:// URL, not {url!r:.80}")
+    return url
