@@ -1085,13 +1085,10 @@ RAW_INSERT_ENTRY: Final = (
     " :created_at)"
     f" RETURNING {ENTRY_COLUMNS}"
 )
-# A charge's debit: enough available, no entry under this idempotency key yet (always true
-# when it is NULL, as here), and total_spent cannot overflow.
+# A charge's debit without an idempotency key: enough available, and total_spent cannot
+# overflow. (A keyed charge also checks that no entry has its key yet.)
 RAW_DEBIT_WHERE: Final = (
     " WHERE id = :key_id AND balance - reserved >= :amount"
-    " AND NOT EXISTS (SELECT 1 FROM raw_ledger_entries"
-    " WHERE raw_ledger_entries.api_key_id = raw_api_keys.id"
-    " AND raw_ledger_entries.idempotency_key = :idempotency_key)"
     f" AND total_spent <= {MAX_INT64} - :amount"
 )
 RAW_DEBIT: Final = (
@@ -1126,6 +1123,48 @@ RAW_INSERT_RESERVATION: Final = (
 RAW_FINISH: Final = (
     "UPDATE raw_reservations SET status = :status, finished_at = :now"
     f" WHERE id = :id AND status = :active RETURNING {RESERVATION_COLUMNS}"
+)
+# Postgres: the hold feeding its reservation's INSERT, one statement (llmstore's RESERVE_CTE).
+RAW_RESERVE_CTE: Final = (
+    "WITH holding AS ("
+    "UPDATE raw_api_keys SET reserved = reserved + :amount::BIGINT,"
+    " last_used_at = :now::TIMESTAMPTZ"
+    " WHERE id = :key_id::UUID AND balance - reserved >= :amount::BIGINT RETURNING id)"
+    " INSERT INTO raw_reservations (id, api_key_id, amount, status, created_at, expires_at)"
+    " SELECT :id::UUID, holding.id, :amount::BIGINT, 'active', :now::TIMESTAMPTZ,"
+    " :expires_at::TIMESTAMPTZ FROM holding"
+    f" RETURNING {RESERVATION_COLUMNS}"
+)
+# Postgres: lock the hold, lock its key, charge, finish the hold and write the entry, one
+# statement (llmstore's SETTLE_CTE).
+RAW_SETTLE_CTE: Final = (
+    "WITH pending AS ("
+    "SELECT id, api_key_id, amount FROM raw_reservations"
+    " WHERE id = :id::UUID AND status = 'active' FOR UPDATE),"
+    " account AS ("
+    "SELECT raw_api_keys.id, pending.id AS reservation_id, pending.amount AS hold,"
+    " LEAST(:actual::BIGINT, raw_api_keys.balance - raw_api_keys.reserved + pending.amount)"
+    " AS charged"
+    " FROM raw_api_keys JOIN pending ON raw_api_keys.id = pending.api_key_id"
+    " FOR UPDATE OF raw_api_keys),"
+    " changed AS ("
+    "UPDATE raw_api_keys SET reserved = raw_api_keys.reserved - account.hold,"
+    " balance = raw_api_keys.balance - account.charged,"
+    " total_spent = raw_api_keys.total_spent + account.charged,"
+    " last_used_at = :now::TIMESTAMPTZ"
+    " FROM account WHERE raw_api_keys.id = account.id"
+    " RETURNING raw_api_keys.id, raw_api_keys.balance, account.charged),"
+    " finished AS ("
+    "UPDATE raw_reservations SET status = 'settled', finished_at = :now::TIMESTAMPTZ,"
+    " settled_amount = account.charged"
+    " FROM account WHERE raw_reservations.id = account.reservation_id"
+    " RETURNING raw_reservations.id)"
+    " INSERT INTO raw_ledger_entries (api_key_id, kind, amount, balance_after, description,"
+    " shortfall, reservation_id, created_at)"
+    " SELECT changed.id, 'settlement', -changed.charged, changed.balance, '',"
+    " :actual::BIGINT - changed.charged, finished.id, :now::TIMESTAMPTZ"
+    " FROM changed JOIN finished ON true"
+    f" RETURNING {ENTRY_COLUMNS}"
 )
 RAW_KEY_FOR_SETTLE: Final = "SELECT balance, reserved FROM raw_api_keys WHERE id = :key_id"
 RAW_SETTLE_KEY: Final = (
@@ -1264,9 +1303,7 @@ class ApiKeysCharge:
             now = db.encode_time(utcnow())
             changed = yield (
                 debit.text,
-                debit.args(
-                    {"key_id": key_id, "amount": CHARGE_AMOUNT, "now": now, "idempotency_key": None}
-                ),
+                debit.args({"key_id": key_id, "amount": CHARGE_AMOUNT, "now": now}),
             )
             if changed is None:
                 raise LedgerRefused("the debit was refused")
@@ -1328,6 +1365,32 @@ class ApiKeysReserveSettle:
     async def raw(self, ctx: Context) -> OpCall:
         db = ctx.raw
         key_id = await raw_create_api_key(db, OPENING_BALANCE)
+        if ctx.driver == "postgres":
+            # One statement each, autocommit: what llmstore sends outside a transaction.
+            reserve_cte = db.sql(RAW_RESERVE_CTE)
+            settle_cte = db.sql(RAW_SETTLE_CTE)
+
+            async def two_statements() -> object:
+                now = utcnow()
+                values = {
+                    "id": new_id(),
+                    "key_id": key_id,
+                    "amount": HOLD_AMOUNT,
+                    "now": now,
+                    "expires_at": now + HOLD_TTL,
+                }
+                reservation = await db.fetchrow(reserve_cte.text, *reserve_cte.args(values))
+                if reservation is None:
+                    raise LedgerRefused("insufficient balance")
+                values = {"id": reservation[0], "actual": SETTLED_AMOUNT, "now": utcnow()}
+                written = await db.fetchrow(settle_cte.text, *settle_cte.args(values))
+                if written is None:
+                    raise LedgerRefused("the reservation is not active")
+                return written
+
+            return two_statements
+
+        # SQLite: each a BEGIN IMMEDIATE transaction in one thread hop, as llmstore runs them.
         hold = db.sql(RAW_HOLD)
         insert_reservation = db.sql(RAW_INSERT_RESERVATION)
         finish = db.sql(RAW_FINISH)

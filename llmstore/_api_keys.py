@@ -12,7 +12,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.engine import Connection
 
 from ._errors import ApiKeyRejectedError, ConflictError, NotFoundError, ValidationError
-from ._holds import Reservation, ReservationRepository, Withdrawal, WithdrawalRepository
+from ._holds import (
+    RESERVE_CTE,
+    SETTLE_CTE,
+    Reservation,
+    ReservationRepository,
+    Withdrawal,
+    WithdrawalRepository,
+    check_ttl,
+    reservation,
+)
 from ._ids import new_id, utcnow
 from ._lean import LeanStatement
 from ._ledger import (
@@ -24,6 +33,7 @@ from ._ledger import (
     Ledger,
     LedgerEntry,
     Movement,
+    check_amount,
     entry,
     movement,
 )
@@ -382,7 +392,7 @@ async def run_movement(
         try:
             row = await runner.lean_first(one_statement, move.params(utcnow()))
         except ConflictError:
-            row = None  # a racing call with the same idempotency key wrote first
+            row = None  # its idempotency key has an entry: the statement was undone whole
         if row is not None:
             return entry(row)
         found = await runner.read(lambda conn: repository(conn).after_refusal(move))
@@ -509,7 +519,32 @@ class ApiKeys:
         amount: int,
         ttl: dt.timedelta = dt.timedelta(minutes=15),
     ) -> Reservation:
-        return await self._runner.write(lambda conn: self._holds(conn).reserve(key_id, amount, ttl))
+        """Hold ``amount`` of the available balance until settled, released or expired."""
+        key = check_id(key_id, "API key id")
+        checked = check_amount(amount)
+        lifetime = check_ttl(ttl)
+        if self._runner.autocommit_dialect != "postgresql":
+            return await self._runner.write(
+                lambda conn: self._holds(conn).reserve(key, checked, lifetime)
+            )
+        for _ in range(_DEBIT_ATTEMPTS):
+            now = utcnow()
+            params = {
+                "id": new_id(),
+                "key_id": key,
+                "amount": checked,
+                "now": now,
+                "expires_at": now + lifetime,
+            }
+            row = await self._runner.lean_first(RESERVE_CTE, params)
+            if row is not None:
+                return reservation(row)
+            refused = await self._runner.read(
+                lambda conn: Ledger(conn).hold_refusal(key, checked), single=True
+            )
+            if not isinstance(refused, ConflictError):
+                raise refused
+        raise ConflictError("the balance kept changing while the hold was checked; try again")
 
     async def get_reservation(self, reservation_id: uuid.UUID | str) -> Reservation:
         return await self._runner.read(
@@ -522,9 +557,18 @@ class ApiKeys:
         )
 
     async def settle(self, reservation_id: uuid.UUID | str, actual_amount: int) -> LedgerEntry:
-        return await self._runner.write(
-            lambda conn: self._holds(conn).settle(reservation_id, actual_amount)
-        )
+        """Charge the actual cost once and free the hold; what cannot be paid is a shortfall."""
+        key = check_id(reservation_id, "reservation id")
+        actual = check_amount(actual_amount, "actual_amount")
+        if self._runner.autocommit_dialect != "postgresql":
+            return await self._runner.write(lambda conn: self._holds(conn).settle(key, actual))
+        params = {"reservation_id": key, "actual": actual, "now": utcnow()}
+        row = await self._runner.lean_first(SETTLE_CTE, params)
+        if row is None:
+            raise await self._runner.read(
+                lambda conn: self._holds(conn).not_active(key), single=True
+            )
+        return entry(row)
 
     async def release(self, reservation_id: uuid.UUID | str) -> Reservation:
         return await self._runner.write(lambda conn: self._holds(conn).release(reservation_id))

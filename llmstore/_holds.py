@@ -16,10 +16,19 @@ import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy.engine import Connection
 
-from ._errors import ConflictError, NotFoundError, ValidationError
+from ._errors import ConflictError, LlmstoreError, NotFoundError, ValidationError
 from ._ids import new_id, utcnow
 from ._lean import LeanStatement
-from ._ledger import INSERT_ENTRY, K, Ledger, LedgerEntry, Movement, check_amount, entry
+from ._ledger import (
+    INSERT_ENTRY,
+    K,
+    Ledger,
+    LedgerEntry,
+    Movement,
+    check_amount,
+    entry,
+    insert_entry_from,
+)
 from ._schema import UTCDateTime, reservations, withdrawals
 from ._secrets import SecretBox
 from ._validate import check_http_url, check_id, check_limit, check_secret, check_text
@@ -113,8 +122,90 @@ _SETTLED_AMOUNT = LeanStatement(
     (R.c.id,),
 )
 
+_NOW = _P("now", type_=UTCDateTime())
 
-def _reservation(row: Any) -> Reservation:
+
+def _reserve_in_one_statement() -> LeanStatement:
+    """Postgres: the hold feeding its reservation's INSERT, in one statement."""
+    held = _HOLD.statement
+    assert isinstance(held, sa.Update)
+    holding = held.cte("holding")
+    rows = sa.select(
+        _P("id", type_=sa.Uuid()),
+        holding.c.id,
+        _P("amount", type_=sa.BigInteger()),
+        sa.literal("active", sa.String(10)),
+        _NOW,
+        _P("expires_at", type_=UTCDateTime()),
+    )
+    names = ["id", "api_key_id", "amount", "status", "created_at", "expires_at"]
+    return LeanStatement(
+        R.insert().from_select(names, rows).returning(*_RESERVATION_COLUMNS),
+        _RESERVATION_COLUMNS,
+    )
+
+
+def _settle_in_one_statement() -> LeanStatement:
+    """Postgres: lock the hold, then its key; charge, finish the hold, write the entry.
+
+    Locked rows are re-read at their newest version under READ COMMITTED, so ``charged``
+    is computed from the balance the UPDATE then changes.
+    """
+    pending = (
+        sa.select(R.c.id, R.c.api_key_id, R.c.amount)
+        .where(R.c.id == _P("reservation_id", type_=sa.Uuid()), R.c.status == "active")
+        .with_for_update()
+        .cte("pending")
+    )
+    actual = _P("actual", type_=sa.BigInteger())
+    account = (
+        sa.select(
+            K.c.id,
+            pending.c.id.label("reservation_id"),
+            pending.c.amount.label("hold"),
+            sa.func.least(actual, K.c.balance - K.c.reserved + pending.c.amount).label("charged"),
+        )
+        .join_from(K, pending, K.c.id == pending.c.api_key_id)
+        .with_for_update(of=K)
+        .cte("account")
+    )
+    finished = (
+        R.update()
+        .where(R.c.id == account.c.reservation_id)
+        .values(status="settled", finished_at=_NOW, settled_amount=account.c.charged)
+        .returning(R.c.id)
+        .cte("finished")
+    )
+    changed = (
+        K.update()
+        .where(K.c.id == account.c.id)
+        .values(
+            reserved=K.c.reserved - account.c.hold,
+            balance=K.c.balance - account.c.charged,
+            total_spent=K.c.total_spent + account.c.charged,
+            last_used_at=_NOW,
+        )
+        .returning(K.c.id, K.c.balance, account.c.charged)
+        .cte("changed")
+    )
+    values = {
+        "api_key_id": changed.c.id,
+        "kind": sa.literal("settlement", sa.String(20)),
+        "amount": -changed.c.charged,
+        "balance_after": changed.c.balance,
+        "description": sa.literal("", sa.String(500)),
+        "shortfall": actual - changed.c.charged,
+        "reservation_id": finished.c.id,
+        "created_at": _NOW,
+    }
+    return insert_entry_from(values, changed.join(finished, sa.true()))
+
+
+RESERVE_CTE = _reserve_in_one_statement()
+SETTLE_CTE = _settle_in_one_statement()
+
+
+def reservation(row: Any) -> Reservation:
     values = dict(zip((column.name for column in _RESERVATION_COLUMNS), tuple(row), strict=True))
     return Reservation.model_construct(**values)
 
@@ -143,7 +234,7 @@ class ReservationRepository:
         now = utcnow()
         held = _HOLD.first_any(self._conn, {"key_id": key, "amount": checked, "now": now})
         if held is None:
-            raise self._ledger.refusal(Movement(key, "charge", checked))
+            raise self._ledger.hold_refusal(key, checked)
         row = _INSERT_RESERVATION.first_any(
             self._conn,
             {
@@ -157,14 +248,14 @@ class ReservationRepository:
                 "finished_at": None,
             },
         )
-        return _reservation(row)
+        return reservation(row)
 
     def get(self, reservation_id: uuid.UUID | str) -> Reservation:
         key = check_id(reservation_id, "reservation id")
         row = self._conn.execute(sa.select(*_RESERVATION_COLUMNS).where(R.c.id == key)).first()
         if row is None:
             raise NotFoundError(f"no reservation with id {key}")
-        return _reservation(row)
+        return reservation(row)
 
     def extend(self, reservation_id: uuid.UUID | str, ttl: dt.timedelta) -> Reservation:
         """Hold for ``ttl`` from now; a hold already settled, released or expired stays so."""
@@ -177,8 +268,8 @@ class ReservationRepository:
             .returning(*_RESERVATION_COLUMNS)
         ).first()
         if row is None:
-            raise self._not_active(key)
-        return _reservation(row)
+            raise self.not_active(key)
+        return reservation(row)
 
     def settle(self, reservation_id: uuid.UUID | str, actual_amount: int) -> LedgerEntry:
         """Charge the actual cost once and free the hold; what cannot be paid is a shortfall."""
@@ -253,8 +344,8 @@ class ReservationRepository:
             self._conn, {"reservation_id": key, "new_status": status, "now": now}
         )
         if row is None:
-            raise self._not_active(key)
-        return _reservation(row)
+            raise self.not_active(key)
+        return reservation(row)
 
     def _unhold(self, held: dict[uuid.UUID, int]) -> None:
         for key_id in sorted(held):  # id order, as everywhere a transaction locks keys
@@ -262,7 +353,8 @@ class ReservationRepository:
                 K.update().where(K.c.id == key_id).values(reserved=K.c.reserved - held[key_id])
             )
 
-    def _not_active(self, key: uuid.UUID) -> Exception:
+    def not_active(self, key: uuid.UUID) -> LlmstoreError:
+        """The error for a hold found missing or finished (a hold never becomes active again)."""
         status = self._conn.execute(sa.select(R.c.status).where(R.c.id == key)).scalar()
         if status is None:
             return NotFoundError(f"no reservation with id {key}")

@@ -218,6 +218,80 @@ async def test_concurrent_charges_never_overdraw(db_config: StoreConfig) -> None
             await store.api_keys.charge(key_id, left + 1)
 
 
+# Overrunning settlements racing charges on one key: each settlement charges what is
+# available at the moment it runs (its hold plus the free balance), never more, so the key
+# ends at exactly zero whatever the interleaving.
+OVERRUN_BALANCE = 2000
+OVERRUN_HOLD = 100
+OVERRUN_ACTUAL = 10_000
+OVERRUN_CHARGE = 50
+OVERRUN_CHARGES_PER_WORKER = 12
+
+
+def _overrun_worker(
+    config_json: str, key_id: str, hold_id: str, ready: Any, start: Any
+) -> dict[str, Any]:
+    return asyncio.run(
+        processes.open_and_wait(config_json, ready, start, lambda s: _overrun(s, key_id, hold_id))
+    )
+
+
+async def _overrun(store: Store, key_id: str, hold_id: str) -> dict[str, Any]:
+    done: dict[str, Any] = {"charged": 0, "settled": None, "refused": 0, "failures": []}
+
+    async def charge() -> None:
+        try:
+            await store.api_keys.charge(key_id, OVERRUN_CHARGE)
+            done["charged"] += OVERRUN_CHARGE
+        except InsufficientBalanceError:
+            done["refused"] += 1
+        except Exception as exc:
+            done["failures"].append(_failure("charge", exc))
+
+    async def settle() -> None:
+        try:
+            written = await store.api_keys.settle(hold_id, OVERRUN_ACTUAL)
+            done["settled"] = (-written.amount, written.shortfall, written.balance_after)
+        except Exception as exc:
+            done["failures"].append(_failure("settle", exc))
+
+    calls = [charge() for _ in range(OVERRUN_CHARGES_PER_WORKER)]
+    calls.insert(OVERRUN_CHARGES_PER_WORKER // 2, settle())
+    await asyncio.gather(*calls)
+    return done
+
+
+async def test_overrunning_settlements_racing_charges_end_at_zero(db_config: StoreConfig) -> None:
+    await upgrade(db_config)
+    async with Store(db_config) as store:
+        key_id = str((await store.api_keys.create(balance=OVERRUN_BALANCE)).key.id)
+        holds = [
+            str((await store.api_keys.reserve(key_id, OVERRUN_HOLD)).id) for _ in range(WORKERS)
+        ]
+    assert WORKERS * OVERRUN_CHARGES_PER_WORKER * OVERRUN_CHARGE > OVERRUN_BALANCE
+
+    config_json = processes.config_json(db_config)
+    results = await processes.run_workers(
+        _overrun_worker, [(config_json, key_id, hold) for hold in holds]
+    )
+
+    assert [failure for result in results for failure in result["failures"]] == []
+    settled = [result["settled"] for result in results]
+    for charged, shortfall, _ in settled:
+        assert OVERRUN_HOLD <= charged <= OVERRUN_BALANCE
+        assert charged + shortfall == OVERRUN_ACTUAL
+    charges = sum(result["charged"] for result in results)
+    assert charges + sum(charged for charged, _, _ in settled) == OVERRUN_BALANCE
+    # The last settlement to run took everything that was left.
+    assert min(after for _, _, after in settled) == 0
+    async with Store(db_config) as store:
+        key = await store.api_keys.get(key_id)
+        assert (key.balance, key.reserved, key.total_spent) == (0, 0, OVERRUN_BALANCE)
+        for hold in holds:
+            assert (await store.api_keys.get_reservation(hold)).status == "settled"
+        await _check_ledger(store)
+
+
 # -- 2. idempotency races -----------------------------------------------------------------------
 
 RACERS_PER_WORKER = 5

@@ -1,4 +1,4 @@
-"""The lean path of tokens.use on Postgres: held connections that fail are replaced."""
+"""The lean path on Postgres: held connections that fail are replaced, and nothing half-done."""
 
 from __future__ import annotations
 
@@ -70,3 +70,28 @@ async def test_a_cancelled_use_leaves_the_lane_usable(pg_store: Store) -> None:
     assert token.request_count == before + 1
     results = await asyncio.gather(*(pg_store.tokens.use(issued.secret) for _ in range(30)))
     assert sorted(t.request_count for t in results) == list(range(before + 2, before + 32))
+
+
+async def test_a_killed_lane_connection_under_settle_leaves_the_hold_active(
+    pg_store: Store,
+) -> None:
+    key = (await pg_store.api_keys.create(balance=1000)).key
+    hold = await pg_store.api_keys.reserve(key.id, 300)  # one statement, on the lane
+    pids = _lane_pids(pg_store)
+    assert len(pids) == 1
+    await _terminate(pids)
+    await asyncio.sleep(0.1)
+    with pytest.raises(DatabaseUnavailableError):
+        await pg_store.api_keys.settle(hold.id, 200)
+    assert (await pg_store.api_keys.get_reservation(hold.id)).status == "active"
+    entry = await pg_store.api_keys.settle(hold.id, 200)
+    assert (entry.kind, entry.amount, entry.balance_after, entry.shortfall) == (
+        "settlement",
+        -200,
+        800,
+        0,
+    )
+    after = await pg_store.api_keys.get(key.id)
+    assert (after.balance, after.reserved, after.total_spent) == (800, 0, 200)
+    assert _lane_pids(pg_store) != pids
+    assert (await pg_store.api_keys.verify()).ok
