@@ -20,6 +20,7 @@ from ._errors import ConflictError, LlmstoreError, NotFoundError, ValidationErro
 from ._ids import new_id, utcnow
 from ._lean import LeanStatement
 from ._ledger import (
+    DESCRIPTION_MAX,
     INSERT_ENTRY,
     K,
     Ledger,
@@ -193,7 +194,7 @@ def _settle_in_one_statement() -> LeanStatement:
         "kind": sa.literal("settlement", sa.String(20)),
         "amount": -changed.c.charged,
         "balance_after": changed.c.balance,
-        "description": sa.literal("", sa.String(500)),
+        "description": sa.literal("", sa.String(DESCRIPTION_MAX)),
         "shortfall": actual - changed.c.charged,
         "reservation_id": finished.c.id,
         "created_at": _NOW,

@@ -218,15 +218,11 @@ def _change(kind: EntryKind) -> LeanStatement:
     return LeanStatement(statement.returning(K.c.balance), (K.c.balance,))
 
 
-_KINDS: tuple[EntryKind, ...] = (
-    "deposit",
-    "charge",
-    "transfer_in",
-    "transfer_out",
-    "withdrawal",
-    "withdrawal_refund",
-)
-_CHANGES = {kind: _change(kind) for kind in _KINDS}
+_CHANGES: dict[str, LeanStatement] = {
+    kind: _change(kind)
+    for kind in ("deposit", "charge", "transfer_in", "transfer_out", "withdrawal")
+}
+_CHANGES["withdrawal_refund"] = _CHANGES["transfer_in"]
 INSERT_ENTRY = LeanStatement(
     L.insert()
     .values({column.name: sa.bindparam(column.name) for column in L.c if column.name != "id"})
