@@ -34,6 +34,7 @@ from ._providers import ProviderCredential, Providers
 from ._secrets import generate_key
 from ._store import HealthStatus, Store, Transaction
 from ._tokens import IssuedToken, Token, Tokens
+from ._usage import RecordResult, Usage, UsageLog, UsageRecord
 
 __version__ = "0.1.0.dev0"
 
@@ -65,6 +66,7 @@ __all__ = [
     "Projects",
     "ProviderCredential",
     "Providers",
+    "RecordResult",
     "Reservation",
     "SchemaError",
     "SchemaOutOfDateError",
@@ -80,6 +82,9 @@ __all__ = [
     "UNSET",
     "UnknownRevisionError",
     "Unset",
+    "Usage",
+    "UsageLog",
+    "UsageRecord",
     "ValidationError",
     "Withdrawal",
     "generate_key",

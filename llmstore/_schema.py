@@ -289,3 +289,62 @@ withdrawals = sa.Table(
     sa.CheckConstraint("status IN ('pending', 'completed', 'failed')", name="status"),
     sa.Index(None, "api_key_id", "status"),
 )
+
+usage_logs = sa.Table(
+    "usage_logs",
+    metadata,
+    # 64-bit and increasing. No foreign keys: usage outlives the keys, projects and tokens
+    # it names (accounting keeps it), and bulk ingest pays nothing per row for them.
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("api_key_id", sa.Uuid(), nullable=True),
+    sa.Column("project_id", sa.Uuid(), nullable=True),
+    sa.Column("token_id", sa.Uuid(), nullable=True),
+    sa.Column("request_id", sa.String(200), nullable=True),
+    sa.Column("alias", sa.String(200), nullable=True),
+    sa.Column("profile", sa.String(200), nullable=True),
+    sa.Column("provider", sa.String(200), nullable=True),
+    sa.Column("model", sa.String(200), nullable=True),
+    sa.Column("origin", sa.String(200), nullable=True),
+    sa.Column("is_streaming", sa.Boolean(), nullable=False),
+    sa.Column("success", sa.Boolean(), nullable=False),
+    sa.Column("status_code", sa.Integer(), nullable=True),
+    sa.Column("response_time_ms", sa.BigInteger(), nullable=True),
+    sa.Column("time_to_first_token_ms", sa.BigInteger(), nullable=True),
+    sa.Column("time_to_last_token_ms", sa.BigInteger(), nullable=True),
+    sa.Column("tokens_per_second", sa.Float(), nullable=True),
+    sa.Column("prompt_tokens", sa.BigInteger(), nullable=False),
+    sa.Column("completion_tokens", sa.BigInteger(), nullable=False),
+    sa.Column("cached_tokens", sa.BigInteger(), nullable=False),
+    sa.Column("total_tokens", sa.BigInteger(), nullable=False),
+    # Integer minor units, as the ledger's amounts.
+    sa.Column("cost", sa.BigInteger(), nullable=False),
+    sa.Column("finish_reason", sa.String(100), nullable=True),
+    sa.Column("max_tokens", sa.BigInteger(), nullable=True),
+    sa.Column("temperature", sa.Float(), nullable=True),
+    sa.Column("top_p", sa.Float(), nullable=True),
+    sa.Column("message_count", sa.Integer(), nullable=True),
+    sa.Column("error_type", sa.String(200), nullable=True),
+    sa.Column("error_message", sa.String(4000), nullable=True),
+    sa.Column("usage_metadata", Json, nullable=True),
+    sa.UniqueConstraint("request_id"),
+    # Newest-first pages and time windows: all rows, one key, one project, one model.
+    sa.Index(None, "created_at", "id"),
+    sa.Index(None, "api_key_id", "created_at", "id"),
+    sa.Index(None, "project_id", "created_at", "id"),
+    sa.Index(None, "model", "created_at"),
+)
+
+usage_receipts = sa.Table(
+    "usage_receipts",
+    metadata,
+    sa.Column("id", sa.Uuid(), primary_key=True),
+    # No foreign key: a receipt outlives the purge of the row it states.
+    sa.Column("usage_id", sa.BigInteger(), nullable=False),
+    # The signed bytes: the row's canonical JSON (RFC 8785), as issued.
+    sa.Column("payload", sa.Text(), nullable=False),
+    sa.Column("signature", sa.String(200), nullable=False),
+    sa.Column("public_key", sa.String(200), nullable=False),
+    sa.Column("issued_at", UTCDateTime(), nullable=False),
+    sa.Index(None, "usage_id"),
+)

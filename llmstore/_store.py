@@ -34,6 +34,7 @@ from ._providers import Providers
 from ._runner import AsyncEngineRunner, Runner, SQLiteRunner
 from ._secrets import SecretBox, SecretDigester
 from ._tokens import Tokens
+from ._usage import Usage
 
 _MAX_SQLITE_READERS = 8
 # Postgres connections held for the lean path (tokens.use): at most half the pool.
@@ -59,6 +60,7 @@ class _Repositories:
         self.audit = Audit(runner)
         self.providers = Providers(runner, secrets)
         self.api_keys = ApiKeys(runner, secrets, digester)
+        self.usage = Usage(runner)
 
 
 class Transaction(_Repositories):
@@ -178,6 +180,10 @@ class Store:
     @property
     def api_keys(self) -> ApiKeys:
         return self._open_repositories().api_keys
+
+    @property
+    def usage(self) -> Usage:
+        return self._open_repositories().usage
 
     def _open_repositories(self) -> _Repositories:
         self._require_open()
