@@ -5,7 +5,8 @@ Run ``python -m benchmarks.run --help``; ``benchmarks/README.md`` explains the o
 Each operation is measured three ways in one process, on the same database:
 
 * ``llmstore``: the public ``Store`` API, on the tables that the migrations create
-  (``projects``, ``tokens``, ``api_keys``, ``ledger_entries``, ``reservations``);
+  (``projects``, ``tokens``, ``api_keys``, ``ledger_entries``, ``reservations``,
+  ``usage_logs``);
 * ``raw``: the bare driver (stdlib ``sqlite3`` behind a one-thread executor, or ``asyncpg``)
   sending the same statements as llmstore (a multi-statement unit in one transaction: one
   thread hop on SQLite, BEGIN ... COMMIT on Postgres), on ``raw_*`` tables with the same DDL;
@@ -16,8 +17,9 @@ Operations run one at a time, awaited, so the figures are latency-bound throughp
 
 To add an operation, write a class with three async methods ``llmstore``, ``raw`` and
 ``orm``: each takes the :class:`Context`, does its untimed setup (seeding rows, ...) and
-returns the zero-argument coroutine function that is timed. Then add an instance to
-:data:`OPERATIONS` under the operation's name.
+returns the zero-argument coroutine function that is timed (or a :class:`PreparedCall`, whose
+input is built untimed before each call). Then add an instance to :data:`OPERATIONS` under
+the operation's name.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from collections.abc import (
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal, Protocol, TypeVar
+from typing import Any, Final, Generic, Literal, Protocol, TypeVar
 
 import asyncpg  # type: ignore[import-untyped]
 import sqlalchemy as sa
@@ -65,10 +67,12 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, joinedload, mapped_column, relationship
 
 import llmstore
-from llmstore import Store, StoreConfig
+from llmstore import Store, StoreConfig, UsageRecord
 from llmstore._ids import new_id, utcnow
 from llmstore._migrations import upgrade
 from llmstore._schema import NAMING_CONVENTION
+
+from .usage_data import UsageRows
 
 Driver = Literal["sqlite", "postgres"]
 Variant = Literal["llmstore", "raw", "orm"]
@@ -83,6 +87,26 @@ SEED_ROWS: Final = 300
 
 #: What an operation's variant hands back: one call is one timed operation.
 OpCall = Callable[[], Awaitable[object]]
+
+In = TypeVar("In")
+
+
+class PreparedCall(Generic[In]):
+    """A timed call that takes fresh input each time (a batch of new rows, say).
+
+    The harness calls ``prepare()`` before each call and times only the call itself.
+    """
+
+    def __init__(self, build: Callable[[], In], call: Callable[[In], Awaitable[object]]) -> None:
+        self._build = build
+        self._call = call
+        self._input: list[In] = []
+
+    def prepare(self) -> None:
+        self._input.append(self._build())
+
+    async def __call__(self) -> object:
+        return await self._call(self._input.pop())
 
 
 # --------------------------------------------------------------------------------------
@@ -174,6 +198,14 @@ class RawDB(Protocol):
         """
         ...
 
+    async def insert_many(
+        self, table: str, columns: Sequence[str], rows: Sequence[tuple[object, ...]]
+    ) -> None:
+        """Insert pre-encoded rows in one transaction by the driver's fastest bulk path:
+        ``executemany`` inside BEGIN IMMEDIATE ... COMMIT in one thread hop (SQLite), or
+        ``COPY`` (``copy_records_to_table``, Postgres)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -263,6 +295,25 @@ class RawSQLite:
         done: T = await self._hop(run)
         return done
 
+    async def insert_many(
+        self, table: str, columns: Sequence[str], rows: Sequence[tuple[object, ...]]
+    ) -> None:
+        conn = self._connection()
+        sql = (
+            f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({self.placeholders(len(columns))})"
+        )
+
+        def run() -> None:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(sql, rows)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+        await self._hop(run)
+
     async def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
@@ -321,13 +372,82 @@ class RawPostgres:
                 result: T = stop.value
         return result
 
+    async def insert_many(
+        self, table: str, columns: Sequence[str], rows: Sequence[tuple[object, ...]]
+    ) -> None:
+        # COPY is one statement: all rows or none, without BEGIN ... COMMIT.
+        await self._conn.copy_records_to_table(table, records=rows, columns=list(columns))
+
     async def close(self) -> None:
         await self._conn.close()
 
 
+#: ``usage_logs`` after its id, as migration 0004_usage_logs_receipts creates it:
+#: (column, SQLite type, Postgres type, NOT NULL).
+USAGE_COLUMNS: Final = (
+    ("created_at", "DATETIME", "TIMESTAMP WITH TIME ZONE", True),
+    ("api_key_id", "CHAR(32)", "UUID", False),
+    ("project_id", "CHAR(32)", "UUID", False),
+    ("token_id", "CHAR(32)", "UUID", False),
+    ("request_id", "VARCHAR(200)", "VARCHAR(200)", False),
+    ("alias", "VARCHAR(200)", "VARCHAR(200)", False),
+    ("profile", "VARCHAR(200)", "VARCHAR(200)", False),
+    ("provider", "VARCHAR(200)", "VARCHAR(200)", False),
+    ("model", "VARCHAR(200)", "VARCHAR(200)", False),
+    ("origin", "VARCHAR(200)", "VARCHAR(200)", False),
+    ("is_streaming", "BOOLEAN", "BOOLEAN", True),
+    ("success", "BOOLEAN", "BOOLEAN", True),
+    ("status_code", "INTEGER", "INTEGER", False),
+    ("response_time_ms", "BIGINT", "BIGINT", False),
+    ("time_to_first_token_ms", "BIGINT", "BIGINT", False),
+    ("time_to_last_token_ms", "BIGINT", "BIGINT", False),
+    ("tokens_per_second", "FLOAT", "FLOAT", False),
+    ("prompt_tokens", "BIGINT", "BIGINT", True),
+    ("completion_tokens", "BIGINT", "BIGINT", True),
+    ("cached_tokens", "BIGINT", "BIGINT", True),
+    ("total_tokens", "BIGINT", "BIGINT", True),
+    ("cost", "BIGINT", "BIGINT", True),
+    ("finish_reason", "VARCHAR(100)", "VARCHAR(100)", False),
+    ("max_tokens", "BIGINT", "BIGINT", False),
+    ("temperature", "FLOAT", "FLOAT", False),
+    ("top_p", "FLOAT", "FLOAT", False),
+    ("message_count", "INTEGER", "INTEGER", False),
+    ("error_type", "VARCHAR(200)", "VARCHAR(200)", False),
+    ("error_message", "VARCHAR(4000)", "VARCHAR(4000)", False),
+    ("usage_metadata", "JSON", "JSON", False),
+)
+USAGE_COLUMN_NAMES: Final = tuple(name for name, _, _, _ in USAGE_COLUMNS)
+
+
+def raw_usage_ddl(driver: Driver) -> tuple[str, ...]:
+    """``raw_usage_logs``: usage_logs's columns, keys and indexes, under other names."""
+    id_type = "INTEGER" if driver == "sqlite" else "BIGSERIAL"
+    columns = [f"id {id_type} NOT NULL"] + [
+        f"{name} {sqlite if driver == 'sqlite' else postgres}{' NOT NULL' if required else ''}"
+        for name, sqlite, postgres, required in USAGE_COLUMNS
+    ]
+    table = (
+        "CREATE TABLE raw_usage_logs ("
+        + ", ".join(columns)
+        + ", CONSTRAINT pk_raw_usage_logs PRIMARY KEY (id)"
+        + ", CONSTRAINT uq_raw_usage_logs_request_id UNIQUE (request_id))"
+    )
+    indexes = (("created_at", "id"), ("api_key_id", "created_at", "id"))
+    indexes += (("project_id", "created_at", "id"), ("model", "created_at"))
+    return (
+        table,
+        *(
+            f"CREATE INDEX ix_raw_usage_logs_{'_'.join(index)} ON raw_usage_logs"
+            f" ({', '.join(index)})"
+            for index in indexes
+        ),
+    )
+
+
 # The DDL of migrations 0001_projects (projects), 0002_tokens_audit_providers (tokens) and
-# 0003_api_keys_ledger (api_keys, ledger_entries, reservations, with their indexes) as each
-# dialect receives it, under other names; one statement per string, run in order.
+# 0003_api_keys_ledger (api_keys, ledger_entries, reservations, with their indexes), and
+# 0004_usage_logs_receipts (usage_logs, from raw_usage_ddl) as each dialect receives it, under
+# other names; one statement per string, run in order.
 RAW_DDL: Final[dict[Driver, tuple[str, ...]]] = {
     "sqlite": (
         """
@@ -447,6 +567,7 @@ RAW_DDL: Final[dict[Driver, tuple[str, ...]]] = {
         " ON raw_reservations (api_key_id, status)",
         "CREATE INDEX ix_raw_reservations_status_expires_at"
         " ON raw_reservations (status, expires_at)",
+        *raw_usage_ddl("sqlite"),
     ),
     "postgres": (
         """
@@ -566,6 +687,7 @@ RAW_DDL: Final[dict[Driver, tuple[str, ...]]] = {
         " ON raw_reservations (api_key_id, status)",
         "CREATE INDEX ix_raw_reservations_status_expires_at"
         " ON raw_reservations (status, expires_at)",
+        *raw_usage_ddl("postgres"),
     ),
 }
 
@@ -699,6 +821,48 @@ class OrmReservation(OrmBase):
     expires_at: Mapped[dt.datetime] = mapped_column(sa.DateTime(timezone=True))
     settled_amount: Mapped[int | None] = mapped_column(sa.BigInteger())
     finished_at: Mapped[dt.datetime | None] = mapped_column(sa.DateTime(timezone=True))
+
+
+class OrmUsageLog(OrmBase):
+    __tablename__ = "orm_usage_logs"
+    __table_args__ = (
+        sa.Index(None, "created_at", "id"),
+        sa.Index(None, "api_key_id", "created_at", "id"),
+        sa.Index(None, "project_id", "created_at", "id"),
+        sa.Index(None, "model", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(LEDGER_ID_TYPE, primary_key=True)  # as ledger_entries.id
+    created_at: Mapped[dt.datetime] = mapped_column(sa.DateTime(timezone=True))
+    api_key_id: Mapped[uuid.UUID | None]
+    project_id: Mapped[uuid.UUID | None]
+    token_id: Mapped[uuid.UUID | None]
+    request_id: Mapped[str | None] = mapped_column(sa.String(200), unique=True)
+    alias: Mapped[str | None] = mapped_column(sa.String(200))
+    profile: Mapped[str | None] = mapped_column(sa.String(200))
+    provider: Mapped[str | None] = mapped_column(sa.String(200))
+    model: Mapped[str | None] = mapped_column(sa.String(200))
+    origin: Mapped[str | None] = mapped_column(sa.String(200))
+    is_streaming: Mapped[bool] = mapped_column(default=False)
+    success: Mapped[bool] = mapped_column(default=True)
+    status_code: Mapped[int | None]
+    response_time_ms: Mapped[int | None] = mapped_column(sa.BigInteger())
+    time_to_first_token_ms: Mapped[int | None] = mapped_column(sa.BigInteger())
+    time_to_last_token_ms: Mapped[int | None] = mapped_column(sa.BigInteger())
+    tokens_per_second: Mapped[float | None]
+    prompt_tokens: Mapped[int] = mapped_column(sa.BigInteger(), default=0)
+    completion_tokens: Mapped[int] = mapped_column(sa.BigInteger(), default=0)
+    cached_tokens: Mapped[int] = mapped_column(sa.BigInteger(), default=0)
+    total_tokens: Mapped[int] = mapped_column(sa.BigInteger())
+    cost: Mapped[int] = mapped_column(sa.BigInteger(), default=0)
+    finish_reason: Mapped[str | None] = mapped_column(sa.String(100))
+    max_tokens: Mapped[int | None] = mapped_column(sa.BigInteger())
+    temperature: Mapped[float | None]
+    top_p: Mapped[float | None]
+    message_count: Mapped[int | None]
+    error_type: Mapped[str | None] = mapped_column(sa.String(200))
+    error_message: Mapped[str | None] = mapped_column(sa.String(4000))
+    usage_metadata: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON())
 
 
 def orm_sqlite_engine(path: Path) -> AsyncEngine:
@@ -1530,6 +1694,87 @@ class ApiKeysReserveSettle:
         return call
 
 
+#: Rows per ``usage.record_many`` call, and its calls per round (at most; see bench()).
+USAGE_BATCH: Final = 10_000
+USAGE_CALLS: Final = 20
+USAGE_SPAN: Final = dt.timedelta(seconds=10)
+
+
+def usage_batch(source: UsageRows) -> list[dict[str, Any]]:
+    """The next batch of realistic rows: a proxy's buffer of the last 10 s, in time order."""
+    rows = list(source.rows(USAGE_BATCH, utcnow() - USAGE_SPAN, USAGE_SPAN))
+    rows.sort(key=lambda row: row["created_at"])
+    return rows
+
+
+def raw_usage_row(db: RawDB, row: Mapping[str, Any]) -> tuple[object, ...]:
+    """A row as raw_usage_logs stores it, in USAGE_COLUMN_NAMES order (encoded untimed)."""
+    values = {**row, "total_tokens": row["prompt_tokens"] + row["completion_tokens"]}
+    out: list[object] = []
+    for name in USAGE_COLUMN_NAMES:
+        value = values.get(name)
+        if isinstance(value, uuid.UUID):
+            value = db.encode_id(value)
+        elif isinstance(value, dt.datetime):
+            value = db.encode_time(value)
+        out.append(value)
+    return tuple(out)
+
+
+class UsageRecordMany:
+    description = (
+        f"write {USAGE_BATCH:,} pre-built usage rows in one transaction (ops/s = batches/s)"
+    )
+    #: Calls per round: a call writes 10,000 rows, so --ops is capped at this.
+    max_ops = USAGE_CALLS
+    rows_per_call = USAGE_BATCH
+
+    async def llmstore(self, ctx: Context) -> OpCall:
+        usage = ctx.store.usage
+        source = UsageRows()
+
+        def build() -> list[UsageRecord]:
+            return [UsageRecord(**row) for row in usage_batch(source)]
+
+        async def call(batch: list[UsageRecord]) -> object:
+            result = await usage.record_many(batch)
+            assert result.written == len(batch)
+            return result
+
+        return PreparedCall(build, call)
+
+    async def raw(self, ctx: Context) -> OpCall:
+        db = ctx.raw
+        source = UsageRows()
+
+        def build() -> list[tuple[object, ...]]:
+            return [raw_usage_row(db, row) for row in usage_batch(source)]
+
+        async def call(rows: list[tuple[object, ...]]) -> object:
+            await db.insert_many("raw_usage_logs", USAGE_COLUMN_NAMES, rows)
+            return None
+
+        return PreparedCall(build, call)
+
+    async def orm(self, ctx: Context) -> OpCall:
+        sessions = ctx.orm
+        source = UsageRows()
+
+        def build() -> list[OrmUsageLog]:
+            return [
+                OrmUsageLog(**row, total_tokens=row["prompt_tokens"] + row["completion_tokens"])
+                for row in usage_batch(source)
+            ]
+
+        async def call(objects: list[OrmUsageLog]) -> object:
+            async with sessions() as session:
+                session.add_all(objects)
+                await session.commit()
+            return None
+
+        return PreparedCall(build, call)
+
+
 #: Operation name -> operation, in the order they run.
 OPERATIONS: Final[dict[str, Operation]] = {
     "projects.create": ProjectsCreate(),
@@ -1537,6 +1782,7 @@ OPERATIONS: Final[dict[str, Operation]] = {
     "tokens.use": TokensUse(),
     "api_keys.charge": ApiKeysCharge(),
     "api_keys.reserve_settle": ApiKeysReserveSettle(),
+    "usage.record_many": UsageRecordMany(),
 }
 
 
@@ -1556,12 +1802,37 @@ class Result:
 
 
 async def timed(call: OpCall, ops: int) -> float:
-    """Ops per second of ``ops`` sequential calls."""
+    """Ops per second of ``ops`` sequential calls (a PreparedCall's input built untimed)."""
     gc.collect()
-    start = time.perf_counter()
+    if not isinstance(call, PreparedCall):
+        start = time.perf_counter()
+        for _ in range(ops):
+            await call()
+        return ops / (time.perf_counter() - start)
+    busy = 0.0
     for _ in range(ops):
+        call.prepare()
+        gc.collect()
+        start = time.perf_counter()
         await call()
-    return ops / (time.perf_counter() - start)
+        busy += time.perf_counter() - start
+    return ops / busy
+
+
+async def untimed(call: OpCall, ops: int) -> None:
+    for _ in range(ops):
+        if isinstance(call, PreparedCall):
+            call.prepare()
+        await call()
+
+
+def calls_per_round(operation: Operation, ops: int) -> tuple[int, int]:
+    """(timed calls per round, warm-up calls): a bulk operation's ``max_ops`` caps ``ops``."""
+    cap: int | None = getattr(operation, "max_ops", None)
+    if cap is None:
+        return ops, min(ops, max(50, ops // 10))
+    ops = min(ops, cap)
+    return ops, max(1, ops // 10)
 
 
 async def bench(ctx: Context, name: str, operation: Operation, ops: int, rounds: int) -> Result:
@@ -1570,10 +1841,9 @@ async def bench(ctx: Context, name: str, operation: Operation, ops: int, rounds:
         "raw": await operation.raw(ctx),
         "orm": await operation.orm(ctx),
     }
-    warmup = min(ops, max(50, ops // 10))
+    ops, warmup = calls_per_round(operation, ops)
     for call in calls.values():
-        for _ in range(warmup):
-            await call()
+        await untimed(call, warmup)
     samples: dict[Variant, list[float]] = {variant: [] for variant in VARIANTS}
     for round_ in range(rounds):
         # Rotate the order so no variant always runs first (or after the same neighbour).
@@ -1594,6 +1864,11 @@ COLUMNS: Final = (
 )
 
 
+def rate(value: float) -> str:
+    # Bulk operations run a few calls per second: whole numbers would hide their ratios.
+    return f"{value:,.0f}" if value >= 100 else f"{value:.2f}"
+
+
 def table_line(cells: Sequence[str]) -> str:
     return " ".join(
         f"{cell:{align}{width}}" for cell, (_, width, align) in zip(cells, COLUMNS, strict=True)
@@ -1606,18 +1881,23 @@ def result_line(result: Result) -> str:
         [
             result.driver,
             result.operation,
-            f"{ours:,.0f}",
-            f"{raw:,.0f}",
-            f"{orm:,.0f}",
+            rate(ours),
+            rate(raw),
+            rate(orm),
             f"{ours / raw:.2f}",
             f"{ours / orm:.2f}",
         ]
     )
 
 
+def rows_line(result: Result, rows_per_call: int) -> str:
+    parts = [f"{variant} {result.median(variant) * rows_per_call:,.0f}" for variant in VARIANTS]
+    return f"    rows/s ({rows_per_call:,} per call): " + " | ".join(parts)
+
+
 def rounds_line(result: Result) -> str:
     parts = [
-        f"{variant} " + " ".join(f"{value:,.0f}" for value in result.samples[variant])
+        f"{variant} " + " ".join(rate(value) for value in result.samples[variant])
         for variant in VARIANTS
     ]
     return "    rounds: " + " | ".join(parts)
@@ -1676,6 +1956,10 @@ async def main_async(args: argparse.Namespace) -> int:
         print(f"postgres: {masked(url)} (from {POSTGRES_URL_VARIABLE} or the default)")
     rounds = "1 round" if args.rounds == 1 else f"{args.rounds} rounds (medians shown)"
     print(f"{args.ops:,} sequential ops per round and variant, {rounds}")
+    for name in names:
+        calls, _ = calls_per_round(OPERATIONS[name], args.ops)
+        if calls != args.ops:
+            print(f"{name}: {calls} calls per round and variant (each a bulk write)")
     print()
     header_printed = False
     for driver in drivers:
@@ -1693,6 +1977,9 @@ async def main_async(args: argparse.Namespace) -> int:
                     print(table_line([title for title, _, _ in COLUMNS]))
                     header_printed = True
                 print(result_line(result), flush=True)
+                rows_per_call: int | None = getattr(OPERATIONS[name], "rows_per_call", None)
+                if rows_per_call is not None:
+                    print(rows_line(result, rows_per_call), flush=True)
                 if args.verbose:
                     print(rounds_line(result), flush=True)
     return 0

@@ -13,6 +13,7 @@ from ._errors import (
     ConflictError,
     DatabaseError,
     DatabaseUnavailableError,
+    ExportError,
     IdempotencyConflictError,
     InsufficientBalanceError,
     LlmstoreError,
@@ -25,16 +26,21 @@ from ._errors import (
     TokenRejectionReason,
     TransactionError,
     UnknownRevisionError,
+    UnwrittenUsageError,
     ValidationError,
+    WriterClosedError,
 )
 from ._holds import Reservation, Withdrawal
 from ._ledger import LedgerEntry
 from ._projects import UNSET, Project, Projects, Unset
 from ._providers import ProviderCredential, Providers
+from ._receipts import Receipt, verify_receipt
 from ._secrets import generate_key
 from ._store import HealthStatus, Store, Transaction
 from ._tokens import IssuedToken, Token, Tokens
 from ._usage import RecordResult, Usage, UsageLog, UsageRecord
+from ._usage_metrics import UsageMetrics
+from ._usage_writer import UsageWriter, WriterStats
 
 __version__ = "0.1.0.dev0"
 
@@ -50,6 +56,7 @@ __all__ = [
     "ConflictError",
     "DatabaseError",
     "DatabaseUnavailableError",
+    "ExportError",
     "HealthStatus",
     "IdempotencyConflictError",
     "InsufficientBalanceError",
@@ -66,6 +73,7 @@ __all__ = [
     "Projects",
     "ProviderCredential",
     "Providers",
+    "Receipt",
     "RecordResult",
     "Reservation",
     "SchemaError",
@@ -82,10 +90,16 @@ __all__ = [
     "UNSET",
     "UnknownRevisionError",
     "Unset",
+    "UnwrittenUsageError",
     "Usage",
     "UsageLog",
+    "UsageMetrics",
     "UsageRecord",
+    "UsageWriter",
     "ValidationError",
     "Withdrawal",
+    "WriterClosedError",
+    "WriterStats",
     "generate_key",
+    "verify_receipt",
 ]

@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import logging
+import os
+import re
 import sys
+import time
 import traceback
 from collections.abc import Callable, Sequence
+from typing import TextIO
 
 import sqlalchemy as sa
 from alembic import command
@@ -32,9 +37,12 @@ from ._errors import (
     LlmstoreError,
     translated,
 )
+from ._ids import utcnow
+from ._receipts import configured_public_key, generate_signing_key
 from ._schema import metadata
 from ._secrets import generate_key
 from ._store import Store
+from ._usage_purge import MAX_BATCH_SIZE
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -224,6 +232,97 @@ def _generate_key(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _receipts_generate_key(args: argparse.Namespace) -> int:
+    print(generate_signing_key())
+    return EXIT_OK
+
+
+def _receipts_public_key(args: argparse.Namespace) -> int:
+    # Only the environment: the key is not a database setting, so no URL is needed.
+    print(configured_public_key(os.environ))
+    return EXIT_OK
+
+
+_DURATION = re.compile(r"([0-9]+)([mhdw])")
+_DURATION_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def _duration(text: str) -> dt.timedelta:
+    match = _DURATION.fullmatch(text.strip())
+    try:
+        if match is None or int(match[1]) == 0:
+            raise ValueError
+        return dt.timedelta(**{_DURATION_UNITS[match[2]]: int(match[1])})
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(
+            f"expected a positive duration such as 90d, 12h, 30m or 2w, not {text!r}"
+        ) from None
+
+
+def _batch_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_BATCH_SIZE:
+        raise argparse.ArgumentTypeError(f"expected an integer from 1 to {MAX_BATCH_SIZE}")
+    return value
+
+
+class _PurgeProgress:
+    """One line rewritten in place on a terminal; elsewhere (logs, pipes) a line per batch."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+        self._tty = out.isatty()
+        self._start = time.monotonic()
+        self._drawn = False
+
+    def __call__(self, deleted: int, batches: int) -> None:
+        if not self._tty:
+            print(f"purged {deleted} row(s) in {batches} batch(es)", file=self._out, flush=True)
+            return
+        rate = deleted / max(time.monotonic() - self._start, 1e-6)
+        line = f"purging: {deleted:,} row(s) deleted in {batches:,} batch(es), {rate:,.0f} rows/s"
+        self._out.write(f"\r{line}\033[K")
+        self._out.flush()
+        self._drawn = True
+
+    def end(self) -> None:
+        if self._drawn:
+            self._out.write("\n")
+            self._out.flush()
+
+
+def _usage_purge(args: argparse.Namespace) -> int:
+    config = _config(args)
+    cutoff = utcnow() - args.older_than
+    progress = _PurgeProgress(sys.stdout)
+    try:
+        deleted = asyncio.run(_purge(config, cutoff, args.batch_size, args.export, progress))
+    finally:
+        progress.end()
+    exported = f", exported to {args.export}" if args.export else ""
+    print(
+        f"{config.masked_url}: purged {deleted} usage row(s) created before "
+        f"{cutoff:%Y-%m-%dT%H:%M:%SZ}{exported}"
+    )
+    return EXIT_OK
+
+
+async def _purge(
+    config: StoreConfig,
+    cutoff: dt.datetime,
+    batch_size: int,
+    export: str | None,
+    progress: _PurgeProgress,
+) -> int:
+    async with Store(config) as store:
+        return await store.usage.purge(
+            cutoff, batch_size=batch_size, export_to=export, progress=progress
+        )
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", help="database URL (default: DATABASE_URL, DATABASE_PATH)")
@@ -272,6 +371,48 @@ def _parser() -> argparse.ArgumentParser:
     text = "recompute the audit hash chain (exit 5 if an event was altered or removed)"
     verify = audit_commands.add_parser("verify", parents=[common], help=text, description=text)
     verify.set_defaults(handler=_audit_verify)
+    receipts = commands.add_parser(
+        "receipts", help="usage receipt keys", description="usage receipt keys"
+    )
+    receipt_commands = receipts.add_subparsers(
+        dest="receipts_command", required=True, metavar="COMMAND"
+    )
+    # Neither command touches the database: no --url, --env or --verbose.
+    text = "print a new Ed25519 private key for LLMSTORE_RECEIPT_SIGNING_KEY"
+    sub = receipt_commands.add_parser("generate-key", help=text, description=text)
+    sub.set_defaults(handler=_receipts_generate_key, verbose=False)
+    text = (
+        "print the public key of LLMSTORE_RECEIPT_SIGNING_KEY, which customers use to "
+        "verify receipts (exit 2 if no key is set)"
+    )
+    sub = receipt_commands.add_parser("public-key", help=text, description=text)
+    sub.set_defaults(handler=_receipts_public_key, verbose=False)
+    usage = commands.add_parser(
+        "usage", help="usage log commands", description="usage log commands"
+    )
+    usage_commands = usage.add_subparsers(dest="usage_command", required=True, metavar="COMMAND")
+    text = "delete usage rows older than a duration, in short batches (optionally exported first)"
+    purge = usage_commands.add_parser("purge", parents=[common], help=text, description=text)
+    purge.add_argument(
+        "--older-than",
+        type=_duration,
+        required=True,
+        metavar="AGE",
+        help="delete rows created more than AGE ago: a number and m, h, d or w (90d, 12h)",
+    )
+    purge.add_argument(
+        "--export",
+        metavar="FILE",
+        help="first write the rows to FILE, a new .jsonl or .csv file (never overwritten)",
+    )
+    purge.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        default=10_000,
+        metavar="N",
+        help="rows per transaction (default: 10000)",
+    )
+    purge.set_defaults(handler=_usage_purge)
     return parser
 
 

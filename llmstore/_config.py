@@ -13,6 +13,7 @@ from pydantic import ValidationError as PydanticValidationError
 from sqlalchemy.engine import URL, make_url
 
 from ._errors import ConfigError
+from ._receipts import load_signing_key
 
 Driver = Literal["sqlite", "postgresql"]
 Environment = Literal["dev", "test", "prod"]
@@ -77,6 +78,7 @@ class StoreConfig(BaseModel):
     busy_timeout: float = Field(default=30.0, gt=0, le=3600, allow_inf_nan=False)
     encryption_keys: tuple[SecretStr, ...] = ()
     token_pepper: SecretStr | None = None
+    receipt_signing_key: SecretStr | None = None
 
     @field_validator("url", mode="before")
     @classmethod
@@ -102,6 +104,16 @@ class StoreConfig(BaseModel):
             return None
         if isinstance(raw, str) and len(raw) < 16:
             raise ConfigError("LLMSTORE_TOKEN_PEPPER must be at least 16 characters")
+        return value
+
+    @field_validator("receipt_signing_key", mode="before")
+    @classmethod
+    def _check_signing_key(cls, value: object) -> object:
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if isinstance(raw, str) and not raw.strip():
+            return None
+        if isinstance(raw, str):
+            load_signing_key(raw)  # refuses a malformed key now, not at the first receipt
         return value
 
     @field_validator("schema_name")
@@ -136,13 +148,16 @@ class StoreConfig(BaseModel):
     def from_url(cls, url: str | URL, **options: Any) -> StoreConfig:
         """A config for ``url``; ``options`` set any other field.
 
-        ``encryption_keys`` and ``token_pepper``, when not given, are read from
-        ``LLMSTORE_ENCRYPTION_KEYS`` and ``LLMSTORE_TOKEN_PEPPER``.
+        ``encryption_keys``, ``token_pepper`` and ``receipt_signing_key``, when not given,
+        are read from ``LLMSTORE_ENCRYPTION_KEYS``, ``LLMSTORE_TOKEN_PEPPER`` and
+        ``LLMSTORE_RECEIPT_SIGNING_KEY``.
         """
         if "encryption_keys" not in options:
             options["encryption_keys"] = parse_keys(os.environ.get("LLMSTORE_ENCRYPTION_KEYS", ""))
         if "token_pepper" not in options:
             options["token_pepper"] = os.environ.get("LLMSTORE_TOKEN_PEPPER") or None
+        if "receipt_signing_key" not in options:
+            options["receipt_signing_key"] = os.environ.get("LLMSTORE_RECEIPT_SIGNING_KEY") or None
         return cls._build(url=url, **options)
 
     @classmethod
@@ -189,6 +204,7 @@ class StoreConfig(BaseModel):
             values["schema_name"] = schema
         values["encryption_keys"] = parse_keys(source.get("LLMSTORE_ENCRYPTION_KEYS", ""))
         values["token_pepper"] = source.get("LLMSTORE_TOKEN_PEPPER") or None
+        values["receipt_signing_key"] = source.get("LLMSTORE_RECEIPT_SIGNING_KEY") or None
         values.update(overrides)
         return cls._build(**values)
 

@@ -12,6 +12,8 @@
     ├── ConflictError             a uniqueness or state conflict
     │   └── IdempotencyConflictError  an idempotency key reused with other parameters
     ├── StoreClosedError          the store is not open (never opened, or closed)
+    ├── WriterClosedError         a usage writer was given a row after it closed
+    ├── UnwrittenUsageError       a usage writer stopped with rows unwritten (``.records``)
     ├── TransactionError          a transaction used the wrong way
     ├── SchemaError
     │   ├── SchemaOutOfDateError  the database is behind the installed code
@@ -24,11 +26,14 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import sqlalchemy.exc
+
+if TYPE_CHECKING:
+    from ._usage import UsageRecord
 
 
 class LlmstoreError(Exception):
@@ -93,6 +98,27 @@ class IdempotencyConflictError(ConflictError):
 
 class StoreClosedError(LlmstoreError):
     """The store was used before ``open()`` or after ``close()``."""
+
+
+class WriterClosedError(LlmstoreError):
+    """A usage writer was given a row after ``close()`` began, or after it stopped."""
+
+
+class UnwrittenUsageError(LlmstoreError):
+    """A usage writer stopped with rows it had not written; ``records`` holds them, in order.
+
+    Raised by ``close(timeout=...)`` when the timeout passed first, and by ``close()`` when
+    the store was closed under the writer. The writer has let go of these records and will
+    never write them: they are the caller's to save elsewhere.
+    """
+
+    def __init__(self, message: str, records: Sequence[UsageRecord]) -> None:
+        super().__init__(message)
+        self.records: list[UsageRecord] = list(records)
+
+
+class ExportError(LlmstoreError):
+    """Writing a purge's export file failed; the batch being exported was not deleted."""
 
 
 class TransactionError(LlmstoreError):

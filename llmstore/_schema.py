@@ -346,5 +346,6 @@ usage_receipts = sa.Table(
     sa.Column("signature", sa.String(200), nullable=False),
     sa.Column("public_key", sa.String(200), nullable=False),
     sa.Column("issued_at", UTCDateTime(), nullable=False),
-    sa.Index(None, "usage_id"),
+    # One receipt per row: issuing again, even concurrently, returns the first.
+    sa.Index(None, "usage_id", unique=True),
 )

@@ -31,6 +31,7 @@ from ._errors import (
 from ._lean import PostgresLane
 from ._projects import Projects
 from ._providers import Providers
+from ._receipts import ReceiptSigner
 from ._runner import AsyncEngineRunner, Runner, SQLiteRunner
 from ._secrets import SecretBox, SecretDigester
 from ._tokens import Tokens
@@ -54,13 +55,19 @@ class HealthStatus(BaseModel):
 class _Repositories:
     """The repositories over one runner: the store's own, or one transaction's."""
 
-    def __init__(self, runner: Runner, secrets: SecretBox, digester: SecretDigester) -> None:
+    def __init__(
+        self,
+        runner: Runner,
+        secrets: SecretBox,
+        digester: SecretDigester,
+        signer: ReceiptSigner,
+    ) -> None:
         self.projects = Projects(runner, secrets)
         self.tokens = Tokens(runner, digester)
         self.audit = Audit(runner)
         self.providers = Providers(runner, secrets)
         self.api_keys = ApiKeys(runner, secrets, digester)
-        self.usage = Usage(runner)
+        self.usage = Usage(runner, signer)
 
 
 class Transaction(_Repositories):
@@ -94,6 +101,7 @@ class Store:
         self._auto_upgrade = auto_upgrade
         self._secrets = SecretBox(config.encryption_keys, allow_plaintext=allow_plaintext_secrets)
         self._digester = SecretDigester(config.token_pepper)
+        self._signer = ReceiptSigner(config.receipt_signing_key)
         self._state = _State.NEW
         self._runner: SQLiteRunner | AsyncEngineRunner | None = None
         self._repositories: _Repositories | None = None
@@ -219,7 +227,7 @@ class Store:
             await runner.close()
             raise
         self._runner = runner
-        self._repositories = _Repositories(runner, self._secrets, self._digester)
+        self._repositories = _Repositories(runner, self._secrets, self._digester, self._signer)
         self._state = _State.OPEN
 
     async def _start_runner(self) -> SQLiteRunner | AsyncEngineRunner:
@@ -314,7 +322,7 @@ class Store:
         """One database transaction: committed on exit, rolled back on error or cancel."""
         runner = self._require_open()
         async with runner.transaction() as tx_runner:
-            yield Transaction(tx_runner, self._secrets, self._digester)
+            yield Transaction(tx_runner, self._secrets, self._digester, self._signer)
 
 
 async def _started(runner: SQLiteRunner, prepare: Callable[[Connection], None] | None) -> None:

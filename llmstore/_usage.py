@@ -15,21 +15,31 @@ from __future__ import annotations
 
 import builtins
 import datetime as dt
+import operator
+import os
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Annotated, Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Annotated, Any
 
 import pydantic
 import sqlalchemy as sa
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.util import await_only
 
 from ._errors import ConflictError, ValidationError
 from ._ids import utcnow
+from ._receipts import Receipt, ReceiptRepository, ReceiptSigner
 from ._runner import Runner
 from ._schema import usage_logs
+from ._usage_metrics import UsageMetrics, check_metrics_query, read_metrics
+from ._usage_purge import Progress as PurgeProgress
+from ._usage_purge import purge_usage
 from ._validate import MAX_INT64, check_id, check_json_mapping
+
+if TYPE_CHECKING:
+    from ._usage_writer import UsageWriter
 
 U = usage_logs
 ERROR_MESSAGE_MAX = 4000
@@ -41,6 +51,8 @@ _CHECK_CHUNK = 500
 
 
 def _encodable(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters (Postgres refuses them)")
     if not value.isascii():
         try:
             value.encode("utf-8")
@@ -232,25 +244,46 @@ def check_records(records: object) -> list[UsageRecord]:
     return checked
 
 
+def sqlite_utc_text(value: dt.datetime) -> str:
+    """A UTC datetime as UTCDateTime stores it on SQLite: naive, with microseconds."""
+    return value.replace(tzinfo=None).isoformat(" ", "microseconds")
+
+
 class _Encoder:
     """Rows as the driver takes them, through each column type's bind processor."""
 
     def __init__(self, dialect: Dialect) -> None:
-        self.processors = [
+        processors: list[Callable[[Any], Any] | None] = [
             U.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in _FIELDS
         ]
-        self.fields = list(_FIELDS.values())
+        if dialect.name == "sqlite":
+            # The same values by a shorter road (tests compare them with the processors'):
+            # a record's created_at is already UTC, sqlite3 stores bools as 1 and 0.
+            shortcuts: dict[type, Callable[[Any], Any] | None] = {
+                bool: None,
+                uuid.UUID: operator.attrgetter("hex"),
+            }
+            for index, name in enumerate(_FIELDS):
+                python_type = U.c[name].type.python_type
+                if name == "created_at":
+                    processors[index] = sqlite_utc_text
+                elif python_type in shortcuts:
+                    processors[index] = shortcuts[python_type]
+        # Most columns need no processing: take all values in one C call, then fix the few
+        # that do (a per-value Python loop cost more than the driver's insert).
+        self._values = operator.itemgetter(*_FIELDS.values())
+        self._processed = [(i, p) for i, p in enumerate(processors, start=1) if p is not None]
 
-    def rows(self, records: Sequence[UsageRecord], ids: Sequence[int]) -> list[tuple[Any, ...]]:
-        pairs = list(zip(self.fields, self.processors, strict=True))
+    def rows(self, records: Sequence[UsageRecord], ids: Sequence[int]) -> list[Any]:
+        values, processed = self._values, self._processed
         out = []
         for record, row_id in zip(records, ids, strict=True):
-            values = record.__dict__
-            row: list[Any] = [row_id]
-            for field, process in pairs:
-                value = values[field]
-                row.append(value if process is None or value is None else process(value))
-            out.append(tuple(row))
+            row = [row_id, *values(record.__dict__)]
+            for index, process in processed:
+                value = row[index]
+                if value is not None:
+                    row[index] = process(value)
+            out.append(row)
         return out
 
 
@@ -268,6 +301,19 @@ def _encoder(dialect: Dialect) -> _Encoder:
     return encoder
 
 
+_UNIQUE_VIOLATION = "23505"
+_SEQUENCES: dict[str | None, str] = {}
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a driver error, raised by asyncpg itself or wrapped by SQLAlchemy."""
+    for candidate in (exc, getattr(exc, "orig", None)):
+        code = getattr(candidate, "sqlstate", None)
+        if isinstance(code, str):
+            return code
+    return None
+
+
 def _schema(conn: Connection) -> str | None:
     translate = conn.get_execution_options().get("schema_translate_map") or {}
     schema: str | None = translate.get(None)
@@ -282,7 +328,22 @@ class UsageRepository:
 
     def insert(self, records: Sequence[UsageRecord]) -> RecordResult:
         """Write the records whose request id is new; report the others."""
-        seen = self._stored_request_ids(records)
+        if all(record.request_id is None for record in records):
+            return self._insert(records, stored=set())
+        if self._conn.dialect.name == "postgresql":
+            # Most batches repeat no stored request id: try them as they are, and look
+            # the ids up only when the unique index says one is taken. (The lookup first
+            # cost more than the COPY.)
+            try:
+                with self._conn.begin_nested():
+                    return self._insert(records, stored=set())
+            except Exception as exc:
+                if _sqlstate(exc) != _UNIQUE_VIOLATION:
+                    raise
+        return self._insert(records, stored=self._stored_request_ids(records))
+
+    def _insert(self, records: Sequence[UsageRecord], stored: set[str]) -> RecordResult:
+        seen = set(stored)
         fresh: list[UsageRecord] = []
         duplicates: list[str] = []
         positions: list[int | None] = []
@@ -307,6 +368,10 @@ class UsageRepository:
 
     def _stored_request_ids(self, records: Sequence[UsageRecord]) -> set[str]:
         wanted = sorted({r.request_id for r in records if r.request_id is not None})
+        if self._conn.dialect.name == "postgresql":
+            listed = sa.bindparam("wanted", wanted, type_=postgresql.ARRAY(sa.String()))
+            statement = sa.select(U.c.request_id).where(U.c.request_id == sa.any_(listed))
+            return set(self._conn.execute(statement).scalars())
         found: set[str] = set()
         for start in range(0, len(wanted), _CHECK_CHUNK):
             chunk = wanted[start : start + _CHECK_CHUNK]
@@ -321,9 +386,7 @@ class UsageRepository:
         if count == 0:
             return []
         if self._conn.dialect.name == "postgresql":
-            schema = _schema(self._conn)
-            table = "usage_logs" if schema is None else f'"{schema}".usage_logs'
-            sequence = sa.func.pg_get_serial_sequence(table, "id")
+            sequence = sa.cast(self._sequence(), postgresql.REGCLASS)
             statement = sa.select(sa.func.nextval(sequence)).select_from(
                 sa.func.generate_series(1, count)
             )
@@ -331,6 +394,16 @@ class UsageRepository:
         # SQLite: the write lock is held (BEGIN IMMEDIATE), so nobody else takes these.
         top = self._conn.execute(sa.select(sa.func.max(U.c.id))).scalar() or 0
         return list(range(top + 1, top + 1 + count))
+
+    def _sequence(self) -> str:
+        # Looked up once per schema: pg_get_serial_sequence per row cost 10 us each.
+        schema = _schema(self._conn)
+        name = _SEQUENCES.get(schema)
+        if name is None:
+            table = "usage_logs" if schema is None else f'"{schema}".usage_logs'
+            found = self._conn.execute(sa.select(sa.func.pg_get_serial_sequence(table, "id")))
+            name = _SEQUENCES[schema] = str(found.scalar_one())
+        return name
 
     def _write(self, records: Sequence[UsageRecord], ids: Sequence[int]) -> None:
         dialect = self._conn.dialect
@@ -417,8 +490,9 @@ def check_usage_id(value: object, what: str = "usage id") -> int:
 class Usage:
     """``store.usage`` and ``tx.usage``: usage rows, metrics, retention and receipts."""
 
-    def __init__(self, runner: Runner) -> None:
+    def __init__(self, runner: Runner, signer: ReceiptSigner | None = None) -> None:
         self._runner = runner
+        self._signer = ReceiptSigner(None) if signer is None else signer
 
     async def record(self, record: UsageRecord) -> RecordResult:
         """Write one row durably before returning (unless its request id is known)."""
@@ -474,4 +548,86 @@ class Usage:
         }
         return await self._runner.read(
             lambda conn: UsageRepository(conn).list(**filters), single=True
+        )
+
+    async def metrics(
+        self,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+        group_by: str | Sequence[str] = (),
+        bucket: str | None = None,
+        **filters: Any,
+    ) -> builtins.list[UsageMetrics]:
+        """Requests, tokens, cost and latency per bucket and group, in one statement.
+
+        ``since`` is inclusive and ``until`` exclusive, on ``created_at``. ``group_by``
+        names columns among model, provider, project_id, api_key_id, origin, alias and
+        profile; ``bucket`` is None, "minute", "hour" or "day" (UTC). ``filters`` are
+        equality filters on api_key_id, project_id, token_id, model, provider, origin,
+        alias, profile, success and is_streaming (None: not filtered).
+        """
+        query = check_metrics_query(
+            since=since, until=until, group_by=group_by, bucket=bucket, filters=filters
+        )
+        return await self._runner.read(lambda conn: read_metrics(conn, query), single=True)
+
+    async def purge(
+        self,
+        older_than: dt.datetime | dt.timedelta,
+        batch_size: int = 10_000,
+        export_to: str | os.PathLike[str] | None = None,
+        progress: PurgeProgress | None = None,
+    ) -> int:
+        """Delete the rows created before a cutoff, one short transaction per batch.
+
+        ``older_than`` is the cutoff (an aware datetime) or its age (a timedelta before
+        now); a row created exactly at the cutoff is kept. With ``export_to`` (a new
+        ``.jsonl`` or ``.csv`` file) each batch is written there and fsynced before it is
+        deleted. ``progress(deleted, batches)`` is called after each batch. Returns the
+        number of rows deleted.
+        """
+        return await purge_usage(
+            self._runner,
+            older_than,
+            batch_size=batch_size,
+            export_to=export_to,
+            progress=progress,
+        )
+
+    async def issue_receipt(self, usage_id: int) -> Receipt:
+        """The row's signed receipt: issued and stored now, or the one issued before.
+
+        Raises NotFoundError for an unknown row (unless it had a receipt before it was
+        deleted) and ConfigError when ``LLMSTORE_RECEIPT_SIGNING_KEY`` is not set.
+        """
+        checked = check_usage_id(usage_id)
+        signer = self._signer.require()
+        return await self._runner.write(
+            lambda conn: ReceiptRepository(conn).issue(checked, signer, UsageRepository(conn).get)
+        )
+
+    async def get_receipt(self, receipt_id: uuid.UUID | str) -> Receipt | None:
+        """The stored receipt with that id, or None; needs no signing key."""
+        checked = check_id(receipt_id, "receipt id")
+        return await self._runner.read(
+            lambda conn: ReceiptRepository(conn).get(checked), single=True
+        )
+
+    def writer(
+        self, max_batch: int = 500, flush_interval: float = 0.5, max_pending: int = 10_000
+    ) -> UsageWriter:
+        """A buffered writer for logging off the request path: ``async with`` it, ``put`` rows.
+
+        Rows are written in batches of up to ``max_batch``, at least every
+        ``flush_interval`` seconds; ``put`` waits while ``max_pending`` rows are held.
+        Failed batches are retried until written; closing drains. See ``UsageWriter``.
+        """
+        # Imported here: the writer's module builds on this one.
+        from ._usage_writer import UsageWriter
+
+        return UsageWriter(
+            self._runner,
+            max_batch=max_batch,
+            flush_interval=flush_interval,
+            max_pending=max_pending,
         )

@@ -20,8 +20,9 @@ def config_json(config: StoreConfig) -> str:
     data = config.model_dump()
     data["url"] = config.url.get_secret_value()
     data["encryption_keys"] = [key.get_secret_value() for key in config.encryption_keys]
-    pepper = config.token_pepper
-    data["token_pepper"] = None if pepper is None else pepper.get_secret_value()
+    for field in ("token_pepper", "receipt_signing_key"):
+        secret = getattr(config, field)
+        data[field] = None if secret is None else secret.get_secret_value()
     return json.dumps(data)
 
 

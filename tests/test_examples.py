@@ -57,3 +57,29 @@ def test_proxy_tokens_example(tmp_path: Path) -> None:
     assert "401/429: malformed" in result.stdout
     assert "chain intact: True" in result.stdout
     assert "lst_" in result.stdout  # the display prefix, never the whole secret
+
+
+@pytest.mark.parametrize("with_key", [False, True])
+def test_usage_logging_example(tmp_path: Path, with_key: bool) -> None:
+    from llmstore._receipts import generate_signing_key
+
+    extra = {"LLMSTORE_RECEIPT_SIGNING_KEY": generate_signing_key()} if with_key else {}
+    env = _clean_env(tmp_path, **extra)
+    upgrade = _run([sys.executable, "-m", "llmstore", "upgrade"], tmp_path, env)
+    assert upgrade.returncode == 0, upgrade.stderr
+    result = _run([sys.executable, str(ROOT / "examples" / "usage_logging.py")], tmp_path, env)
+    assert result.returncode == 0, result.stderr
+    assert "written: 250, failed attempts: 0" in result.stdout
+    assert (
+        sum(
+            int(line.split(": ")[1].split()[0])
+            for line in result.stdout.splitlines()
+            if " requests, " in line
+        )
+        == 250
+    )
+    if with_key:
+        assert "valid=True" in result.stdout
+        assert "with the cost changed: valid=False" in result.stdout
+    else:
+        assert "skipping the receipt" in result.stdout

@@ -74,6 +74,9 @@ def test_created_at_is_kept_in_utc() -> None:
         {"request_id": ""},
         {"request_id": "x" * 201},
         {"model": "\ud800"},
+        {"model": "gpt\x00"},
+        {"error_message": "bad\x00byte"},
+        {"finish_reason": "\x00"},
         {"api_key_id": "not-a-uuid"},
         {"metadata": {"x": object()}},
         {"metadata": {"x": "y" * 20_000}},
@@ -359,3 +362,35 @@ async def test_any_page_size_walks_every_row_once_newest_first(
         ((r.created_at, i) for i, r in enumerate(records)), key=lambda pair: pair, reverse=True
     )
     assert [row.cost for row in walked] == [i for _, i in expected]
+
+
+# -- the bulk path's encoding -------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    moment=st.datetimes(
+        min_value=dt.datetime(1, 1, 1),
+        max_value=dt.datetime(9999, 12, 31),
+        timezones=st.just(dt.UTC),
+    ),
+    ident=st.uuids(),
+    flag=st.booleans(),
+)
+def test_sqlite_shortcuts_store_what_the_column_types_store(
+    moment: dt.datetime, ident: uuid.UUID, flag: bool
+) -> None:
+    from sqlalchemy.dialects import sqlite
+
+    from llmstore._usage import _Encoder
+
+    dialect = sqlite.dialect()
+    record = UsageRecord(created_at=moment, api_key_id=ident, is_streaming=flag)
+    fast = _Encoder(dialect).rows([record], [1])[0]
+    columns = ["id", *(c.name for c in usage_logs.c if c.name != "id")]
+    for index, name in enumerate(columns[1:], start=1):
+        process = usage_logs.c[name].type.dialect_impl(dialect).bind_processor(dialect)
+        value = getattr(record, "metadata" if name == "usage_metadata" else name)
+        expected = value if process is None or value is None else process(value)
+        assert fast[index] == expected, name
+        assert type(fast[index]) is type(expected) or isinstance(value, bool), name

@@ -78,7 +78,7 @@ def upgrade() -> None:
         sa.Column("issued_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_usage_receipts")),
     )
-    op.create_index(op.f("ix_usage_receipts_usage_id"), "usage_receipts", ["usage_id"])
+    op.create_index(op.f("ix_usage_receipts_usage_id"), "usage_receipts", ["usage_id"], unique=True)
 
 
 def downgrade() -> None:

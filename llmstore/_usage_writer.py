@@ -1,0 +1,539 @@
+"""Buffered usage logging off the request path: ``store.usage.writer()``.
+
+``put`` queues a checked record and returns at once while fewer than ``max_pending`` rows
+are held; otherwise it waits until a flush makes room (back-pressure: a row is never
+dropped). One background task takes up to ``max_batch`` rows as soon as that many are
+queued, or once the oldest has waited ``flush_interval`` seconds, and writes them in one
+transaction with ``record_many``'s bulk path (a known ``request_id`` is reported, not an
+error). A failed batch keeps its rows and is retried, as the same batch, with capped
+exponential backoff, for as long as it takes. Closing drains the queue first.
+
+Exactly once. A failure before COMMIT leaves nothing behind, so retrying is safe. The one
+ambiguous failure is a COMMIT whose reply never arrives (the connection dropped): the rows
+may be stored, and a retry would store rows without a ``request_id`` twice. On Postgres the
+transaction notes its own id (``txid_current()``) and the writer asks ``txid_status()``
+before retrying. SQLite commits in-process, so an error there means nothing was stored.
+If the event loop cancels the writer's own tasks mid-write (a writer never closed, torn
+down by ``asyncio.run``), the batch is settled the same way; on SQLite by looking for its
+first row, from the writer thread, which runs after the interrupted write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import enum
+import functools
+import logging
+import math
+import random
+import time
+from collections import deque
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+import sqlalchemy as sa
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy.engine import Connection
+
+from ._errors import (
+    DatabaseUnavailableError,
+    LlmstoreError,
+    StoreClosedError,
+    TransactionError,
+    UnwrittenUsageError,
+    ValidationError,
+    WriterClosedError,
+)
+from ._runner import Runner, _current_transaction
+from ._usage import MAX_BATCH, RecordResult, UsageRecord, UsageRepository
+
+logger = logging.getLogger("llmstore")
+
+_BACKOFF_FIRST = 0.05
+_BACKOFF_MAX = 5.0
+_TASK_NAME = "llmstore usage writer"
+# The writer's tasks, so that a writer nobody references still finishes its work.
+_RUNNING: set[asyncio.Task[Any]] = set()
+
+
+class WriterStats(BaseModel):
+    """A snapshot of a usage writer's counters (``writer.stats``).
+
+    * ``pending``: rows put and not yet written (queued, or in the batch being written).
+    * ``written``: rows stored.
+    * ``duplicates``: rows not stored because their ``request_id`` was already stored.
+    * ``retried``: rows settled (stored or duplicate) only after their batch had failed.
+    * ``failed_attempts``: write attempts that failed; each is logged as a warning.
+    * ``batches``: batches settled, one transaction each.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    pending: int
+    written: int
+    duplicates: int
+    retried: int
+    failed_attempts: int
+    batches: int
+
+
+class _State(enum.Enum):
+    OPEN = "open"
+    CLOSING = "closing"  # takes no new rows; drains what it holds
+    DONE = "done"  # drained, or stopped with rows that close() hands over
+
+
+@dataclass
+class _Attempt:
+    """How far one write got, as seen from inside its transaction."""
+
+    batch: list[UsageRecord]
+    xid: int | None = None  # Postgres: the transaction's id, for txid_status()
+    result: RecordResult | None = None  # set once only COMMIT remains
+
+
+def _write(conn: Connection, attempt: _Attempt) -> RecordResult:
+    if conn.dialect.name == "postgresql":
+        attempt.xid = conn.execute(sa.select(sa.func.txid_current())).scalar_one()
+    attempt.result = UsageRepository(conn).insert(attempt.batch)
+    return attempt.result  # only COMMIT remains
+
+
+def _stored_by_id(conn: Connection, attempt: _Attempt) -> bool:
+    """SQLite, after an interrupted write: is its batch stored? Runs after that write."""
+    result = attempt.result
+    if result is None or not result.written:
+        return False  # it failed (rolled back) or never ran, or had nothing new to store
+    index, row_id = next((i, rid) for i, rid in enumerate(result.ids) if rid is not None)
+    record = attempt.batch[index]
+    row = UsageRepository(conn).get(row_id)
+    return (
+        row is not None
+        and row.request_id == record.request_id
+        and row.created_at == record.created_at
+    )
+
+
+def _txid_status(conn: Connection, xid: int) -> str | None:
+    status: str | None = conn.execute(sa.select(sa.func.txid_status(xid))).scalar()
+    return status
+
+
+def _check_count(value: object, what: str, maximum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValidationError(f"{what} must be a positive integer")
+    if maximum is not None and value > maximum:
+        raise ValidationError(f"{what} must be at most {maximum}")
+    return value
+
+
+def _check_seconds(value: object, what: str, *, zero: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValidationError(f"{what} must be a number of seconds")
+    seconds = float(value)
+    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not zero):
+        bound = "0 or more" if zero else "more than 0"
+        raise ValidationError(f"{what} must be a finite number of seconds, {bound}")
+    return seconds
+
+
+class UsageWriter:
+    """Buffered, exactly-once usage logging; from ``store.usage.writer()``.
+
+    ``async with store.usage.writer() as w: await w.put(record)``; or ``put`` (the first
+    starts the background flusher) and ``await w.close()`` yourself. Leaving the block,
+    ``close()``, and cancelling the task inside the block all write every row held before
+    they return (a cancellation propagates once they have). Rows the database refuses stay
+    queued and are retried until it takes them; only ``close(timeout=...)`` gives up, and
+    it hands the rows back. Close the writer before the store: once the store is closed,
+    ``put`` raises WriterClosedError and ``close()`` hands the rows back.
+    """
+
+    def __init__(
+        self, runner: Runner, *, max_batch: int, flush_interval: float, max_pending: int
+    ) -> None:
+        if runner.autocommit_dialect is None:
+            raise TransactionError(
+                "a usage writer runs its own transactions: use store.usage.writer(), "
+                "not tx.usage.writer()"
+            )
+        self._max_batch = _check_count(max_batch, "max_batch", MAX_BATCH)
+        self._interval = _check_seconds(flush_interval, "flush_interval", zero=False)
+        self._max_pending = _check_count(max_pending, "max_pending")
+        if self._max_batch > self._max_pending:
+            raise ValidationError("max_batch must not be more than max_pending")
+        self._runner = runner
+        self._postgres = runner.autocommit_dialect == "postgresql"
+        self._state = _State.OPEN
+        self._queue: deque[tuple[float, UsageRecord]] = deque()
+        self._batch: list[UsageRecord] = []  # taken from the queue, being written
+        self._held = 0  # rows queued or in the batch, plus room promised to waiting puts
+        self._putters: deque[asyncio.Future[None]] = deque()
+        self._wake = asyncio.Event()  # a row, a full batch, a put gave up, or close
+        self._stop = asyncio.Event()  # close's timeout passed, or the store is gone
+        self._flusher: asyncio.Task[None] | None = None
+        self._inflight: asyncio.Task[bool] | None = None
+        self._unsettled: _Attempt | None = None
+        self._last_error: BaseException | None = None
+        self._fatal: LlmstoreError | None = None
+        self._handed_over = False
+        self._streak = 0  # failures in a row
+        self._batch_failed = False
+        self._cancelled = False
+        self._written = self._duplicates = self._retried = 0
+        self._failed_attempts = self._batches = 0
+
+    @property
+    def stats(self) -> WriterStats:
+        return WriterStats(
+            pending=len(self._queue) + len(self._batch),
+            written=self._written,
+            duplicates=self._duplicates,
+            retried=self._retried,
+            failed_attempts=self._failed_attempts,
+            batches=self._batches,
+        )
+
+    async def __aenter__(self) -> Self:
+        if self._state is not _State.OPEN:
+            raise WriterClosedError("this usage writer is closed")
+        self._start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # Drain even when the owner is cancelled (again and again): the rows come first.
+        cancelled = False
+        while True:
+            try:
+                await self.close()
+            except asyncio.CancelledError:
+                cancelled = True
+                continue
+            break
+        if cancelled and not isinstance(exc, asyncio.CancelledError):
+            raise asyncio.CancelledError
+
+    async def put(self, record: UsageRecord) -> None:
+        """Queue ``record``: at once while fewer than ``max_pending`` rows are held, else
+        after a flush makes room (waiting puts are let in in order).
+
+        Raises ValidationError for anything but a UsageRecord, WriterClosedError once
+        ``close()`` has begun, and TransactionError rather than wait forever inside
+        ``store.transaction()`` on SQLite (the flush needs the write lock it holds). A put
+        cancelled while it waits queues nothing.
+        """
+        if not isinstance(record, UsageRecord):
+            raise ValidationError(f"record must be a UsageRecord, not {type(record).__name__}")
+        if self._state is not _State.OPEN:
+            raise WriterClosedError(self._closed_message())
+        self._start()
+        if self._putters or self._held >= self._max_pending:
+            await self._wait_for_room()
+        else:
+            self._held += 1
+        self._queue.append((time.monotonic(), record))
+        if len(self._queue) == 1 or len(self._queue) >= self._max_batch:
+            self._wake.set()
+
+    # Not asyncio.timeout: cancelling close() would lose track of the rows; the timeout
+    # only ends the retrying, and the rows left are handed back in the error.
+    async def close(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        """Write every row held, then stop; put() raises WriterClosedError from now on.
+
+        With ``timeout`` (seconds), stop retrying once it has passed (after the write in
+        progress, if any, ends) and raise UnwrittenUsageError carrying the rows not
+        written. The error is raised once; later calls return at once.
+        """
+        limit = None if timeout is None else _check_seconds(timeout, "timeout", zero=True)
+        if self._state is _State.OPEN:
+            self._state = _State.CLOSING if self._flusher is not None else _State.DONE
+            self._wake.set()
+        flusher = self._flusher
+        if flusher is not None:
+            if limit is not None and not flusher.done():
+                done, _ = await asyncio.wait({flusher}, timeout=limit)
+                if not done:
+                    self._stop.set()
+            await asyncio.wait({flusher})
+            if not flusher.cancelled() and flusher.exception() is not None:
+                self._last_error = flusher.exception()
+        inflight = self._inflight  # left running if the flusher was cancelled twice
+        if inflight is not None and not inflight.done():
+            await asyncio.wait({inflight})
+        await self._settle_before_hand_over()
+        self._hand_over()
+
+    def _start(self) -> None:
+        if self._flusher is None:
+            self._flusher = self._spawn(self._run())
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        # A fresh context: the writer's work belongs to no request or transaction.
+        task = asyncio.get_running_loop().create_task(
+            coro, name=_TASK_NAME, context=contextvars.Context()
+        )
+        _RUNNING.add(task)
+        task.add_done_callback(_RUNNING.discard)
+        return task
+
+    def _closed_message(self) -> str:
+        if self._fatal is not None:
+            return f"this usage writer stopped: {self._fatal}"
+        return "this usage writer is closed"
+
+    # --- back-pressure -------------------------------------------------------------------
+
+    async def _wait_for_room(self) -> None:
+        current = _current_transaction.get()
+        if (
+            self._runner.autocommit_dialect == "sqlite"
+            and current is not None
+            and current[0] is self._runner
+            and current[1] is asyncio.current_task()
+        ):
+            raise TransactionError(
+                "the usage writer is full and cannot flush while this task holds SQLite's "
+                "write lock in store.transaction(): put rows after the transaction"
+            )
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._putters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.cancelled():
+                if waiter in self._putters:
+                    self._putters.remove(waiter)
+            else:
+                self._held -= 1  # the room promised to this put goes to the next one
+            self._admit_waiting()
+            raise
+        finally:
+            self._wake.set()  # the flusher may be waiting for this put to end
+        if self._state is _State.DONE:
+            raise WriterClosedError(self._closed_message())
+
+    def _admit_waiting(self) -> None:
+        while self._putters and self._held < self._max_pending:
+            waiter = self._putters.popleft()
+            if not waiter.done():  # a cancelled put not yet woken to remove itself
+                self._held += 1
+                waiter.set_result(None)
+
+    # --- the flusher ---------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                try:
+                    await self._flush_until_drained()
+                    return
+                except asyncio.CancelledError:
+                    # Only a cancellation from outside reaches here, such as asyncio.run
+                    # cancelling every task of a writer that was never closed. The first
+                    # one is taken as close(); a second one abandons the drain.
+                    held = len(self._queue) + len(self._batch)
+                    if self._cancelled:
+                        logger.error(
+                            "usage writer cancelled twice: %d rows not written; "
+                            "close() hands them over",
+                            held,
+                        )
+                        raise
+                    self._cancelled = True
+                    task = asyncio.current_task()
+                    assert task is not None
+                    task.uncancel()
+                    logger.warning("usage writer cancelled: writing its %d rows first", held)
+                    if self._state is _State.OPEN:
+                        self._state = _State.CLOSING
+        finally:
+            self._state = _State.DONE
+            for waiter in self._putters:
+                if not waiter.done():
+                    waiter.set_result(None)  # the put raises WriterClosedError
+            self._putters.clear()
+
+    async def _flush_until_drained(self) -> None:
+        while not self._stop.is_set():
+            inflight = self._inflight
+            if inflight is None:
+                if not self._batch and not await self._next_batch():
+                    return
+                inflight = self._inflight = self._spawn(self._attempt())
+            try:
+                # Shielded: cancelling the flusher must not leave a write's outcome unknown.
+                ok = await asyncio.shield(inflight)
+            except asyncio.CancelledError:
+                if inflight.done():
+                    self._inflight = None  # the write itself was cancelled: now unsettled
+                task = asyncio.current_task()
+                if task is not None and task.cancelling() == 0:
+                    continue
+                raise
+            self._inflight = None
+            if not ok:
+                await self._sleep(self._delay(), wake=False)
+
+    async def _next_batch(self) -> bool:
+        """Move the next batch from the queue; False when no more rows will come."""
+        while not self._stop.is_set():
+            if self._queue:
+                due = self._queue[0][0] + self._interval
+                wait = due - time.monotonic()
+                if self._state is not _State.OPEN or len(self._queue) >= self._max_batch:
+                    wait = 0
+                if wait <= 0:
+                    count = min(len(self._queue), self._max_batch)
+                    self._batch = [self._queue.popleft()[1] for _ in range(count)]
+                    self._batch_failed = False
+                    return True
+                await self._sleep(wait, wake=True)
+            elif self._state is not _State.OPEN and self._held == 0 and not self._putters:
+                return False
+            else:
+                await self._sleep(None, wake=True)
+        return False
+
+    async def _sleep(self, seconds: float | None, *, wake: bool) -> None:
+        """Sleep until ``seconds`` pass or close() stops retrying (or, if ``wake``, a row)."""
+        waits = [asyncio.ensure_future(self._stop.wait())]
+        if wake:
+            self._wake.clear()
+            waits.append(asyncio.ensure_future(self._wake.wait()))
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+
+    def _delay(self) -> float:
+        ceiling = min(_BACKOFF_MAX, _BACKOFF_FIRST * 2.0 ** min(self._streak - 1, 16))
+        return ceiling * random.uniform(0.5, 1.0)
+
+    # --- one attempt ---------------------------------------------------------------------
+
+    async def _attempt(self) -> bool:
+        """Settle an earlier write whose outcome is unknown, or write the batch; True if done.
+
+        Runs as its own task, so that a cancelled flusher can wait for its outcome.
+        """
+        attempt = _Attempt(self._batch)
+        try:
+            if self._unsettled is not None:
+                previous = self._unsettled
+                if await self._settle(previous):
+                    assert previous.result is not None
+                    self._settled(previous.result)
+                    return True
+                self._unsettled = None
+            result = await self._runner.write(functools.partial(_write, attempt=attempt))
+        except asyncio.CancelledError:
+            # On SQLite the interrupted write may still run in the writer thread; on
+            # Postgres it may have reached COMMIT. Settle it before writing again.
+            if self._unsettled is None and (attempt.xid is not None or not self._postgres):
+                self._unsettled = attempt
+            raise
+        except Exception as exc:
+            done = attempt.result
+            if self._postgres and done is not None and done.written:
+                self._unsettled = attempt  # COMMIT was sent; did it happen?
+            self._failed(exc)
+            return False
+        self._settled(result)
+        return True
+
+    async def _settle(self, attempt: _Attempt) -> bool:
+        """Whether an ambiguous write was committed; raises if that cannot be told yet."""
+        if not self._postgres:
+            return await self._runner.write(
+                functools.partial(_stored_by_id, attempt=attempt), single=True
+            )
+        if attempt.xid is None:
+            return False
+        xid = attempt.xid
+        status = await self._runner.read(functools.partial(_txid_status, xid=xid), single=True)
+        if status == "in progress":
+            raise DatabaseUnavailableError("an interrupted usage write has not ended yet")
+        return status == "committed"
+
+    async def _settle_before_hand_over(self) -> None:
+        attempt = self._unsettled
+        if attempt is None or self._handed_over or self._fatal is not None:
+            return
+        try:
+            committed = await self._settle(attempt)
+        except LlmstoreError:
+            logger.warning(
+                "usage writer: %d rows handed back may already be stored "
+                "(their last write's outcome is unknown)",
+                len(attempt.batch),
+            )
+            return
+        self._unsettled = None
+        if committed and attempt.result is not None:
+            self._settled(attempt.result)
+
+    def _settled(self, result: RecordResult) -> None:
+        count = len(self._batch)
+        self._written += result.written
+        self._duplicates += len(result.duplicate_request_ids)
+        self._batches += 1
+        if self._batch_failed:
+            self._retried += count
+        self._unsettled = None
+        self._batch = []
+        self._held -= count
+        self._streak = 0
+        self._admit_waiting()
+
+    def _failed(self, exc: Exception) -> None:
+        self._failed_attempts += 1
+        self._streak += 1
+        self._batch_failed = True
+        self._last_error = exc
+        # Never the rows: an llmstore error's message quotes no parameters; others may.
+        reason = type(exc).__name__
+        if isinstance(exc, LlmstoreError):
+            reason = f"{reason}: {exc}"
+        if isinstance(exc, StoreClosedError):
+            self._fatal = exc
+            self._stop.set()
+            logger.error(
+                "usage writer: the store was closed under it; %d rows not written "
+                "(close the writer before the store; close() hands them over)",
+                len(self._queue) + len(self._batch),
+            )
+            return
+        logger.warning(
+            "usage writer: writing a batch of %d rows failed (%d in a row), retrying: %s",
+            len(self._batch),
+            self._streak,
+            reason,
+        )
+
+    def _hand_over(self) -> None:
+        records = [*self._batch, *(record for _, record in self._queue)]
+        self._state = _State.DONE
+        if not records or self._handed_over:
+            return
+        self._handed_over = True
+        self._batch = []
+        self._queue.clear()
+        self._held = 0
+        if self._fatal is not None:
+            why = "the store was closed"
+        elif self._stop.is_set():
+            why = "close() timed out"
+        else:
+            why = "the writer was stopped"
+        raise UnwrittenUsageError(
+            f"{len(records)} usage records were not written ({why}): they are in .records",
+            records,
+        ) from self._last_error
