@@ -14,6 +14,7 @@
     ├── StoreClosedError          the store is not open (never opened, or closed)
     ├── WriterClosedError         a usage writer was given a row after it closed
     ├── UnwrittenUsageError       a usage writer stopped with rows unwritten (``.records``)
+    ├── ExportError               a purge could not write its export; that batch stays
     ├── TransactionError          a transaction used the wrong way
     ├── SchemaError
     │   ├── SchemaOutOfDateError  the database is behind the installed code

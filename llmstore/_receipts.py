@@ -1,8 +1,9 @@
 """Signed receipts: a usage row stated as canonical JSON and signed with Ed25519.
 
 A receipt can be checked by anyone holding it and the operator's public key, without the
-database: ``payload`` is the exact signed text (RFC 8785, see ``_jcs``), and it names its
-own receipt id, time, format version and public key besides every field of the row::
+database: ``payload`` is the exact signed text (RFC 8785 with exact integers, see
+``_jcs``), and it names its own receipt id, time, format version and public key besides
+every field of the row::
 
     {"issued_at": "...", "public_key": "...", "receipt_id": "...",
      "usage": {"cost": 1500, "created_at": "...", "id": 42, ...},

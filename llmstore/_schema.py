@@ -333,6 +333,8 @@ usage_logs = sa.Table(
     sa.Index(None, "api_key_id", "created_at", "id"),
     sa.Index(None, "project_id", "created_at", "id"),
     sa.Index(None, "model", "created_at"),
+    # SQLite: never reuse the id of a purged row (a receipt may still name it).
+    sqlite_autoincrement=True,
 )
 
 usage_receipts = sa.Table(
@@ -341,7 +343,7 @@ usage_receipts = sa.Table(
     sa.Column("id", sa.Uuid(), primary_key=True),
     # No foreign key: a receipt outlives the purge of the row it states.
     sa.Column("usage_id", sa.BigInteger(), nullable=False),
-    # The signed bytes: the row's canonical JSON (RFC 8785), as issued.
+    # The signed bytes: the row's canonical JSON (RFC 8785, with integers kept exact), as issued.
     sa.Column("payload", sa.Text(), nullable=False),
     sa.Column("signature", sa.String(200), nullable=False),
     sa.Column("public_key", sa.String(200), nullable=False),

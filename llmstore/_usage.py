@@ -19,7 +19,7 @@ import operator
 import os
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Self
 
 import pydantic
 import sqlalchemy as sa
@@ -36,13 +36,14 @@ from ._schema import usage_logs
 from ._usage_metrics import UsageMetrics, check_metrics_query, read_metrics
 from ._usage_purge import Progress as PurgeProgress
 from ._usage_purge import purge_usage
-from ._validate import MAX_INT64, check_id, check_json_mapping
+from ._validate import MAX_INT64, check_aware, check_id, check_json_mapping, check_name
 
 if TYPE_CHECKING:
     from ._usage_writer import UsageWriter
 
 U = usage_logs
 ERROR_MESSAGE_MAX = 4000
+NAME_MAX = 200
 MAX_BATCH = 100_000
 MAX_LIST = 10_000
 _TRUNCATED = "... [truncated from {} characters]"
@@ -78,7 +79,7 @@ def _truncated(value: str | None) -> str | None:
 
 Count = Annotated[int, Strict(), Field(ge=0, le=MAX_INT64)]
 Millis = Annotated[int, Strict(), Field(ge=0, le=MAX_INT64)]
-Name = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_encodable)]
+Name = Annotated[str, Field(min_length=1, max_length=NAME_MAX), AfterValidator(_encodable)]
 Rate = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
@@ -128,6 +129,20 @@ class UsageRecord(BaseModel):
     def __init__(self, **data: Any) -> None:
         try:
             super().__init__(**data)
+        except pydantic.ValidationError as exc:
+            raise ValidationError(f"invalid usage record: {_describe(exc)}") from None
+
+    @classmethod
+    def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> Self:
+        try:
+            return super().model_validate(obj, *args, **kwargs)
+        except pydantic.ValidationError as exc:
+            raise ValidationError(f"invalid usage record: {_describe(exc)}") from None
+
+    @classmethod
+    def model_validate_json(cls, json_data: Any, *args: Any, **kwargs: Any) -> Self:
+        try:
+            return super().model_validate_json(json_data, *args, **kwargs)
         except pydantic.ValidationError as exc:
             raise ValidationError(f"invalid usage record: {_describe(exc)}") from None
 
@@ -302,6 +317,10 @@ def _encoder(dialect: Dialect) -> _Encoder:
 
 
 _UNIQUE_VIOLATION = "23505"
+_SQLITE_TOP_ID = sa.text(
+    "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'usage_logs'), 0),"
+    " coalesce((SELECT max(id) FROM usage_logs), 0))"
+)
 _SEQUENCES: dict[str | None, str] = {}
 
 
@@ -392,7 +411,8 @@ class UsageRepository:
             )
             return list(self._conn.execute(statement).scalars())
         # SQLite: the write lock is held (BEGIN IMMEDIATE), so nobody else takes these.
-        top = self._conn.execute(sa.select(sa.func.max(U.c.id))).scalar() or 0
+        # AUTOINCREMENT's high-water mark keeps a purged row's id from coming back.
+        top = self._conn.execute(_SQLITE_TOP_ID).scalar() or 0
         return list(range(top + 1, top + 1 + count))
 
     def _sequence(self) -> str:
@@ -473,12 +493,8 @@ def check_list_limit(value: object) -> int:
     return value
 
 
-def check_aware(value: object, what: str) -> dt.datetime | None:
-    if value is None:
-        return None
-    if not isinstance(value, dt.datetime) or value.tzinfo is None:
-        raise ValidationError(f"{what} must be a timezone-aware datetime")
-    return value.astimezone(dt.UTC)
+def _optional_aware(value: object, what: str) -> dt.datetime | None:
+    return None if value is None else check_aware(value, what)
 
 
 def check_usage_id(value: object, what: str = "usage id") -> int:
@@ -532,8 +548,8 @@ class Usage:
         """Rows newest first; pass the last row's id as ``after`` for the next page."""
         key = None if api_key_id is None else check_id(api_key_id, "api_key_id")
         project = None if project_id is None else check_id(project_id, "project_id")
-        if model is not None and (not isinstance(model, str) or not model):
-            raise ValidationError("model must be a non-empty string")
+        if model is not None:
+            model = check_name(model, "model")
         if success is not None and not isinstance(success, bool):
             raise ValidationError("success must be True, False or None")
         filters: dict[str, Any] = {
@@ -541,8 +557,8 @@ class Usage:
             "project_id": project,
             "model": model,
             "success": success,
-            "since": check_aware(since, "since"),
-            "until": check_aware(until, "until"),
+            "since": _optional_aware(since, "since"),
+            "until": _optional_aware(until, "until"),
             "limit": check_list_limit(limit),
             "after": None if after is None else check_usage_id(after, "after"),
         }

@@ -23,7 +23,7 @@ from sqlalchemy.sql.functions import FunctionElement
 
 from ._errors import ValidationError
 from ._schema import UTCDateTime, usage_logs
-from ._validate import check_aware, check_id
+from ._validate import check_aware, check_id, check_name
 
 U = usage_logs
 GROUP_COLUMNS = ("model", "provider", "project_id", "api_key_id", "origin", "alias", "profile")
@@ -34,7 +34,6 @@ _BOOL_FILTERS = ("success", "is_streaming")
 FILTER_COLUMNS = (*_ID_FILTERS, *_TEXT_FILTERS, *_BOOL_FILTERS)
 PERCENTILES = (50, 95)
 TPS_DECIMALS = 3
-_NAME_MAX = 200
 _NO_BUCKET = dt.datetime.min.replace(tzinfo=dt.UTC)
 
 
@@ -139,13 +138,7 @@ def _check_filter(name: str, value: object) -> object:
         if not isinstance(value, bool):
             raise ValidationError(f"{name} must be True, False or None")
         return value
-    if not isinstance(value, str) or not 1 <= len(value) <= _NAME_MAX:
-        raise ValidationError(f"{name} must be a string of 1 to {_NAME_MAX} characters")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValidationError(f"{name} is not valid text (lone surrogates)") from None
-    return value
+    return check_name(value, name)
 
 
 class _BucketStart(FunctionElement[dt.datetime]):

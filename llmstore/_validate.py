@@ -41,6 +41,16 @@ def check_text(value: object, what: str, *, max_length: int) -> str:
     return value
 
 
+def check_name(value: object, what: str, *, max_length: int = 200) -> str:
+    """1 to ``max_length`` characters of valid text without NUL (Postgres refuses NUL)."""
+    if not isinstance(value, str) or not 1 <= len(value) <= max_length:
+        raise ValidationError(f"{what} must be a string of 1 to {max_length} characters")
+    if "\x00" in value:
+        raise ValidationError(f"{what} must not contain NUL characters")
+    _check_encodable(value, what)
+    return value
+
+
 def _check_encodable(value: str, what: str) -> None:
     if not value.isascii():
         try:

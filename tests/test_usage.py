@@ -90,6 +90,15 @@ def test_bad_records_raise_validation_error(fields: dict[str, Any]) -> None:
         UsageRecord(**fields)
 
 
+def test_validating_from_a_mapping_or_json_raises_validation_error_too() -> None:
+    assert UsageRecord.model_validate({"cost": 3}).cost == 3
+    assert UsageRecord.model_validate_json('{"model": "m"}').model == "m"
+    with pytest.raises(ValidationError, match="invalid usage record"):
+        UsageRecord.model_validate({"cost": -3})
+    with pytest.raises(ValidationError, match="invalid usage record"):
+        UsageRecord.model_validate_json('{"created_at": "2026-01-01T00:00:00"}')
+
+
 def test_an_oversized_error_message_is_truncated_and_marked() -> None:
     record = UsageRecord(success=False, error_message="e" * 10_000)
     assert record.error_message is not None
@@ -394,3 +403,11 @@ def test_sqlite_shortcuts_store_what_the_column_types_store(
         expected = value if process is None or value is None else process(value)
         assert fast[index] == expected, name
         assert type(fast[index]) is type(expected) or isinstance(value, bool), name
+
+
+async def test_ids_of_purged_rows_are_never_reused(store: Store) -> None:
+    first = await store.usage.record_many([UsageRecord(created_at=T0) for _ in range(3)])
+    top = max(i for i in first.ids if i is not None)
+    assert await store.usage.purge(T0 + dt.timedelta(days=1)) == 3
+    again = await store.usage.record(UsageRecord())
+    assert again.ids[0] is not None and again.ids[0] > top

@@ -54,6 +54,7 @@ def upgrade() -> None:
         sa.Column("usage_metadata", sa.JSON(none_as_null=True), nullable=True),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_usage_logs")),
         sa.UniqueConstraint("request_id", name=op.f("uq_usage_logs_request_id")),
+        sqlite_autoincrement=True,
     )
     op.create_index(op.f("ix_usage_logs_created_at_id"), "usage_logs", ["created_at", "id"])
     op.create_index(
