@@ -35,7 +35,7 @@ import llmstore
 from llmstore import Store, StoreConfig, UsageRecord
 from llmstore._migrations import upgrade
 
-from .run import DRIVERS, Driver, masked, postgres_reachable, postgres_url
+from .run import DRIVERS, Driver, masked, positive, postgres_reachable, postgres_url
 from .usage_data import UsageRows
 
 DEFAULT_ROWS: Final = 1_000_000
@@ -213,13 +213,6 @@ async def measure(driver: Driver, url: str, rows: int) -> None:
                     )
                 ),
             )
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -36,7 +36,16 @@ from ._schema import usage_logs
 from ._usage_metrics import UsageMetrics, check_metrics_query, read_metrics
 from ._usage_purge import Progress as PurgeProgress
 from ._usage_purge import purge_usage
-from ._validate import MAX_INT64, check_aware, check_id, check_json_mapping, check_name
+from ._validate import (
+    MAX_INT64,
+    check_aware,
+    check_id,
+    check_json_mapping,
+    check_limit,
+    check_name,
+    check_optional_bool,
+    check_positive_int,
+)
 
 if TYPE_CHECKING:
     from ._usage_writer import UsageWriter
@@ -487,20 +496,8 @@ class UsageRepository:
         return [log_from_row(row) for row in self._conn.execute(statement)]
 
 
-def check_list_limit(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_LIST:
-        raise ValidationError(f"limit must be an integer from 1 to {MAX_LIST}")
-    return value
-
-
 def _optional_aware(value: object, what: str) -> dt.datetime | None:
     return None if value is None else check_aware(value, what)
-
-
-def check_usage_id(value: object, what: str = "usage id") -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_INT64:
-        raise ValidationError(f"{what} must be a positive integer")
-    return value
 
 
 class Usage:
@@ -531,7 +528,7 @@ class Usage:
         raise AssertionError("unreachable")
 
     async def get(self, usage_id: int) -> UsageLog | None:
-        checked = check_usage_id(usage_id)
+        checked = check_positive_int(usage_id, "usage id")
         return await self._runner.read(lambda conn: UsageRepository(conn).get(checked), single=True)
 
     async def list(
@@ -550,17 +547,15 @@ class Usage:
         project = None if project_id is None else check_id(project_id, "project_id")
         if model is not None:
             model = check_name(model, "model")
-        if success is not None and not isinstance(success, bool):
-            raise ValidationError("success must be True, False or None")
         filters: dict[str, Any] = {
             "api_key_id": key,
             "project_id": project,
             "model": model,
-            "success": success,
+            "success": check_optional_bool(success, "success"),
             "since": _optional_aware(since, "since"),
             "until": _optional_aware(until, "until"),
-            "limit": check_list_limit(limit),
-            "after": None if after is None else check_usage_id(after, "after"),
+            "limit": check_limit(limit, maximum=MAX_LIST),
+            "after": None if after is None else check_positive_int(after, "after"),
         }
         return await self._runner.read(
             lambda conn: UsageRepository(conn).list(**filters), single=True
@@ -616,7 +611,7 @@ class Usage:
         Raises NotFoundError for an unknown row (unless it had a receipt before it was
         deleted) and ConfigError when ``LLMSTORE_RECEIPT_SIGNING_KEY`` is not set.
         """
-        checked = check_usage_id(usage_id)
+        checked = check_positive_int(usage_id, "usage id")
         signer = self._signer.require()
         return await self._runner.write(
             lambda conn: ReceiptRepository(conn).issue(checked, signer, UsageRepository(conn).get)

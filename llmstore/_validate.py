@@ -71,9 +71,9 @@ def check_secret(value: object, what: str, *, max_length: int = 4096) -> str:
     return value
 
 
-def check_limit(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PAGE:
-        raise ValidationError(f"limit must be an integer from 1 to {MAX_PAGE}, not {value!r:.40}")
+def check_limit(value: object, *, maximum: int = MAX_PAGE) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+        raise ValidationError(f"limit must be an integer from 1 to {maximum}, not {value!r:.40}")
     return value
 
 
