@@ -200,6 +200,9 @@ def translate(exc: BaseException) -> LlmstoreError | None:
     if isinstance(exc, sqlalchemy.exc.TimeoutError):
         return DatabaseUnavailableError(f"timed out waiting for a pooled connection ({exc})")
     if isinstance(exc, sqlite3.Error):
+        # Raised by sqlite3 used directly (the bulk insert path), not wrapped by SQLAlchemy.
+        if isinstance(exc, sqlite3.IntegrityError):
+            return _integrity_error(_driver_code(exc), f"{type(exc).__name__}: {exc}")
         if getattr(exc, "sqlite_errorname", "") in _SQLITE_BUSY:
             return DatabaseUnavailableError(f"database unavailable ({exc})")
         return DatabaseError(f"database error ({type(exc).__name__}: {exc})")

@@ -5,10 +5,20 @@ are held; otherwise it waits until a flush makes room (back-pressure: a row is n
 dropped). One background task takes up to ``max_batch`` rows as soon as that many are
 queued, or once the oldest has waited ``flush_interval`` seconds, and writes them in one
 transaction with ``record_many``'s bulk path (a known ``request_id`` is reported, not an
-error). A failed batch keeps its rows and is retried, as the same batch, with capped
-exponential backoff, for as long as it takes. Closing drains the queue first.
+error). Closing drains the queue first. What happens to a batch that fails depends on why:
 
-Exactly once. A failure before COMMIT leaves nothing behind, so retrying is safe. The one
+* The database could not take it (connection lost, locked, disk full, a failed COMMIT, a
+  racing duplicate): the batch keeps its rows and is retried, as the same batch, with
+  capped exponential backoff, for as long as it takes.
+* The database refused the rows themselves (a constraint, a trigger; or a row the driver
+  cannot encode): the batch is split in halves and each half written on its own, so the
+  rows it takes are written and a refused row ends up alone. A row refused alone is set
+  aside, never dropped: ``close()`` hands it back in UnwrittenUsageError.
+* The writer cannot go on (the store was closed, the schema or the configuration is
+  wrong): it stops; ``put`` raises WriterClosedError and ``close()`` hands the rows back.
+
+Exactly once, for every row not handed back. A failure before COMMIT leaves nothing
+behind, so retrying is safe. The one
 ambiguous failure is a COMMIT whose reply never arrives (the connection dropped): the rows
 may be stored, and a retry would store rows without a ``request_id`` twice. On Postgres the
 transaction notes its own id (``txid_current()``) and the writer asks ``txid_status()``
@@ -38,6 +48,8 @@ from pydantic import BaseModel, ConfigDict
 from sqlalchemy.engine import Connection
 
 from ._errors import (
+    ConflictError,
+    DatabaseError,
     DatabaseUnavailableError,
     LlmstoreError,
     StoreClosedError,
@@ -65,8 +77,10 @@ class WriterStats(BaseModel):
     * ``written``: rows stored.
     * ``duplicates``: rows not stored because their ``request_id`` was already stored.
     * ``retried``: rows settled (stored or duplicate) only after their batch had failed.
-    * ``failed_attempts``: write attempts that failed; each is logged as a warning.
+    * ``failed_attempts``: write attempts that failed; each is logged.
     * ``batches``: batches settled, one transaction each.
+    * ``rejected``: rows the database refused on their own; set aside, and handed back by
+      ``close()`` in UnwrittenUsageError.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -77,6 +91,7 @@ class WriterStats(BaseModel):
     retried: int
     failed_attempts: int
     batches: int
+    rejected: int
 
 
 class _State(enum.Enum):
@@ -116,6 +131,22 @@ def _stored_by_id(conn: Connection, attempt: _Attempt) -> bool:
     )
 
 
+class _Failure(enum.Enum):
+    TRANSIENT = "transient"  # retry the same batch after a backoff
+    REFUSED = "refused"  # the rows themselves: split the batch to find them
+    FATAL = "fatal"  # stop the writer
+
+
+def _classify(exc: BaseException) -> _Failure:
+    if isinstance(exc, ValidationError) or not isinstance(exc, LlmstoreError):
+        # A constraint or trigger refused a row, or the driver could not encode one (a
+        # record made with model_construct): other rows of the batch may well be fine.
+        return _Failure.REFUSED
+    if isinstance(exc, DatabaseError | ConflictError):
+        return _Failure.TRANSIENT  # ConflictError: a racing batch took a request id first
+    return _Failure.FATAL  # the store closed; a wrong schema, configuration or usage
+
+
 def _txid_status(conn: Connection, xid: int) -> str | None:
     status: str | None = conn.execute(sa.select(sa.func.txid_status(xid))).scalar()
     return status
@@ -145,10 +176,12 @@ class UsageWriter:
     ``async with store.usage.writer() as w: await w.put(record)``; or ``put`` (the first
     starts the background flusher) and ``await w.close()`` yourself. Leaving the block,
     ``close()``, and cancelling the task inside the block all write every row held before
-    they return (a cancellation propagates once they have). Rows the database refuses stay
-    queued and are retried until it takes them; only ``close(timeout=...)`` gives up, and
-    it hands the rows back. Close the writer before the store: once the store is closed,
-    ``put`` raises WriterClosedError and ``close()`` hands the rows back.
+    they return (a cancellation propagates once they have). Rows the database cannot take
+    stay queued and are retried until it takes them; only ``close(timeout=...)`` gives up,
+    and it hands the rows back. Rows the database refuses on their own are set aside and
+    handed back by ``close()`` (UnwrittenUsageError), once everything else is written.
+    Close the writer before the store: once the store is closed, ``put`` raises
+    WriterClosedError and ``close()`` hands the rows back.
     """
 
     def __init__(
@@ -167,34 +200,43 @@ class UsageWriter:
         self._runner = runner
         self._postgres = runner.autocommit_dialect == "postgresql"
         self._state = _State.OPEN
+        # Rows go from the queue into the batch being written. A batch the database
+        # refused is split: its other half waits in _parts, ahead of the queue, and a row
+        # refused alone goes to _rejected, for close() to hand back.
         self._queue: deque[tuple[float, UsageRecord]] = deque()
-        self._batch: list[UsageRecord] = []  # taken from the queue, being written
-        self._held = 0  # rows queued or in the batch, plus room promised to waiting puts
+        self._batch: list[UsageRecord] = []
+        self._parts: deque[list[UsageRecord]] = deque()
+        self._rejected: list[UsageRecord] = []
+        self._held = 0  # rows queued, in parts or in the batch, plus room promised to puts
         self._putters: deque[asyncio.Future[None]] = deque()
         self._wake = asyncio.Event()  # a row, a full batch, a put gave up, or close
         self._stop = asyncio.Event()  # close's timeout passed, or the store is gone
         self._flusher: asyncio.Task[None] | None = None
-        self._inflight: asyncio.Task[bool] | None = None
-        self._unsettled: _Attempt | None = None
+        self._inflight: asyncio.Task[bool] | None = None  # the write in progress
+        self._unsettled: _Attempt | None = None  # a write whose outcome is not known yet
         self._last_error: BaseException | None = None
-        self._fatal: LlmstoreError | None = None
-        self._handed_over = False
-        self._streak = 0  # failures in a row
-        self._batch_failed = False
-        self._cancelled = False
+        self._fatal: BaseException | None = None  # why the writer stopped, if it did
+        self._handed_over = False  # close() has raised UnwrittenUsageError once
+        self._streak = 0  # transient failures in a row, for the backoff
+        self._batch_failed = False  # the batch's rows have failed before (stats.retried)
+        self._cancelled = False  # the flusher was cancelled from outside once already
         self._written = self._duplicates = self._retried = 0
-        self._failed_attempts = self._batches = 0
+        self._failed_attempts = self._batches = self._rejected_count = 0
 
     @property
     def stats(self) -> WriterStats:
         return WriterStats(
-            pending=len(self._queue) + len(self._batch),
+            pending=self._pending(),
             written=self._written,
             duplicates=self._duplicates,
             retried=self._retried,
             failed_attempts=self._failed_attempts,
             batches=self._batches,
+            rejected=self._rejected_count,
         )
+
+    def _pending(self) -> int:
+        return len(self._queue) + len(self._batch) + sum(map(len, self._parts))
 
     async def __aenter__(self) -> Self:
         if self._state is not _State.OPEN:
@@ -247,9 +289,10 @@ class UsageWriter:
     async def close(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
         """Write every row held, then stop; put() raises WriterClosedError from now on.
 
-        With ``timeout`` (seconds), stop retrying once it has passed (after the write in
-        progress, if any, ends) and raise UnwrittenUsageError carrying the rows not
-        written. The error is raised once; later calls return at once.
+        Raises UnwrittenUsageError carrying the rows not written, if any: rows the
+        database refused on their own, and, with ``timeout`` (seconds), the rows still
+        held once it has passed (after the write in progress, if any, ends) and retrying
+        stops. The error is raised once; later calls return at once.
         """
         limit = None if timeout is None else _check_seconds(timeout, "timeout", zero=True)
         if self._state is _State.OPEN:
@@ -338,7 +381,7 @@ class UsageWriter:
                     # Only a cancellation from outside reaches here, such as asyncio.run
                     # cancelling every task of a writer that was never closed. The first
                     # one is taken as close(); a second one abandons the drain.
-                    held = len(self._queue) + len(self._batch)
+                    held = self._pending()
                     if self._cancelled:
                         logger.error(
                             "usage writer cancelled twice: %d rows not written; "
@@ -384,6 +427,10 @@ class UsageWriter:
     async def _next_batch(self) -> bool:
         """Move the next batch from the queue; False when no more rows will come."""
         while not self._stop.is_set():
+            if self._parts:
+                self._batch = self._parts.popleft()
+                self._batch_failed = True
+                return True
             if self._queue:
                 due = self._queue[0][0] + self._interval
                 wait = due - time.monotonic()
@@ -420,8 +467,9 @@ class UsageWriter:
     # --- one attempt ---------------------------------------------------------------------
 
     async def _attempt(self) -> bool:
-        """Settle an earlier write whose outcome is unknown, or write the batch; True if done.
+        """Settle an earlier write whose outcome is unknown, or write the batch.
 
+        Returns False when the next attempt should wait (a backoff), True otherwise.
         Runs as its own task, so that a cancelled flusher can wait for its outcome.
         """
         attempt = _Attempt(self._batch)
@@ -444,8 +492,12 @@ class UsageWriter:
             done = attempt.result
             if self._postgres and done is not None and done.written:
                 self._unsettled = attempt  # COMMIT was sent; did it happen?
-            self._failed(exc)
-            return False
+            failure = _classify(exc)
+            if failure is _Failure.REFUSED and self._unsettled is not None:
+                failure = _Failure.TRANSIENT  # the rows were taken; only COMMIT failed
+            self._failed(exc, failure)
+            return failure is not _Failure.TRANSIENT  # only then back off
+
         self._settled(result)
         return True
 
@@ -465,9 +517,12 @@ class UsageWriter:
 
     async def _settle_before_hand_over(self) -> None:
         attempt = self._unsettled
-        if attempt is None or self._handed_over or self._fatal is not None:
+        if attempt is None or self._handed_over:
             return
         try:
+            if self._fatal is not None:
+                # The store may be gone, or unusable: it cannot be asked.
+                raise DatabaseUnavailableError("the writer stopped")
             committed = await self._settle(attempt)
         except LlmstoreError:
             logger.warning(
@@ -493,47 +548,92 @@ class UsageWriter:
         self._streak = 0
         self._admit_waiting()
 
-    def _failed(self, exc: Exception) -> None:
+    def _failed(self, exc: Exception, failure: _Failure) -> None:
         self._failed_attempts += 1
-        self._streak += 1
         self._batch_failed = True
         self._last_error = exc
         # Never the rows: an llmstore error's message quotes no parameters; others may.
         reason = type(exc).__name__
         if isinstance(exc, LlmstoreError):
             reason = f"{reason}: {exc}"
-        if isinstance(exc, StoreClosedError):
+        if failure is _Failure.FATAL:
             self._fatal = exc
             self._stop.set()
             logger.error(
-                "usage writer: the store was closed under it; %d rows not written "
-                "(close the writer before the store; close() hands them over)",
-                len(self._queue) + len(self._batch),
+                "usage writer stopped: %s; %d rows not written (close() hands them over%s)",
+                reason,
+                self._pending(),
+                "; close the writer before the store" if isinstance(exc, StoreClosedError) else "",
+            )
+        elif failure is _Failure.REFUSED:
+            self._split(reason)
+        else:
+            self._streak += 1
+            logger.warning(
+                "usage writer: writing a batch of %d rows failed (%d in a row), retrying: %s",
+                len(self._batch),
+                self._streak,
+                reason,
+            )
+
+    def _split(self, reason: str) -> None:
+        """Write a refused batch in halves, or set a refused row aside."""
+        batch = self._batch
+        if len(batch) > 1:
+            middle = len(batch) // 2
+            self._parts.appendleft(batch[middle:])
+            self._batch = batch[:middle]
+            logger.warning(
+                "usage writer: the database refused a batch of %d rows; writing it in "
+                "halves to find the rows it refuses: %s",
+                len(batch),
+                reason,
             )
             return
-        logger.warning(
-            "usage writer: writing a batch of %d rows failed (%d in a row), retrying: %s",
-            len(self._batch),
-            self._streak,
+        self._rejected.extend(batch)
+        self._rejected_count += len(batch)
+        self._batch = []
+        self._held -= len(batch)
+        self._admit_waiting()
+        logger.error(
+            "usage writer: the database refused a row (request_id %r); set aside for "
+            "close() to hand back: %s",
+            batch[0].request_id,
             reason,
         )
 
     def _hand_over(self) -> None:
-        records = [*self._batch, *(record for _, record in self._queue)]
+        held = [
+            *self._batch,
+            *(record for part in self._parts for record in part),
+            *(record for _, record in self._queue),
+        ]
+        refused = self._rejected
         self._state = _State.DONE
-        if not records or self._handed_over:
+        if self._handed_over or not (held or refused):
             return
         self._handed_over = True
         self._batch = []
+        self._parts.clear()
         self._queue.clear()
+        self._rejected = []
         self._held = 0
-        if self._fatal is not None:
-            why = "the store was closed"
-        elif self._stop.is_set():
-            why = "close() timed out"
-        else:
-            why = "the writer was stopped"
+        reasons = []
+        if refused:
+            reasons.append(f"{len(refused)} refused by the database")
+        if held:
+            if isinstance(self._fatal, StoreClosedError):
+                why = "the store was closed"
+            elif self._fatal is not None:
+                why = f"the writer stopped on {type(self._fatal).__name__}"
+            elif self._stop.is_set():
+                why = "close() timed out"
+            else:
+                why = "the writer was stopped"
+            reasons.append(f"{len(held)} held when {why}")
+        records = [*refused, *held]
         raise UnwrittenUsageError(
-            f"{len(records)} usage records were not written ({why}): they are in .records",
+            f"{len(records)} usage records were not written ({', '.join(reasons)}): "
+            "they are in .records",
             records,
         ) from self._last_error

@@ -223,6 +223,27 @@ async def test_a_batch_with_one_bad_row_writes_nothing_and_names_it(store: Store
     assert await _count(store) == 0
 
 
+async def test_a_row_the_database_refuses_is_a_validation_error_and_writes_nothing(
+    store: Store,
+) -> None:
+    # A constraint of the operator's own, met by the bulk path (raw sqlite3 or COPY).
+    if store.driver == "postgresql":
+        schema = store.config.schema_name
+        table = "usage_logs" if schema is None else f'"{schema}".usage_logs'
+        sql = f"ALTER TABLE {table} ADD CONSTRAINT no_free_rows CHECK (cost > 0) NOT VALID"
+    else:
+        sql = (
+            "CREATE TRIGGER no_free_rows BEFORE INSERT ON usage_logs WHEN NEW.cost = 0 "
+            "BEGIN SELECT RAISE(ABORT, 'no free rows'); END"
+        )
+    await store._require_open().write(lambda conn: conn.exec_driver_sql(sql))
+    for request_id in (None, "with-id"):
+        batch = [UsageRecord(cost=1), UsageRecord(cost=0, request_id=request_id)]
+        with pytest.raises(ValidationError, match="constraint"):
+            await store.usage.record_many(batch)
+    assert await _count(store) == 0
+
+
 async def test_record_many_inside_a_transaction_commits_or_rolls_back_with_it(
     store: Store,
 ) -> None:

@@ -19,7 +19,13 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from llmstore import (
+    ConfigError,
+    ConflictError,
+    DatabaseError,
+    DatabaseUnavailableError,
+    SchemaOutOfDateError,
     Store,
+    StoreClosedError,
     TransactionError,
     UnwrittenUsageError,
     UsageRecord,
@@ -86,28 +92,55 @@ async def _assert_each_once(store: Store, records: list[UsageRecord]) -> None:
     assert not wrong, f"{len(wrong)} markers stored the wrong number of times: {wrong!r:.300}"
 
 
-def _table(store: Store) -> str:
+def _qualified(store: Store, name: str) -> str:
     schema = store.config.schema_name
-    return "usage_logs" if schema is None else f'"{schema}".usage_logs'
+    return name if schema is None else f'"{schema}".{name}'
 
 
 async def _refuse(store: Store) -> None:
-    """Make the real database refuse every new usage row."""
+    """Make the real database fail every new usage row with an error that is not about the
+    row (as a lost connection or a full disk would): the writer retries the same batch."""
     if store.driver == "postgresql":
-        sql = f"ALTER TABLE {_table(store)} ADD CONSTRAINT refuse CHECK (false) NOT VALID"
+        function = _qualified(store, "refuse")
+        statements = [
+            f"CREATE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql "
+            "AS $$ BEGIN RAISE EXCEPTION 'refused for a while'; END $$",
+            f"CREATE TRIGGER refuse BEFORE INSERT ON {_qualified(store, 'usage_logs')} "
+            f"FOR EACH ROW EXECUTE FUNCTION {function}()",
+        ]
     else:
-        sql = (
+        statements = [
             "CREATE TRIGGER refuse BEFORE INSERT ON usage_logs "
-            "BEGIN SELECT RAISE(ABORT, 'refused'); END"
-        )
-    await _sql(store, lambda conn: conn.exec_driver_sql(sql))
+            "BEGIN INSERT INTO refused_for_a_while VALUES (1); END"
+        ]
+    for sql in statements:
+        await _sql(store, lambda conn, sql=sql: conn.exec_driver_sql(sql))
 
 
 async def _recover(store: Store) -> None:
     if store.driver == "postgresql":
-        sql = f"ALTER TABLE {_table(store)} DROP CONSTRAINT refuse"
+        statements = [
+            f"DROP TRIGGER refuse ON {_qualified(store, 'usage_logs')}",
+            f"DROP FUNCTION {_qualified(store, 'refuse')}()",
+        ]
     else:
-        sql = "DROP TRIGGER refuse"
+        statements = ["DROP TRIGGER refuse"]
+    for sql in statements:
+        await _sql(store, lambda conn, sql=sql: conn.exec_driver_sql(sql))
+
+
+async def _refuse_model(store: Store, model: str) -> None:
+    """Make the real database refuse the rows of one model, with a constraint of its own."""
+    if store.driver == "postgresql":
+        sql = (
+            f"ALTER TABLE {_qualified(store, 'usage_logs')} ADD CONSTRAINT poison "
+            f"CHECK (model IS DISTINCT FROM '{model}') NOT VALID"
+        )
+    else:
+        sql = (
+            f"CREATE TRIGGER poison BEFORE INSERT ON usage_logs WHEN NEW.model = '{model}' "
+            "BEGIN SELECT RAISE(ABORT, 'poisoned row'); END"
+        )
     await _sql(store, lambda conn: conn.exec_driver_sql(sql))
 
 
@@ -153,7 +186,7 @@ async def test_a_full_batch_is_flushed_without_waiting_for_the_interval(store: S
         assert w.stats.pending == 5
         assert sum((await _markers(store)).values()) == 20
     assert w.stats == WriterStats(
-        pending=0, written=25, duplicates=0, retried=0, failed_attempts=0, batches=3
+        pending=0, written=25, duplicates=0, retried=0, failed_attempts=0, batches=3, rejected=0
     )
     await _assert_each_once(store, records)
 
@@ -273,7 +306,7 @@ async def test_a_writer_never_used_closes_at_once(store: Store) -> None:
     with pytest.raises(WriterClosedError):
         await w.put(_rec("late"))
     assert w.stats == WriterStats(
-        pending=0, written=0, duplicates=0, retried=0, failed_attempts=0, batches=0
+        pending=0, written=0, duplicates=0, retried=0, failed_attempts=0, batches=0, rejected=0
     )
 
 
@@ -363,10 +396,10 @@ async def test_stats_count_rows_duplicates_and_batches(store: Store) -> None:
         await w.put(_rec("known", "seen"))
         await w.put(_rec("plain"))
         assert w.stats == WriterStats(
-            pending=4, written=0, duplicates=0, retried=0, failed_attempts=0, batches=0
+            pending=4, written=0, duplicates=0, retried=0, failed_attempts=0, batches=0, rejected=0
         )
     assert w.stats == WriterStats(
-        pending=0, written=2, duplicates=2, retried=0, failed_attempts=0, batches=1
+        pending=0, written=2, duplicates=2, retried=0, failed_attempts=0, batches=1, rejected=0
     )
     assert await _markers(store) == Counter({"stored-before": 1, "first": 1, "plain": 1})
     with pytest.raises(pydantic.ValidationError):
@@ -526,18 +559,125 @@ async def test_close_with_a_timeout_on_a_healthy_database_returns(store: Store) 
     await _assert_each_once(store, records)
 
 
-async def test_a_store_closed_under_the_writer_hands_the_rows_back(store: Store) -> None:
+async def test_a_store_closed_under_the_writer_hands_the_rows_back(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
     records = _recs("orphan", 5)
-    w = store.usage.writer(flush_interval=3600)
-    for record in records:
-        await w.put(record)
+    caplog.set_level(logging.WARNING, logger="llmstore")
+    w = store.usage.writer(max_batch=5, flush_interval=3600)
     await store.close()
+    for record in records:
+        await w.put(record)  # the fifth fills a batch, whose write finds the store closed
+    await _until(lambda: w.stats.failed_attempts == 1)
+    # Fatal: the writer stops at once, without retrying, and takes no more rows.
+    with pytest.raises(WriterClosedError, match="stopped"):
+        await w.put(_rec("late"))
     with pytest.raises(UnwrittenUsageError) as raised:
         await w.close()
+    assert w.stats.failed_attempts == 1
     assert raised.value.records == records
     assert "store was closed" in str(raised.value)
-    with pytest.raises(WriterClosedError):
-        await w.put(_rec("late"))
+    messages = [r.getMessage() for r in caplog.records if r.name == "llmstore"]
+    assert len(messages) == 1
+    assert "stopped" in messages[0]
+    assert "close the writer before the store" in messages[0]
+
+
+# --- rows the database refuses, and failures the writer cannot retry ------------------------
+
+
+async def test_rows_the_database_refuses_are_set_aside_and_the_rest_are_written(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    await _refuse_model(store, "poison")
+    good = _recs("good", 97, with_request_ids=True)
+    poisoned = [
+        UsageRecord(request_id=f"poison-{i}", model="poison", metadata={"s": SECRET})
+        for i in range(3)
+    ]
+    records = [*good[:10], poisoned[0], *good[10:60], *poisoned[1:], *good[60:]]
+    caplog.set_level(logging.WARNING, logger="llmstore")
+    w = store.usage.writer(max_batch=100, flush_interval=3600, max_pending=100)
+    for record in records:
+        await w.put(record)  # the 100th fills a batch: it is written, or split, at once
+    await _until(lambda: w.stats.pending == 0)
+    assert w.stats.written == 97
+    assert w.stats.rejected == 3
+    # Found by halving: a few failed attempts per refused row, not one per row.
+    assert 3 < w.stats.failed_attempts <= 3 * 7
+    with pytest.raises(UnwrittenUsageError) as raised:
+        await w.close()
+    assert raised.value.records == poisoned
+    assert all(a is b for a, b in zip(raised.value.records, poisoned, strict=True))
+    assert "3 refused by the database" in str(raised.value)
+    assert raised.value.__cause__ is not None
+    await _assert_each_once(store, good)
+    assert (
+        await _sql(
+            store,
+            lambda conn: conn.execute(
+                sa.select(sa.func.count()).select_from(usage_logs)
+            ).scalar_one(),
+        )
+        == 97
+    )
+    errors = [r for r in caplog.records if r.name == "llmstore" and r.levelname == "ERROR"]
+    assert sorted(r.getMessage().split("'")[1] for r in errors) == [r.request_id for r in poisoned]
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert SECRET not in text
+    assert "good-" not in text
+    await w.close()  # raised once; the records are the caller's now
+
+
+async def test_a_record_the_driver_cannot_encode_is_set_aside(store: Store) -> None:
+    # model_construct skips validation: the writer must not stall on what it lets through.
+    broken = UsageRecord.model_construct(**{**_rec("broken").__dict__, "created_at": "soon"})
+    fine = _recs("fine", 9)
+    async with _writer(store, max_batch=10, flush_interval=0.01) as w:
+        for record in [*fine[:4], broken, *fine[4:]]:
+            await w.put(record)
+        await _until(lambda: w.stats.pending == 0)
+        assert w.stats.rejected == 1
+        with pytest.raises(UnwrittenUsageError) as raised:
+            await w.close()
+    assert raised.value.records == [broken]
+    await _assert_each_once(store, fine)
+
+
+async def test_a_refused_row_does_not_hold_up_back_pressure(store: Store) -> None:
+    await _refuse_model(store, "poison")
+    w = store.usage.writer(max_batch=2, flush_interval=0.01, max_pending=2)
+    poisoned = UsageRecord(model="poison")
+    fine = _recs("after", 20)
+    await w.put(poisoned)
+    for record in fine:  # each put waits for room: the refused row must not keep it
+        await asyncio.wait_for(w.put(record), 30)
+    with pytest.raises(UnwrittenUsageError) as raised:
+        await w.close()
+    assert raised.value.records == [poisoned]
+    await _assert_each_once(store, fine)
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (ValidationError("refused by a constraint"), "refused"),
+        (TypeError("cannot encode"), "refused"),
+        (DatabaseUnavailableError("connection lost"), "transient"),
+        (DatabaseError("disk full"), "transient"),
+        (ConflictError("a racing batch took a request id"), "transient"),
+        (StoreClosedError("closed"), "fatal"),
+        (SchemaOutOfDateError("behind"), "fatal"),
+        (ConfigError("no key"), "fatal"),
+        (TransactionError("misused"), "fatal"),
+    ],
+)
+def test_failures_are_told_apart_by_what_a_retry_can_change(
+    error: Exception, expected: str
+) -> None:
+    from llmstore._usage_writer import _classify
+
+    assert _classify(error).value == expected
 
 
 # --- Postgres: a COMMIT that fails, and a COMMIT whose reply is lost ------------------------
@@ -673,7 +813,13 @@ async def test_postgres_a_lost_commit_reply_does_not_write_rows_twice(
                 await _until(lambda: w.stats.pending == 0)
             assert proxy.cut == 1
             assert w.stats == WriterStats(
-                pending=0, written=40, duplicates=0, retried=40, failed_attempts=1, batches=1
+                pending=0,
+                written=40,
+                duplicates=0,
+                retried=40,
+                failed_attempts=1,
+                batches=1,
+                rejected=0,
             )
             await _assert_each_once(store, records)
     finally:
