@@ -38,8 +38,9 @@ from ._receipts import Receipt, verify_receipt
 from ._secrets import generate_key
 from ._store import HealthStatus, Store, Transaction
 from ._tokens import IssuedToken, Token, Tokens
-from ._usage import RecordResult, Usage, UsageLog, UsageRecord
+from ._usage import Usage
 from ._usage_metrics import UsageMetrics
+from ._usage_records import RecordResult, UsageLog, UsageRecord
 from ._usage_writer import UsageWriter, WriterStats
 
 __version__ = "0.1.0.dev0"

@@ -37,12 +37,11 @@ from ._errors import (
     LlmstoreError,
     translated,
 )
-from ._ids import utcnow
 from ._receipts import configured_public_key, generate_signing_key
 from ._schema import metadata
 from ._secrets import generate_key
 from ._store import Store
-from ._usage_purge import MAX_BATCH_SIZE
+from ._usage_purge import MAX_BATCH_SIZE, check_cutoff
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -296,7 +295,7 @@ class _PurgeProgress:
 
 def _usage_purge(args: argparse.Namespace) -> int:
     config = _config(args)
-    cutoff = utcnow() - args.older_than
+    cutoff = check_cutoff(args.older_than)
     progress = _PurgeProgress(sys.stdout)
     try:
         deleted = asyncio.run(_purge(config, cutoff, args.batch_size, args.export, progress))

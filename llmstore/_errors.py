@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Literal
 import sqlalchemy.exc
 
 if TYPE_CHECKING:
-    from ._usage import UsageRecord
+    from ._usage_records import UsageRecord
 
 
 class LlmstoreError(Exception):

@@ -38,7 +38,7 @@ from ._jcs import CanonicalJSONError, canonical_json, parse_strict, timestamp
 from ._schema import usage_receipts
 
 if TYPE_CHECKING:
-    from ._usage import UsageLog
+    from ._usage_records import UsageLog
 
 R = usage_receipts
 VERSION = "llmstore-receipt/1"
@@ -139,7 +139,7 @@ class ReceiptSigner:
     def _keys(self) -> tuple[Ed25519PrivateKey, str]:
         if self._key is None or self.public_key is None:
             raise ConfigError(
-                f"issuing receipts needs a signing key: set {ENV_VARIABLE} (make one with "
+                f"no receipt signing key: set {ENV_VARIABLE} (make one with "
                 "`python -m llmstore receipts generate-key`)"
             )
         return self._key, self.public_key
@@ -172,13 +172,10 @@ class ReceiptSigner:
 
 def configured_public_key(environ: Mapping[str, str]) -> str:
     """The public key of the signing key in ``environ``; ConfigError if there is none."""
-    raw = environ.get(ENV_VARIABLE, "")
-    if not raw.strip():
-        raise ConfigError(
-            f"no receipt signing key: set {ENV_VARIABLE} (make one with "
-            "`python -m llmstore receipts generate-key`)"
-        )
-    return public_key_text(load_signing_key(raw).public_key())
+    raw = environ.get(ENV_VARIABLE)
+    signer = ReceiptSigner(None if raw is None else SecretStr(raw)).require()
+    assert signer.public_key is not None
+    return signer.public_key
 
 
 _COLUMNS = (R.c.id, R.c.usage_id, R.c.payload, R.c.signature, R.c.public_key, R.c.issued_at)

@@ -32,14 +32,17 @@ from sqlalchemy.engine import Connection
 
 from ._errors import ExportError, ValidationError
 from ._ids import utcnow
+from ._jcs import timestamp
 from ._runner import Runner
 from ._schema import usage_logs
+from ._usage_records import LOG_FIELDS
+from ._validate import check_aware
 
 U = usage_logs
 MAX_BATCH_SIZE = 100_000
 EXPORT_SUFFIXES = (".jsonl", ".csv")
-#: ``UsageLog``'s field names, in its order (the table's, ``usage_metadata`` as ``metadata``).
-EXPORT_FIELDS = tuple("metadata" if c.name == "usage_metadata" else c.name for c in U.c)
+#: An exported row's fields: ``UsageLog``'s, in the table's column order.
+EXPORT_FIELDS = LOG_FIELDS
 # Ids per DELETE on SQLite: below every build's limit on bound parameters.
 _DELETE_CHUNK = 500
 
@@ -53,11 +56,12 @@ def check_cutoff(older_than: object) -> dt.datetime:
     if isinstance(older_than, dt.timedelta):
         if older_than <= dt.timedelta(0):
             raise ValidationError("older_than must be a positive timedelta")
-        return utcnow() - older_than
+        try:
+            return utcnow() - older_than
+        except OverflowError:
+            raise ValidationError("older_than reaches back before the year 1") from None
     if isinstance(older_than, dt.datetime):
-        if older_than.tzinfo is None or older_than.utcoffset() is None:
-            raise ValidationError("older_than must be a timezone-aware datetime")
-        return older_than.astimezone(dt.UTC)
+        return check_aware(older_than, "older_than")
     raise ValidationError(
         "older_than must be a timezone-aware datetime or a datetime.timedelta, "
         f"not {type(older_than).__name__}"
@@ -112,13 +116,9 @@ def _delete(conn: Connection, ids: Sequence[int]) -> int:
 # -- export -----------------------------------------------------------------------------------
 
 
-def _timestamp(value: dt.datetime) -> str:
-    return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def _json_value(value: object) -> object:
     if isinstance(value, dt.datetime):
-        return _timestamp(value)
+        return timestamp(value)
     if isinstance(value, uuid.UUID):
         return str(value)
     return value

@@ -59,7 +59,8 @@ from ._errors import (
     WriterClosedError,
 )
 from ._runner import Runner, _current_transaction
-from ._usage import MAX_BATCH, RecordResult, UsageRecord, UsageRepository
+from ._usage_records import MAX_BATCH, RecordResult, UsageRecord
+from ._usage_repository import UsageRepository
 
 logger = logging.getLogger("llmstore")
 

@@ -88,7 +88,10 @@ def check_aware(value: object, what: str) -> dt.datetime:
         raise ValidationError(f"{what} must be a datetime, not {type(value).__name__}")
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValidationError(f"{what} must be timezone-aware (naive datetimes are refused)")
-    return value.astimezone(dt.UTC)
+    try:
+        return value.astimezone(dt.UTC)
+    except OverflowError:
+        raise ValidationError(f"{what} is out of range in UTC") from None
 
 
 def check_positive_int(value: object, what: str) -> int:

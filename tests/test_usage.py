@@ -71,6 +71,8 @@ def test_created_at_is_kept_in_utc() -> None:
         {"success": "yes"},
         {"is_streaming": 1},
         {"created_at": dt.datetime(2026, 1, 1)},
+        {"created_at": dt.datetime(1, 1, 1, tzinfo=dt.timezone(dt.timedelta(hours=1)))},
+        {"created_at": dt.datetime(9999, 12, 31, 23, tzinfo=dt.timezone(-dt.timedelta(hours=5)))},
         {"request_id": ""},
         {"request_id": "x" * 201},
         {"model": "\ud800"},
@@ -406,21 +408,25 @@ async def test_any_page_size_walks_every_row_once_newest_first(
     ),
     ident=st.uuids(),
     flag=st.booleans(),
+    rate=st.one_of(st.integers(0, 2**53), st.floats(0, 1e300)),
 )
 def test_sqlite_shortcuts_store_what_the_column_types_store(
-    moment: dt.datetime, ident: uuid.UUID, flag: bool
+    moment: dt.datetime, ident: uuid.UUID, flag: bool, rate: float
 ) -> None:
     from sqlalchemy.dialects import sqlite
 
-    from llmstore._usage import _Encoder
+    from llmstore._usage_records import FIELD_OF_COLUMN
+    from llmstore._usage_repository import _Encoder
 
     dialect = sqlite.dialect()
-    record = UsageRecord(created_at=moment, api_key_id=ident, is_streaming=flag)
+    record = UsageRecord(
+        created_at=moment, api_key_id=ident, is_streaming=flag, tokens_per_second=rate
+    )
     fast = _Encoder(dialect).rows([record], [1])[0]
     columns = ["id", *(c.name for c in usage_logs.c if c.name != "id")]
     for index, name in enumerate(columns[1:], start=1):
         process = usage_logs.c[name].type.dialect_impl(dialect).bind_processor(dialect)
-        value = getattr(record, "metadata" if name == "usage_metadata" else name)
+        value = getattr(record, FIELD_OF_COLUMN[name])
         expected = value if process is None or value is None else process(value)
         assert fast[index] == expected, name
         assert type(fast[index]) is type(expected) or isinstance(value, bool), name

@@ -271,6 +271,8 @@ async def test_an_export_that_cannot_be_created_deletes_nothing(
         ({"older_than": dt.date(2026, 1, 1)}, "not date"),
         ({"older_than": dt.timedelta(0)}, "positive timedelta"),
         ({"older_than": -dt.timedelta(days=1)}, "positive timedelta"),
+        ({"older_than": dt.timedelta(days=3_000_000)}, "before the year 1"),
+        ({"older_than": dt.datetime(1, 1, 1, tzinfo=dt.timezone(dt.timedelta(hours=2)))}, "range"),
         ({"batch_size": 0}, "batch_size"),
         ({"batch_size": 100_001}, "batch_size"),
         ({"batch_size": True}, "batch_size"),
@@ -403,6 +405,12 @@ def test_cli_purge_exports_and_reports(
     assert main(["usage", "purge", "--older-than", "12h", *url]) == EXIT_OK
     last = capsys.readouterr().out.splitlines()[-1]
     assert last.startswith(f"{schema_env.masked_url}: purged 1 usage row(s) created before ")
+    assert asyncio.run(_costs(schema_env)) == [5]
+
+    # A cutoff before the year 1: one line, exit 1, nothing deleted.
+    assert main(["usage", "purge", "--older-than", "3000000d", *url]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert err == "llmstore: error: older_than reaches back before the year 1\n"
     assert asyncio.run(_costs(schema_env)) == [5]
 
 
