@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from logging.config import fileConfig
+from typing import Any
 
 from alembic import context
 from sqlalchemy.engine import Connection
@@ -31,6 +32,12 @@ def _store_config() -> StoreConfig:
     return StoreConfig.from_env(url=url) if url else StoreConfig.from_env()
 
 
+def _report_applied(*, step: Any, **_: Any) -> None:
+    applied = config.attributes.get("llmstore_applied")
+    if applied is not None:
+        applied(step.up_revision_id)  # the script's revision, in either direction
+
+
 def _run_on(connection: Connection, schema: str | None) -> None:
     context.configure(
         connection=connection,
@@ -39,6 +46,7 @@ def _run_on(connection: Connection, schema: str | None) -> None:
         version_table_schema=schema,
         compare_type=True,
         transaction_per_migration=False,
+        on_version_apply=_report_applied,
     )
     with context.begin_transaction():
         context.run_migrations()

@@ -9,6 +9,7 @@ from ._config import StoreConfig
 from ._errors import (
     ApiKeyRejectedError,
     ApiKeyRejectionReason,
+    BackupError,
     ConfigError,
     ConflictError,
     DatabaseError,
@@ -53,6 +54,7 @@ __all__ = [
     "Audit",
     "AuditEvent",
     "AuditVerification",
+    "BackupError",
     "ConfigError",
     "ConflictError",
     "DatabaseError",

@@ -15,10 +15,8 @@ import logging
 import os
 import re
 import sys
-import time
 import traceback
 from collections.abc import Callable, Sequence
-from typing import TextIO
 
 import sqlalchemy as sa
 from alembic import command
@@ -29,6 +27,7 @@ from sqlalchemy.pool import NullPool
 from . import _migrations
 from ._api_keys import LedgerReport
 from ._audit import AuditVerification
+from ._backup import backup_database
 from ._config import StoreConfig, ensure_parent
 from ._engines import sqlite_engine
 from ._errors import (
@@ -37,6 +36,7 @@ from ._errors import (
     LlmstoreError,
     translated,
 )
+from ._progress import CopyProgress, PurgeProgress
 from ._receipts import configured_public_key, generate_signing_key
 from ._schema import metadata
 from ._secrets import generate_key
@@ -61,9 +61,10 @@ def _upgrade(args: argparse.Namespace) -> int:
     if args.sql:
         _offline(config, lambda cfg: command.upgrade(cfg, args.revision, sql=True))
         return EXIT_OK
-    before, after = asyncio.run(_migrations.upgrade(config, args.revision))
-    verb = "already at" if before == after else f"upgraded from {before or 'empty'} to"
-    print(f"{config.masked_url}: {verb} {after}")
+    done = _migrate(config, args, downgrading=False)
+    before = done.before or "empty"
+    verb = "already at" if done.before == done.after else f"upgraded from {before} to"
+    print(f"{config.masked_url}: {verb} {done.after}{_backup_note(done)}")
     return EXIT_OK
 
 
@@ -72,8 +73,52 @@ def _downgrade(args: argparse.Namespace) -> int:
     if args.sql:
         _offline(config, lambda cfg: command.downgrade(cfg, args.revision, sql=True))
         return EXIT_OK
-    before, after = asyncio.run(_migrations.downgrade(config, args.revision))
-    print(f"{config.masked_url}: downgraded from {before or 'empty'} to {after or 'empty'}")
+    if config.env == "prod" and not args.yes:
+        raise ConfigError("downgrade in LLMSTORE_ENV=prod needs --yes: it may drop tables and data")
+    done = _migrate(config, args, downgrading=True)
+    print(
+        f"{config.masked_url}: downgraded from {done.before or 'empty'} to "
+        f"{done.after or 'empty'}{_backup_note(done)}"
+    )
+    return EXIT_OK
+
+
+def _migrate(
+    config: StoreConfig, args: argparse.Namespace, *, downgrading: bool
+) -> _migrations.Migration:
+    progress = CopyProgress(sys.stderr, "backing up")
+    try:
+        return asyncio.run(
+            _migrations.migrate(
+                config,
+                args.revision,
+                downgrading=downgrading,
+                backup=not args.no_backup,
+                progress=progress,
+            )
+        )
+    finally:
+        progress.end()
+
+
+def _backup_note(done: _migrations.Migration) -> str:
+    if done.backup is not None:
+        return f" (backup: {done.backup.path})"
+    if done.backup_skipped not in (None, "nothing to do", "the database is empty"):
+        return f" (no backup: {done.backup_skipped})"
+    return ""
+
+
+def _backup(args: argparse.Namespace) -> int:
+    config = _config(args)
+    progress = CopyProgress(sys.stderr, "backing up")
+    try:
+        made = backup_database(config, args.out, progress)
+    finally:
+        progress.end()
+    size = f"{made.size / 1e6:,.1f} MB"
+    revision = made.revision or "none"
+    print(f"{config.masked_url}: backed up at revision {revision} to {made.path} ({size})")
     return EXIT_OK
 
 
@@ -268,35 +313,10 @@ def _batch_size(text: str) -> int:
     return value
 
 
-class _PurgeProgress:
-    """One line rewritten in place on a terminal; elsewhere (logs, pipes) a line per batch."""
-
-    def __init__(self, out: TextIO) -> None:
-        self._out = out
-        self._tty = out.isatty()
-        self._start = time.monotonic()
-        self._drawn = False
-
-    def __call__(self, deleted: int, batches: int) -> None:
-        if not self._tty:
-            print(f"purged {deleted} row(s) in {batches} batch(es)", file=self._out, flush=True)
-            return
-        rate = deleted / max(time.monotonic() - self._start, 1e-6)
-        line = f"purging: {deleted:,} row(s) deleted in {batches:,} batch(es), {rate:,.0f} rows/s"
-        self._out.write(f"\r{line}\033[K")
-        self._out.flush()
-        self._drawn = True
-
-    def end(self) -> None:
-        if self._drawn:
-            self._out.write("\n")
-            self._out.flush()
-
-
 def _usage_purge(args: argparse.Namespace) -> int:
     config = _config(args)
     cutoff = check_cutoff(args.older_than)
-    progress = _PurgeProgress(sys.stdout)
+    progress = PurgeProgress(sys.stdout)
     try:
         deleted = asyncio.run(_purge(config, cutoff, args.batch_size, args.export, progress))
     finally:
@@ -314,7 +334,7 @@ async def _purge(
     cutoff: dt.datetime,
     batch_size: int,
     export: str | None,
-    progress: _PurgeProgress,
+    progress: PurgeProgress,
 ) -> int:
     async with Store(config) as store:
         return await store.usage.purge(
@@ -349,9 +369,20 @@ def _parser() -> argparse.ArgumentParser:
     sub = add("upgrade", _upgrade, "upgrade the schema (default: to head)")
     sub.add_argument("revision", nargs="?", default="head")
     sub.add_argument("--sql", action="store_true", help="print the SQL instead of running it")
+    no_backup = "do not back the database up first (by default it is, once there is work to do)"
+    sub.add_argument("--no-backup", action="store_true", help=no_backup)
     sub = add("downgrade", _downgrade, "downgrade the schema to REVISION (base: empty)")
     sub.add_argument("revision")
     sub.add_argument("--sql", action="store_true", help="print the SQL (REVISION as FROM:TO)")
+    sub.add_argument("--no-backup", action="store_true", help=no_backup)
+    sub.add_argument("--yes", action="store_true", help="confirm a downgrade in LLMSTORE_ENV=prod")
+    sub = add("backup", _backup, "back the database up (SQLite backup API, or pg_dump)")
+    sub.add_argument(
+        "--out",
+        metavar="PATH",
+        help="write the backup to PATH, a new file (default: a timestamped file in the "
+        "backups folder, keeping the newest LLMSTORE_BACKUP_KEEP)",
+    )
     add("current", _current, "print the database's schema revision")
     add("history", _history, "list the schema revisions this llmstore knows")
     add("check", _check, "compare the database schema with the models (exit 3 if they differ)")

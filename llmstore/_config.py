@@ -79,6 +79,8 @@ class StoreConfig(BaseModel):
     encryption_keys: tuple[SecretStr, ...] = ()
     token_pepper: SecretStr | None = None
     receipt_signing_key: SecretStr | None = None
+    backup_dir: str | None = Field(default=None, min_length=1)
+    backup_keep: int = Field(default=10, ge=1, le=100_000)
 
     @field_validator("url", mode="before")
     @classmethod
@@ -205,6 +207,15 @@ class StoreConfig(BaseModel):
         values["encryption_keys"] = parse_keys(source.get("LLMSTORE_ENCRYPTION_KEYS", ""))
         values["token_pepper"] = source.get("LLMSTORE_TOKEN_PEPPER") or None
         values["receipt_signing_key"] = source.get("LLMSTORE_RECEIPT_SIGNING_KEY") or None
+        values["backup_dir"] = source.get("LLMSTORE_BACKUP_DIR", "").strip() or None
+        keep = source.get("LLMSTORE_BACKUP_KEEP", "").strip()
+        if keep:
+            try:
+                values["backup_keep"] = int(keep)
+            except ValueError:
+                raise ConfigError(
+                    f"LLMSTORE_BACKUP_KEEP must be a whole number, not {keep!r}"
+                ) from None
         values.update(overrides)
         return cls._build(**values)
 

@@ -142,6 +142,10 @@ class MigrationError(LlmstoreError):
     """A migration command failed; the message names the revision when known."""
 
 
+class BackupError(LlmstoreError):
+    """A backup could not be made, checked or restored; the database was left as it was."""
+
+
 class DatabaseError(LlmstoreError):
     """The database reported a failure that is not one of the more specific errors."""
 

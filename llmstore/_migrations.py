@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -25,12 +26,14 @@ from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
 from sqlalchemy.engine import Connection
 
+from ._backup import BackupFile, Progress, backup_database, pg_dump_path
 from ._config import StoreConfig, ensure_parent
 from ._engines import postgres_engine, sqlite_engine
-from ._errors import ConfigError, MigrationError, translated
+from ._errors import BackupError, ConfigError, MigrationError, translate, translated
 from ._schema import metadata
 
 T = TypeVar("T")
+logger = logging.getLogger("llmstore")
 
 # Any constant will do: it names the lock that migrators of one database share.
 _MIGRATION_LOCK_ID = 0x6C6C6D73746F7265  # "llmstore"
@@ -97,10 +100,20 @@ def _finish_sqlite(conn: Connection) -> None:
         raise MigrationError(f"the migration broke {len(problems)} foreign key reference(s)")
 
 
-def migrate_on(conn: Connection, schema: str | None, step: Callable[[Config], None]) -> None:
-    """Run an Alembic command on ``conn``, which is in a transaction the caller commits."""
+def migrate_on(
+    conn: Connection,
+    schema: str | None,
+    step: Callable[[Config], None],
+    applied: Callable[[str], object] | None = None,
+) -> None:
+    """Run an Alembic command on ``conn``, which is in a transaction the caller commits.
+
+    ``applied`` is called with each revision once its step has run.
+    """
     _prepare(conn, schema)
-    step(alembic_config(connection=conn, schema=schema))
+    cfg = alembic_config(connection=conn, schema=schema)
+    cfg.attributes["llmstore_applied"] = applied
+    step(cfg)
     if conn.dialect.name == "sqlite":
         _finish_sqlite(conn)
 
@@ -167,27 +180,124 @@ def _alembic_failure(exc: Exception) -> MigrationError:
 
 async def upgrade(config: StoreConfig, revision: str = "head") -> tuple[str | None, str | None]:
     """Upgrade to ``revision``; returns the revisions before and after."""
-    return await _move(config, revision, command.upgrade)
+    done = await migrate(config, revision, downgrading=False, backup=False)
+    return done.before, done.after
 
 
 async def downgrade(config: StoreConfig, revision: str) -> tuple[str | None, str | None]:
-    return await _move(config, revision, command.downgrade)
+    done = await migrate(config, revision, downgrading=True, backup=False)
+    return done.before, done.after
 
 
-async def _move(
-    config: StoreConfig, revision: str, step: Callable[[Config, str], None]
-) -> tuple[str | None, str | None]:
+@dataclass(frozen=True)
+class Migration:
+    """What ``migrate`` did: the revisions before and after, and the backup it made."""
+
+    before: str | None
+    after: str | None
+    backup: BackupFile | None
+    backup_skipped: str | None  # why no backup was made, when none was
+
+
+async def migrate(
+    config: StoreConfig,
+    revision: str,
+    *,
+    downgrading: bool,
+    backup: bool,
+    progress: Progress | None = None,
+) -> Migration:
+    """Move the schema to ``revision`` in one transaction, under the migration lock.
+
+    With ``backup``, the database is backed up first, under the lock, once there is work
+    to do. Before COMMIT the result is checked: the schema against the models (at head)
+    and, on SQLite, ``integrity_check`` and ``foreign_key_check``. Any failure rolls the
+    whole command back and raises MigrationError naming the failing revision and the
+    backup.
+    """
     schema = config.schema_name
+    step = command.downgrade if downgrading else command.upgrade
 
-    def run(conn: Connection) -> tuple[str | None, str | None]:
+    def run(conn: Connection) -> Migration:
+        _prepare(conn, schema)
         before = read_revision(conn, schema) if _schema_exists(conn, schema) else None
+        if not _work_to_do(before, revision, downgrading):
+            return Migration(before, before, None, "nothing to do")
+        made, skipped = _backup_first(config, before, backup, progress)
+        applied: list[str] = []
+        where = "" if made is None else f"; the backup taken before it is {made.path}"
         try:
-            migrate_on(conn, schema, lambda cfg: step(cfg, revision))
-        except CommandError as exc:
-            raise _alembic_failure(exc) from exc
-        return before, read_revision(conn, schema)
+            migrate_on(conn, schema, lambda cfg: step(cfg, revision), applied.append)
+            after = read_revision(conn, schema)
+            _validate(conn, schema, after)
+        except Exception as exc:
+            failing = _failing_revision(before, revision, applied, downgrading)
+            known = _alembic_failure(exc) if isinstance(exc, CommandError) else translate(exc)
+            reason = str(known or exc).splitlines()[0] if str(known or exc) else "(no message)"
+            raise MigrationError(
+                f"{'downgrade' if downgrading else 'upgrade'} failed at revision {failing}: "
+                f"{reason}; the database is still at {before or 'empty'}{where}"
+            ) from exc
+        return Migration(before, after, made, skipped)
 
     return await with_migration_connection(config, run)
+
+
+def _work_to_do(before: str | None, revision: str, downgrading: bool) -> bool:
+    if downgrading:
+        return before is not None and revision != before
+    return not (before is not None and before == head_revision() and revision in ("head", before))
+
+
+def _backup_first(
+    config: StoreConfig, before: str | None, wanted: bool, progress: Progress | None
+) -> tuple[BackupFile | None, str | None]:
+    if not wanted:
+        return None, "not asked for"
+    if before is None:
+        return None, "the database is empty"
+    if config.driver == "sqlite" and config.is_memory:
+        return None, "the database is in memory"
+    try:
+        return backup_database(config, progress=progress), None
+    except BackupError as exc:
+        if config.env == "prod" or (config.driver == "postgresql" and pg_dump_path() is None):
+            raise MigrationError(f"no backup could be made, so nothing was changed: {exc}") from exc
+        logger.warning("going on without a backup (LLMSTORE_ENV=%s): %s", config.env, exc)
+        return None, str(exc)
+
+
+def _validate(conn: Connection, schema: str | None, after: str | None) -> None:
+    if conn.dialect.name == "sqlite":
+        problems = [row[0] for row in conn.exec_driver_sql("PRAGMA integrity_check")]
+        if problems != ["ok"]:
+            raise MigrationError(f"PRAGMA integrity_check: {problems[0]}")
+    if after == head_revision():
+        diffs = diff_schema(conn, schema)
+        if diffs:
+            raise MigrationError(
+                f"the schema differs from the models in {len(diffs)} way(s), first: "
+                f"{diffs[0].description}"
+            )
+
+
+def _failing_revision(
+    before: str | None, revision: str, applied: list[str], downgrading: bool
+) -> str:
+    """The revision that was being applied: the one after the last that completed."""
+    try:
+        if downgrading:
+            path = [s.revision for s in scripts().iterate_revisions(before or "base", revision)]
+            path = [rev for rev in path if rev != revision]
+        else:
+            path = [s.revision for s in scripts().iterate_revisions(revision, before or "base")]
+            path = [rev for rev in reversed(path) if rev != before]
+    except Exception:  # an unknown target: the error says so already
+        path = []
+    pending = [rev for rev in path if rev not in applied]
+    if pending:
+        return pending[0]
+    return "(after the last revision: the checks)" if applied else revision
 
 
 def _schema_exists(conn: Connection, schema: str | None) -> bool:

@@ -31,6 +31,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 
 from ._errors import ExportError, ValidationError
+from ._files import fsync_directory
 from ._ids import utcnow
 from ._jcs import timestamp
 from ._runner import Runner
@@ -154,7 +155,7 @@ class Export:
                 f"cannot create the export file {str(self.path)!r} "
                 f"({type(exc).__name__}: {exc.strerror or exc})"
             ) from None
-        _sync_directory(self.path.parent)
+        fsync_directory(self.path.parent)
 
     def append(self, rows: Sequence[Any]) -> None:
         """Write the rows and fsync them; on failure, cut the file back and raise OSError."""
@@ -189,20 +190,6 @@ class Export:
         buffer = io.StringIO()
         csv.writer(buffer).writerows(rows)
         return buffer.getvalue().encode("utf-8")
-
-
-def _sync_directory(directory: Path) -> None:
-    # The new file's name must survive a crash as well as its contents; directories cannot
-    # be opened for fsync everywhere (Windows), where this is best effort.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        with contextlib.suppress(OSError):
-            os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- the loop ---------------------------------------------------------------------------------

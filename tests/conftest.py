@@ -25,6 +25,12 @@ def require_postgres() -> str:
     return url
 
 
+@pytest.fixture(autouse=True)
+def _backups_in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Postgres backups default to ./backups: never the checkout's.
+    monkeypatch.setenv("LLMSTORE_BACKUP_DIR", str(tmp_path / "pg-backups"))
+
+
 def _param(name: str) -> object:
     return pytest.param(name, marks=pytest.mark.postgres) if name == "postgres" else name
 

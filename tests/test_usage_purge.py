@@ -25,8 +25,9 @@ from llmstore import (
     UsageRecord,
     ValidationError,
 )
-from llmstore._cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, _PurgeProgress, main
+from llmstore._cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
 from llmstore._migrations import upgrade
+from llmstore._progress import PurgeProgress
 from llmstore._schema import usage_logs
 from llmstore._usage_purge import EXPORT_FIELDS, select_batch, select_batch_keys
 
@@ -438,7 +439,7 @@ class _Terminal(io.StringIO):
 
 def test_cli_progress_rewrites_one_line_on_a_terminal() -> None:
     terminal = _Terminal()
-    progress = _PurgeProgress(terminal)
+    progress = PurgeProgress(terminal)
     progress(10_000, 1)
     progress(20_000, 2)
     progress.end()
@@ -446,5 +447,5 @@ def test_cli_progress_rewrites_one_line_on_a_terminal() -> None:
     assert text.count("\r") == 2 and text.endswith("\n") and text.count("\n") == 1
     assert "20,000 row(s) deleted in 2 batch(es)" in text
     quiet = _Terminal()
-    _PurgeProgress(quiet).end()
+    PurgeProgress(quiet).end()
     assert quiet.getvalue() == ""
