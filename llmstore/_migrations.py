@@ -3,6 +3,8 @@
 Every command runs on one connection in one transaction that llmstore opens itself:
 ``BEGIN IMMEDIATE`` on SQLite (foreign keys off while tables are rebuilt, then checked),
 a transaction-level advisory lock on Postgres so that replicas migrate one at a time.
+``migrate`` backs the database up under that lock first (``_backup``) and checks the
+result before COMMIT, so a failure leaves the database at the revision it had.
 """
 
 from __future__ import annotations
