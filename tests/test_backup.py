@@ -300,16 +300,22 @@ def _count_written(path: str) -> int:
 
 
 async def test_prod_stops_an_upgrade_whose_backup_fails_and_dev_goes_on(
-    sqlite_config: StoreConfig, caplog: pytest.LogCaptureFixture
+    db_config: StoreConfig, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    await upgrade(sqlite_config, FIRST)
-    blocker = Path(sqlite_config.sqlite_path or "").parent / "backups"
+    # A file where the backups folder should be: no backup can be made, on either driver.
+    if db_config.driver == "sqlite":
+        blocker = Path(db_config.sqlite_path or "").parent / "backups"
+        config = db_config
+    else:
+        blocker = tmp_path / "not-a-folder"
+        config = _with(db_config, backup_dir=str(blocker / "dumps"))
+    await upgrade(config, FIRST)
     blocker.write_text("a file where the backups folder should be")
-    prod = _with(sqlite_config, env="prod")
+    prod = _with(config, env="prod")
     with pytest.raises(MigrationError, match="no backup could be made, so nothing was changed"):
         await migrate(prod, "head", downgrading=False, backup=True)
-    assert await _migrations.current(sqlite_config) == FIRST
-    done = await migrate(sqlite_config, "head", downgrading=False, backup=True)
+    assert await _migrations.current(config) == FIRST
+    done = await migrate(config, "head", downgrading=False, backup=True)
     assert done.after == head_revision() and done.backup is None
     assert done.backup_skipped is not None and "backup folder" in done.backup_skipped
     assert "going on without a backup" in caplog.text
