@@ -19,7 +19,8 @@ from alembic import context
 from sqlalchemy.engine import Connection
 
 from llmstore._config import StoreConfig
-from llmstore._migrations import migrate_on, with_migration_connection
+from llmstore._migration_ops import DEFAULT_LOCK_TIMEOUT
+from llmstore._migrations import migrate_on, migration_session, with_migration_connection
 from llmstore._schema import metadata
 
 config = context.config
@@ -38,7 +39,7 @@ def _report_applied(*, step: Any, **_: Any) -> None:
         applied(step.up_revision_id)  # the script's revision, in either direction
 
 
-def _run_on(connection: Connection, schema: str | None) -> None:
+def _run_on(connection: Connection, schema: str | None, attributes: dict[str, Any]) -> None:
     context.configure(
         connection=connection,
         target_metadata=metadata,
@@ -48,8 +49,15 @@ def _run_on(connection: Connection, schema: str | None) -> None:
         transaction_per_migration=False,
         on_version_apply=_report_applied,
     )
+    # SQLite: the caller's transaction, so this is a no-op. Postgres: the one transaction,
+    # which an autocommit block in a revision commits and begins again.
     with context.begin_transaction():
+        if schema is not None and connection.dialect.name == "postgresql":
+            connection.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
         context.run_migrations()
+        before_commit = attributes.get("llmstore_before_commit")
+        if before_commit is not None:
+            before_commit()
 
 
 def run_offline() -> None:
@@ -64,22 +72,27 @@ def run_offline() -> None:
         dialect_opts={"paramstyle": "named"},
     )
     with context.begin_transaction():
+        if store_config.driver == "postgresql":
+            context.execute(f"SET lock_timeout = '{DEFAULT_LOCK_TIMEOUT}'")
         if schema is not None:
             context.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
-            context.execute(f'SET LOCAL search_path TO "{schema}"')
+            # Session-wide, not SET LOCAL: it must outlive an autocommit block's COMMIT.
+            context.execute(f'SET search_path TO "{schema}"')
         context.run_migrations()
 
 
 def run_online() -> None:
     connection = config.attributes.get("connection")
     if connection is not None:
-        _run_on(connection, config.attributes.get("llmstore_schema"))
+        _run_on(connection, config.attributes.get("llmstore_schema"), config.attributes)
         return
     store_config = _store_config()
     schema = store_config.schema_name
 
     def migrate(conn: Connection) -> None:
-        migrate_on(conn, schema, lambda _cfg: _run_on(conn, schema))
+        with migration_session(conn, schema):
+            migrate_on(conn, schema, lambda cfg: _run_on(conn, schema, cfg.attributes))
+            conn.commit()
 
     asyncio.run(with_migration_connection(store_config, migrate))
 

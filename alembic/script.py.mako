@@ -11,6 +11,10 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
+
+# Rules for tables that may be large: llmstore/_migration_ops.py (checked by
+# tests/test_migration_rules.py). Index an existing table with create_index_concurrently.
+from llmstore._migration_ops import set_lock_timeout
 ${imports if imports else ""}
 revision: str = ${repr(up_revision)}
 down_revision: str | None = ${repr(down_revision)}
@@ -19,8 +23,10 @@ depends_on: str | Sequence[str] | None = ${repr(depends_on)}
 
 
 def upgrade() -> None:
-    ${upgrades if upgrades else "pass"}
+    set_lock_timeout()
+    ${upgrades if upgrades else ""}
 
 
 def downgrade() -> None:
-    ${downgrades if downgrades else "pass"}
+    set_lock_timeout()
+    ${downgrades if downgrades else ""}

@@ -1,20 +1,24 @@
 """Alembic, driven from the library: upgrade, downgrade, revision checks and drift checks.
 
-Every command runs on one connection in one transaction that llmstore opens itself:
+Every command holds the migration lock for its whole length (``migration_session``):
 ``BEGIN IMMEDIATE`` on SQLite (foreign keys off while tables are rebuilt, then checked),
-a transaction-level advisory lock on Postgres so that replicas migrate one at a time.
-``migrate`` backs the database up under that lock first (``_backup``) and checks the
-result before COMMIT, so a failure leaves the database at the revision it had.
+a session-level advisory lock on Postgres, so that replicas migrate one at a time. The
+revisions then run in one transaction: the caller's on SQLite, Alembic's own on Postgres
+(so that a revision can build an index concurrently in an autocommit block, see
+``_migration_ops``). ``migrate`` backs the database up under the lock first
+(``_backup``) and checks the result before COMMIT, so a failure leaves the database at
+the revision it had.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,6 +36,7 @@ from ._backup import BackupFile, Progress, backup_database, pg_dump_path
 from ._config import StoreConfig, ensure_parent
 from ._engines import postgres_engine, sqlite_engine
 from ._errors import BackupError, ConfigError, MigrationError, translate, translated
+from ._migration_ops import DEFAULT_LOCK_TIMEOUT
 from ._schema import metadata
 
 T = TypeVar("T")
@@ -88,12 +93,41 @@ def read_revision(conn: Connection, schema: str | None) -> str | None:
     return heads[0] if heads else None
 
 
-def _prepare(conn: Connection, schema: str | None) -> None:
-    if conn.dialect.name == "postgresql":
-        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:id)"), {"id": _MIGRATION_LOCK_ID})
-        if schema is not None:
-            conn.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
-            conn.exec_driver_sql(f'SET LOCAL search_path TO "{schema}"')
+@contextlib.contextmanager
+def migration_session(conn: Connection, schema: str | None) -> Iterator[None]:
+    """Hold what one migration command needs on ``conn``, for as long as it runs.
+
+    Postgres: the advisory lock that makes replicas migrate one at a time, the schema as
+    ``search_path`` and the default lock timeout. All three are session-wide, so they
+    outlive the commit of an autocommit block (a transaction-level lock would be released
+    there, letting a second migrator in); they are committed now and reset at the end.
+    SQLite: nothing, the caller's ``BEGIN IMMEDIATE`` holds the write lock.
+    """
+    if conn.dialect.name != "postgresql":
+        yield
+        return
+    # The lock is taken before the timeout is set: waiting for another migrator is fine.
+    conn.execute(sa.text("SELECT pg_advisory_lock(:id)"), {"id": _MIGRATION_LOCK_ID})
+    conn.exec_driver_sql(f"SET lock_timeout = '{DEFAULT_LOCK_TIMEOUT}'")
+    if schema is not None:
+        conn.exec_driver_sql(f'SET search_path TO "{schema}"')
+    conn.commit()
+    try:
+        yield
+    finally:
+        _end_session(conn)
+
+
+def _end_session(conn: Connection) -> None:
+    try:
+        if conn.in_transaction():
+            conn.rollback()
+        conn.exec_driver_sql("RESET search_path")
+        conn.exec_driver_sql("RESET lock_timeout")
+        conn.execute(sa.text("SELECT pg_advisory_unlock(:id)"), {"id": _MIGRATION_LOCK_ID})
+        conn.commit()
+    except Exception as exc:  # a broken connection has lost its lock and settings anyway
+        logger.debug("could not reset the migration session: %s", type(exc).__name__)
 
 
 def _finish_sqlite(conn: Connection) -> None:
@@ -107,17 +141,29 @@ def migrate_on(
     schema: str | None,
     step: Callable[[Config], None],
     applied: Callable[[str], object] | None = None,
+    before_commit: Callable[[], object] | None = None,
 ) -> None:
-    """Run an Alembic command on ``conn``, which is in a transaction the caller commits.
+    """Run an Alembic command on ``conn``, inside ``migration_session``.
 
-    ``applied`` is called with each revision once its step has run.
+    SQLite: in the caller's transaction, which the caller commits. Postgres: in one
+    transaction that Alembic begins and commits; what the caller read before is committed
+    first (nothing may have been written). ``applied`` is called with each revision once
+    its step has run; ``before_commit`` runs last, inside the transaction.
     """
-    _prepare(conn, schema)
+    sqlite = conn.dialect.name == "sqlite"
+    if not sqlite and conn.in_transaction():
+        conn.commit()
     cfg = alembic_config(connection=conn, schema=schema)
     cfg.attributes["llmstore_applied"] = applied
+
+    def checks() -> None:
+        if sqlite:
+            _finish_sqlite(conn)
+        if before_commit is not None:
+            before_commit()
+
+    cfg.attributes["llmstore_before_commit"] = checks
     step(cfg)
-    if conn.dialect.name == "sqlite":
-        _finish_sqlite(conn)
 
 
 def upgrade_connection(conn: Connection, schema: str | None) -> None:
@@ -127,14 +173,15 @@ def upgrade_connection(conn: Connection, schema: str | None) -> None:
         conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
         conn.exec_driver_sql("BEGIN IMMEDIATE")
     try:
-        migrate_on(conn, schema, lambda cfg: command.upgrade(cfg, "head"))
+        with migration_session(conn, schema):
+            migrate_on(conn, schema, lambda cfg: command.upgrade(cfg, "head"))
+            conn.commit()
     except CommandError as exc:
         conn.rollback()
         raise _alembic_failure(exc) from exc
     except BaseException:
         conn.rollback()
         raise
-    conn.commit()
     if sqlite:
         conn.exec_driver_sql("PRAGMA foreign_keys=ON")
         conn.commit()
@@ -215,34 +262,72 @@ async def migrate(
     to do. Before COMMIT the result is checked: the schema against the models (at head)
     and, on SQLite, ``integrity_check`` and ``foreign_key_check``. Any failure rolls the
     whole command back and raises MigrationError naming the failing revision and the
-    backup.
+    backup. (A revision that builds an index concurrently commits the ones before it.)
     """
-    schema = config.schema_name
-    step = command.downgrade if downgrading else command.upgrade
 
     def run(conn: Connection) -> Migration:
-        _prepare(conn, schema)
-        before = read_revision(conn, schema) if _schema_exists(conn, schema) else None
-        if not _work_to_do(before, revision, downgrading):
-            return Migration(before, before, None, "nothing to do")
-        made, skipped = _backup_first(config, before, backup, progress)
-        applied: list[str] = []
-        where = "" if made is None else f"; the backup taken before it is {made.path}"
-        try:
-            migrate_on(conn, schema, lambda cfg: step(cfg, revision), applied.append)
-            after = read_revision(conn, schema)
-            _validate(conn, schema, after)
-        except Exception as exc:
-            failing = _failing_revision(before, revision, applied, downgrading)
-            known = _alembic_failure(exc) if isinstance(exc, CommandError) else translate(exc)
-            reason = str(known or exc).splitlines()[0] if str(known or exc) else "(no message)"
-            raise MigrationError(
-                f"{'downgrade' if downgrading else 'upgrade'} failed at revision {failing}: "
-                f"{reason}; the database is still at {before or 'empty'}{where}"
-            ) from exc
-        return Migration(before, after, made, skipped)
+        with migration_session(conn, config.schema_name):
+            return _migrate_locked(conn, config, revision, downgrading, backup, progress)
 
     return await with_migration_connection(config, run)
+
+
+def _migrate_locked(
+    conn: Connection,
+    config: StoreConfig,
+    revision: str,
+    downgrading: bool,
+    backup: bool,
+    progress: Progress | None,
+) -> Migration:
+    schema = config.schema_name
+    step = command.downgrade if downgrading else command.upgrade
+    before = read_revision(conn, schema) if _schema_exists(conn, schema) else None
+    if not _work_to_do(before, revision, downgrading):
+        return Migration(before, before, None, "nothing to do")
+    made, skipped = _backup_first(config, before, backup, progress)
+    applied: list[str] = []
+    try:
+        migrate_on(
+            conn,
+            schema,
+            lambda cfg: step(cfg, revision),
+            applied.append,
+            lambda: _validate(conn, schema, read_revision(conn, schema)),
+        )
+    except Exception as exc:
+        failing = _failing_revision(before, revision, applied, downgrading)
+        known = _alembic_failure(exc) if isinstance(exc, CommandError) else translate(exc)
+        reason = str(known or exc).splitlines()[0] if str(known or exc) else "(no message)"
+        where = _where_after_failure(conn, schema, before)
+        kept = "" if made is None else f"; the backup taken before it is {made.path}"
+        raise MigrationError(
+            f"{'downgrade' if downgrading else 'upgrade'} failed at revision {failing}: "
+            f"{reason}; {where}{kept}"
+        ) from exc
+    return Migration(before, read_revision(conn, schema), made, skipped)
+
+
+def _where_after_failure(conn: Connection, schema: str | None, before: str | None) -> str:
+    still = f"the database is still at {before or 'empty'}"
+    if conn.dialect.name == "sqlite":
+        return still  # the caller rolls its one transaction back
+    try:
+        conn.rollback()
+        now = read_revision(conn, schema) if _schema_exists(conn, schema) else None
+        conn.rollback()
+    except Exception:
+        return (
+            f"the database was at {before or 'empty'} before the command (its revision "
+            "could not be read after the failure)"
+        )
+    if now == before:
+        return still
+    # Only an autocommit block (a concurrent index build) commits part of a command.
+    return (
+        f"the database is now at {now or 'empty'}: a concurrent index build commits the "
+        "revisions before it"
+    )
 
 
 def _work_to_do(before: str | None, revision: str, downgrading: bool) -> bool:
@@ -333,7 +418,22 @@ def diff_schema(conn: Connection, schema: str | None) -> list[SchemaDiff]:
         conn.exec_driver_sql(f'SET LOCAL search_path TO "{schema}"')
     # search_path makes the schema the default one, where Alembic skips its version table.
     context = MigrationContext.configure(conn, opts={"compare_type": True})
-    return [SchemaDiff(_describe(entry)) for entry in compare_metadata(context, metadata)]
+    diffs = [SchemaDiff(_describe(entry)) for entry in compare_metadata(context, metadata)]
+    if conn.dialect.name == "postgresql":
+        diffs += [
+            SchemaDiff(f"invalid index: {name} (a concurrent build failed; `upgrade` rebuilds it)")
+            for name in conn.execute(_INVALID_INDEXES).scalars()
+        ]
+    return diffs
+
+
+# Compare_metadata sees an index a failed CREATE INDEX CONCURRENTLY left as present.
+_INVALID_INDEXES = sa.text(
+    "SELECT c.relname FROM pg_index i "
+    "JOIN pg_class c ON c.oid = i.indexrelid "
+    "JOIN pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE NOT i.indisvalid AND n.nspname = current_schema() ORDER BY c.relname"
+)
 
 
 def _describe(entry: Any) -> str:

@@ -7,37 +7,34 @@ import asyncio
 import contextlib
 import datetime as dt
 import re
-import shutil
 import sqlite3
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from pydantic import SecretStr
 from sqlalchemy.engine import Connection
 
 from llmstore import (
     BackupError,
     MigrationError,
-    Store,
     StoreConfig,
-    UsageRecord,
     _migrations,
 )
 from llmstore._backup import archive_revision, backup_database, prune
 from llmstore._cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
 from llmstore._migrations import head_revision, migrate, upgrade
-from llmstore._receipts import generate_signing_key
 from llmstore._schema import metadata
 from llmstore.pytest_plugin import drop_schema, fresh_schema_name
 
 from .conftest import require_postgres
+from .revisions import scripts_with
+from .snapshots import seed, snapshot
 
 FIRST = "0001_projects"
 _PROJECTS_0001 = sa.table(
@@ -53,41 +50,6 @@ STAMP = re.compile(r"\.\d{8}_\d{6}_\d{3}\.backup$")
 
 def _with(config: StoreConfig, **update: Any) -> StoreConfig:
     return config.model_copy(update=update)
-
-
-async def _seed(config: StoreConfig) -> None:
-    """A row in every table of the head schema."""
-    signed = _with(config, receipt_signing_key=SecretStr(generate_signing_key()))
-    async with Store(signed) as store:
-        project = await store.projects.create("seeded", api_key="sk-upstream-secret")
-        await store.providers.create("openai", "gpt-4o", project.id, api_key="sk-provider")
-        await store.tokens.create(project.id, name="seeded", actor="tests")
-        key = (await store.api_keys.create(1_000, project.id)).key
-        await store.api_keys.charge(key.id, 10, idempotency_key="c1")
-        await store.api_keys.reserve(key.id, 20)
-        await store.api_keys.withdraw(key.id, 30, "cashuAsecret", "https://mint.example")
-        result = await store.usage.record(UsageRecord(model="m", cost=3, request_id="r1"))
-        assert result.ids[0] is not None
-        await store.usage.issue_receipt(result.ids[0])
-
-
-async def _snapshot(config: StoreConfig) -> dict[str, list[tuple[Any, ...]]]:
-    def read(conn: Connection) -> dict[str, list[tuple[Any, ...]]]:
-        tables = sa.inspect(conn).get_table_names()
-        out = {}
-        for name in sorted(tables):
-            rows = conn.exec_driver_sql(f"SELECT * FROM {name}").all()
-            out[name] = sorted(tuple(map(str, row)) for row in rows)
-        return out
-
-    schema = config.schema_name
-
-    def unit(conn: Connection) -> dict[str, list[tuple[Any, ...]]]:
-        if schema is not None:
-            conn.exec_driver_sql(f'SET LOCAL search_path TO "{schema}"')
-        return read(conn)
-
-    return await _migrations.with_migration_connection(config, unit, write=False)
 
 
 async def _insert_project(config: StoreConfig, name: str) -> None:
@@ -107,21 +69,19 @@ async def _insert_project(config: StoreConfig, name: str) -> None:
     await _migrations.with_migration_connection(config, insert)
 
 
-@contextlib.contextmanager
-def failing_scripts(tmp_path: Path) -> Iterator[Path]:
+def failing_scripts(tmp_path: Path) -> contextlib.AbstractContextManager[Path]:
     """llmstore's migration scripts plus a revision after head that changes data in several
     tables, creates one, and then fails."""
-    location = tmp_path / "scripts"
-    shutil.copytree(_migrations.script_location(), location)
-    head = head_revision()
-    (location / "versions" / "0099_fails.py").write_text(
-        f'''"""A revision that fails halfway."""
+    return scripts_with(
+        tmp_path,
+        {
+            "0099_fails": f'''"""A revision that fails halfway."""
 
 import sqlalchemy as sa
 from alembic import op
 
 revision = "0099_fails"
-down_revision = "{head}"
+down_revision = "{head_revision()}"
 branch_labels = None
 depends_on = None
 
@@ -137,15 +97,8 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("half_done")
 '''
+        },
     )
-    original = _migrations.script_location
-    _migrations.scripts.cache_clear()
-    _migrations.script_location = lambda: location  # type: ignore[assignment]
-    try:
-        yield location
-    finally:
-        _migrations.script_location = original  # type: ignore[assignment]
-        _migrations.scripts.cache_clear()
 
 
 # --- a failing revision ----------------------------------------------------------------------
@@ -155,8 +108,8 @@ async def test_a_failing_revision_leaves_every_row_as_it_was(
     db_config: StoreConfig, tmp_path: Path
 ) -> None:
     await upgrade(db_config)
-    await _seed(db_config)
-    before = await _snapshot(db_config)
+    await seed(db_config)
+    before = await snapshot(db_config)
     assert all(before[name] for name in metadata.tables), "a table was left empty"
     with failing_scripts(tmp_path), pytest.raises(MigrationError) as raised:
         await migrate(db_config, "head", downgrading=False, backup=True)
@@ -166,7 +119,7 @@ async def test_a_failing_revision_leaves_every_row_as_it_was(
     assert "the backup taken before it is " in message
     backup = Path(message.rsplit("the backup taken before it is ", 1)[1])
     assert backup.is_file()
-    assert await _snapshot(db_config) == before
+    assert await snapshot(db_config) == before
     assert await _migrations.current(db_config) == "0004_usage_logs_receipts"
 
 
@@ -180,7 +133,7 @@ async def test_a_failure_after_several_revisions_undoes_them_all(
     ):
         await migrate(db_config, "head", downgrading=False, backup=False)
     assert await _migrations.current(db_config) == FIRST
-    tables = set((await _snapshot(db_config)).keys())
+    tables = set((await snapshot(db_config)).keys())
     assert "api_keys" not in tables and "usage_logs" not in tables and "half_done" not in tables
 
 

@@ -1,0 +1,104 @@
+"""Operations for revision scripts that touch tables which may already be large.
+
+Every revision after the first four begins ``upgrade()`` and ``downgrade()`` with
+:func:`set_lock_timeout`, and indexes a table it did not create itself with
+:func:`create_index_concurrently` (and drops such an index with
+:func:`drop_index_concurrently`); ``tests/test_migration_rules.py`` refuses a revision that
+does otherwise.
+
+Why: on Postgres, ``ALTER TABLE`` or a plain ``CREATE INDEX`` waits for its lock behind a
+long query, and every query of the proxy then queues behind the migration. With a lock
+timeout the migration fails (and rolls back) instead of stalling the proxy. A plain
+``CREATE INDEX`` blocks writes to the table for as long as the build takes, which on a
+table of millions of rows is minutes; ``CREATE INDEX CONCURRENTLY`` does not, but cannot
+run inside a transaction. It runs in Alembic's autocommit block, which commits the
+revisions before it: such a revision does nothing else, so that the database is never
+left between two revisions (it stays at the previous revision, perhaps with the index
+built or half built, until the revision is stamped). A failed concurrent build leaves an
+INVALID index behind; the next run finds it, drops it and builds it again.
+
+On SQLite these are the plain operations, inside the one migration transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import op
+
+from ._errors import MigrationError
+
+logger = logging.getLogger("llmstore")
+
+#: The lock timeout every migration run starts with on Postgres, and the default of
+#: :func:`set_lock_timeout`.
+DEFAULT_LOCK_TIMEOUT = "5s"
+_TIMEOUT = re.compile(r"[1-9][0-9]{0,8}(ms|s|min)")
+
+
+def set_lock_timeout(timeout: str = DEFAULT_LOCK_TIMEOUT) -> None:
+    """Fail, rather than wait longer than ``timeout``, for any lock this revision takes.
+
+    Session-wide (not ``SET LOCAL``) so that it outlives an autocommit block; the
+    migration command resets it when it ends.
+    """
+    if _TIMEOUT.fullmatch(timeout) is None:
+        raise MigrationError(f"lock timeout must look like 500ms, 5s or 2min, not {timeout!r}")
+    if op.get_context().dialect.name == "postgresql":
+        op.execute(f"SET lock_timeout = '{timeout}'")
+
+
+def create_index_concurrently(
+    index_name: str, table_name: str, columns: Sequence[str], **kw: Any
+) -> None:
+    """``CREATE INDEX CONCURRENTLY`` on Postgres, rebuilding an invalid index of that name."""
+    context = op.get_context()
+    if context.dialect.name != "postgresql":
+        op.create_index(index_name, table_name, list(columns), **kw)
+        return
+    with context.autocommit_block():
+        if not context.as_sql and index_is_valid(index_name) is False:
+            logger.warning("index %s was left invalid by a failed build: rebuilding it", index_name)
+            _drop(index_name, table_name)
+        op.create_index(
+            index_name,
+            table_name,
+            list(columns),
+            postgresql_concurrently=True,
+            if_not_exists=True,
+            **kw,
+        )
+        if not context.as_sql and index_is_valid(index_name) is not True:
+            raise MigrationError(f"index {index_name} is not valid after its concurrent build")
+
+
+def drop_index_concurrently(index_name: str, table_name: str) -> None:
+    """``DROP INDEX CONCURRENTLY IF EXISTS`` on Postgres; a plain drop elsewhere."""
+    context = op.get_context()
+    if context.dialect.name != "postgresql":
+        op.drop_index(index_name, table_name=table_name)
+        return
+    with context.autocommit_block():
+        _drop(index_name, table_name)
+
+
+def _drop(index_name: str, table_name: str) -> None:
+    op.drop_index(index_name, table_name=table_name, postgresql_concurrently=True, if_exists=True)
+
+
+_INDEX_VALIDITY = sa.text(
+    "SELECT i.indisvalid FROM pg_index i "
+    "JOIN pg_class c ON c.oid = i.indexrelid "
+    "JOIN pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE c.relname = :name AND n.nspname = current_schema()"
+)
+
+
+def index_is_valid(index_name: str) -> bool | None:
+    """Whether the index of that name in the current schema is valid; None if there is none."""
+    value = op.get_bind().execute(_INDEX_VALIDITY, {"name": index_name}).scalar()
+    return None if value is None else bool(value)
