@@ -37,7 +37,7 @@ from ._files import fsync_directory
 SUFFIX = ".backup"
 #: (done, total) in pages for SQLite; Postgres reports (0, None) then (bytes, bytes).
 Progress = Callable[[int, int | None], object]
-_PAGES_PER_STEP = 1024
+PAGES_PER_STEP = 1024
 _PARTIAL = ".partial"
 
 
@@ -174,13 +174,13 @@ def _sqlite_copy(config: StoreConfig, partial: Path, progress: Progress | None) 
             # One read transaction for the whole copy: every step reads the same snapshot,
             # so writers elsewhere neither restart the copy nor leave it inconsistent.
             source.execute("BEGIN")
-            revision = _sqlite_revision(source)
+            revision = sqlite_revision(source)
 
             def report(status: int, remaining: int, total: int) -> None:
                 if progress is not None:
                     progress(total - remaining, total)
 
-            source.backup(copy, pages=_PAGES_PER_STEP, progress=report)
+            source.backup(copy, pages=PAGES_PER_STEP, progress=report)
             source.execute("COMMIT")
             problems = [row[0] for row in copy.execute("PRAGMA integrity_check")]
             if problems != ["ok"]:
@@ -195,7 +195,7 @@ def _sqlite_copy(config: StoreConfig, partial: Path, progress: Progress | None) 
     return revision
 
 
-def _sqlite_revision(conn: sqlite3.Connection) -> str | None:
+def sqlite_revision(conn: sqlite3.Connection) -> str | None:
     try:
         row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
     except sqlite3.OperationalError:
@@ -236,21 +236,26 @@ def _pg_dump(config: StoreConfig, partial: Path, progress: Progress | None) -> s
         command.insert(-1, f"--schema={config.schema_name}")
     if progress is not None:
         progress(0, None)
-    _run(command, environ, "pg_dump")
-    listed = _run([_sibling(program, "pg_restore"), "--list", str(partial)], environ, "pg_restore")
+    run_tool(command, environ, "pg_dump")
+    listed = run_tool([pg_tool("pg_restore"), "--list", str(partial)], environ, "pg_restore")
     size = partial.stat().st_size
     if progress is not None:
         progress(size, size)
     return archive_revision(partial, listing=listed)
 
 
-def archive_revision(path: Path, *, listing: str | None = None) -> str | None:
-    """The schema revision a Postgres archive holds, read from its ``alembic_version`` data."""
-    program = _sibling(pg_dump_path() or "pg_restore", "pg_restore")
+def archive_revision(
+    path: Path, *, listing: str | None = None, schema: str | None = None
+) -> str | None:
+    """The schema revision a Postgres archive holds, read from its ``alembic_version`` data
+    (the one in ``schema`` when given)."""
     if listing is not None and "TABLE DATA" not in listing:
         return None
-    command = [program, "--data-only", "--table=alembic_version", "--file=-", str(path)]
-    script = _run(command, dict(os.environ), "pg_restore")
+    command = [pg_tool("pg_restore"), "--data-only", "--table=alembic_version", "--file=-"]
+    if schema is not None:
+        command.append(f"--schema={schema}")
+    command.append(str(path))
+    script = run_tool(command, dict(os.environ), "pg_restore")
     lines = script.splitlines()
     for index, line in enumerate(lines):
         if line.startswith("COPY ") and "alembic_version" in line and index + 1 < len(lines):
@@ -259,12 +264,17 @@ def archive_revision(path: Path, *, listing: str | None = None) -> str | None:
     return None
 
 
+def pg_tool(name: str) -> str:
+    """The PostgreSQL client program ``name`` (pg_restore, psql), beside pg_dump if any."""
+    return _sibling(pg_dump_path() or name, name)
+
+
 def _sibling(program: str, name: str) -> str:
     candidate = Path(program).with_name(name)
     return str(candidate) if candidate.is_file() else (shutil.which(name) or name)
 
 
-def _run(command: list[str], environ: dict[str, str], what: str) -> str:
+def run_tool(command: list[str], environ: dict[str, str], what: str) -> str:
     try:
         done = subprocess.run(command, env=environ, capture_output=True, text=True, check=False)
     except OSError as exc:

@@ -20,6 +20,7 @@
     │   ├── SchemaOutOfDateError  the database is behind the installed code
     │   └── UnknownRevisionError  the database is at a revision this code does not know
     ├── MigrationError            a migration command failed
+    ├── BackupError               a backup could not be made, checked or restored
     └── DatabaseError             any other failure reported by the database
         └── DatabaseUnavailableError  the database cannot be reached (or stayed locked)
 """

@@ -78,3 +78,23 @@ class CopyProgress:
             self._out.write("\n")
             self._out.flush()
             self._drawn = False
+
+
+class StagedProgress:
+    """A ``CopyProgress`` per stage of a longer command (``progress(stage, done, total)``):
+    each stage's line is finished when the next one begins."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+        self._stage = ""
+        self._current: CopyProgress | None = None
+
+    def __call__(self, stage: str, done: int, total: int | None) -> None:
+        if self._current is None or stage != self._stage:
+            self.end()
+            self._stage, self._current = stage, CopyProgress(self._out, stage)
+        self._current(done, total)
+
+    def end(self) -> None:
+        if self._current is not None:
+            self._current.end()

@@ -1,0 +1,408 @@
+"""Restoring a backup: all or nothing, after checking the file and backing up what is there.
+
+Nothing is written until the file is known to be a whole backup of the right kind, at a
+revision this code knows:
+
+* SQLite: a database that passes ``PRAGMA integrity_check``. Postgres: a custom-format
+  archive that ``pg_restore --list`` reads, holding llmstore's tables in the configured
+  schema (``public`` without one), and read through once to the end.
+* Its ``alembic_version`` names a revision of this code. A file without one (a database
+  never migrated, or not llmstore's) is refused, and so is an unknown revision (a backup
+  made by a newer llmstore): it could not be used, or even downgraded, by this code.
+
+Then the current database is backed up (``backup_database``, default name, so retention
+applies), unless it holds no table; if that fails, nothing is restored. Then:
+
+* SQLite: the online backup API copies the file into the live database in steps, as one
+  write transaction: other connections see the old data until it commits and the new
+  data after, and an interrupted copy is rolled back. The file stays in WAL mode. A WAL
+  database cannot change its page size, so a backup of another page size is first copied
+  to one of the live page size (``VACUUM INTO``).
+* Postgres: one ``psql`` transaction drops what llmstore owns (the configured schema,
+  then recreated; on ``public``, llmstore's tables only) and loads ``pg_restore``'s
+  script. COMMIT is sent only after pg_restore has finished: psql's own
+  ``--single-transaction`` commits whatever it has read when its input ends, even a
+  script cut short, so it is not used. Any failure, of either program or of this
+  process, leaves the database as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sqlite3
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from . import _migrations
+from ._backup import (
+    PAGES_PER_STEP,
+    BackupFile,
+    Progress,
+    archive_revision,
+    backup_database,
+    libpq_target,
+    pg_tool,
+    run_tool,
+    sqlite_revision,
+)
+from ._config import StoreConfig, ensure_parent
+from ._errors import BackupError
+from ._migrations import _MIGRATION_LOCK_ID
+from ._schema import metadata
+
+#: ``progress(stage, done, total)``; stages are "checking" (Postgres), "backing up" and
+#: "restoring"; done and total count pages (SQLite) or bytes of SQL (Postgres), total None
+#: while unknown.
+RestoreProgress = Callable[[str, int, int | None], object]
+
+#: llmstore's tables: all that a restore into ``public`` drops and loads.
+OWN_TABLES = frozenset({*metadata.tables, "alembic_version"})
+_CHUNK = 1 << 16
+
+
+@dataclass(frozen=True)
+class Restored:
+    """A finished restore: the file, the revision the database is at now, and the backup of
+    the database as it was before (None when it held nothing)."""
+
+    path: Path
+    revision: str
+    backup: BackupFile | None
+
+
+def restore_database(
+    config: StoreConfig, source: str | os.PathLike[str], *, progress: RestoreProgress | None = None
+) -> Restored:
+    """Replace the database's contents with the backup at ``source``.
+
+    Raises BackupError, with the database left as it was, when the file is not a backup
+    this code can restore, when the current database cannot be backed up first, or when
+    the restore fails. Blocking: call it from a thread in async code.
+    """
+    path = Path(os.fspath(source))
+    if config.driver == "sqlite" and config.is_memory:
+        raise BackupError("an in-memory database cannot be restored into")
+    if not path.is_file():
+        raise BackupError(f"there is no backup file at {str(path)!r}")
+    if config.driver == "sqlite":
+        return _restore_sqlite(config, path, progress)
+    return _restore_postgres(config, path, progress)
+
+
+def _known_revision(path: Path, revision: str | None) -> str:
+    if revision is None:
+        raise BackupError(
+            f"{str(path)!r} holds no llmstore schema revision (a database never migrated, "
+            "or not an llmstore backup); nothing was restored"
+        )
+    if not _migrations.is_known(revision):
+        raise BackupError(
+            f"{str(path)!r} is at revision {revision!r}, unknown to this version of llmstore "
+            f"(newest: {_migrations.head_revision()}): restore it with the llmstore that "
+            "made it; nothing was restored"
+        )
+    return revision
+
+
+def _stage(progress: RestoreProgress | None, stage: str) -> Progress | None:
+    if progress is None:
+        return None
+    return lambda done, total: progress(stage, done, total)
+
+
+def _backup_first(
+    config: StoreConfig, holds_data: bool, progress: RestoreProgress | None
+) -> BackupFile | None:
+    if not holds_data:
+        return None
+    try:
+        return backup_database(config, progress=_stage(progress, "backing up"))
+    except BackupError as exc:
+        raise BackupError(
+            f"the current database could not be backed up, so nothing was restored: {exc}"
+        ) from exc
+
+
+@contextlib.contextmanager
+def _naming(made: BackupFile | None) -> Iterator[None]:
+    """A failure past this point names the backup just taken."""
+    try:
+        yield
+    except BackupError as exc:
+        if made is None:
+            raise
+        raise BackupError(f"{exc} (the backup taken first: {made.path})") from exc
+
+
+# --- SQLite ----------------------------------------------------------------------------------
+
+
+def _restore_sqlite(config: StoreConfig, path: Path, progress: RestoreProgress | None) -> Restored:
+    live = Path(config.sqlite_path or "")
+    if live.exists() and live.samefile(path):
+        raise BackupError(f"{str(path)!r} is the database itself")
+    if not live.exists() and Path(f"{live}-wal").exists():
+        raise BackupError(f"{str(live)!r} is missing but its -wal file is not: move it away first")
+    revision, page_size = _read_sqlite_backup(path)
+    made = _backup_first(config, _sqlite_holds_tables(config, live), progress)
+    with _naming(made):
+        _sqlite_copy_into(config, path, page_size, _stage(progress, "restoring"))
+    return Restored(path, revision, made)
+
+
+def _open_read_only(path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+
+
+def _read_sqlite_backup(path: Path) -> tuple[str, int]:
+    """The backup's revision and page size, once it has passed its integrity check."""
+    try:
+        conn = _open_read_only(path)
+        try:
+            problems = [row[0] for row in conn.execute("PRAGMA integrity_check")]
+            revision = sqlite_revision(conn)
+            page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise BackupError(f"{str(path)!r} is not a SQLite backup: {exc}") from None
+    if problems != ["ok"]:
+        raise BackupError(f"{str(path)!r} failed its integrity check: {problems[0]}")
+    return _known_revision(path, revision), page_size
+
+
+def _sqlite_holds_tables(config: StoreConfig, live: Path) -> bool:
+    if not live.exists():
+        return False
+    try:
+        conn = sqlite3.connect(live, timeout=config.busy_timeout)
+        try:
+            row = conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'")
+            return int(row.fetchone()[0]) > 0
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise BackupError(
+            f"cannot read the current database {str(live)!r}, so nothing was restored: {exc}; "
+            "to restore over a damaged database, move it (with its -wal and -shm files) away"
+        ) from None
+
+
+def _sqlite_copy_into(
+    config: StoreConfig, path: Path, page_size: int, progress: Progress | None
+) -> None:
+    live = config.sqlite_path or ""
+    ensure_parent(live)
+
+    def report(status: int, remaining: int, total: int) -> None:
+        if progress is not None:
+            progress(total - remaining, total)
+
+    with tempfile.TemporaryDirectory(dir=Path(live).parent, prefix=".llmstore-restore-") as tmp:
+        try:
+            target = sqlite3.connect(live, timeout=config.busy_timeout, isolation_level=None)
+            try:
+                target.execute(f"PRAGMA page_size = {page_size}")  # a new file only
+                target.execute("PRAGMA journal_mode = WAL")
+                source = _open_read_only(path)
+                try:
+                    live_size = int(target.execute("PRAGMA page_size").fetchone()[0])
+                    if live_size != page_size:
+                        resized = Path(tmp) / "resized.db"
+                        source.execute(f"PRAGMA page_size = {live_size}")
+                        source.execute("VACUUM INTO ?", (str(resized),))
+                        source.close()
+                        source = sqlite3.connect(resized)
+                    source.backup(target, pages=PAGES_PER_STEP, progress=report)
+                finally:
+                    source.close()
+                problems = [row[0] for row in target.execute("PRAGMA integrity_check")]
+            finally:
+                target.close()
+        except sqlite3.Error as exc:
+            raise BackupError(
+                f"could not restore {str(path)!r}: {type(exc).__name__}: {exc}; "
+                "the database was left as it was"
+            ) from None
+    if problems != ["ok"]:
+        raise BackupError(f"the restored database failed its integrity check: {problems[0]}")
+
+
+# --- Postgres --------------------------------------------------------------------------------
+
+# A line of ``pg_restore --list`` for an object in public that may belong to a table.
+_ENTRY = re.compile(
+    r"^\d+; \d+ \d+ (?P<kind>TABLE DATA|TABLE|FK CONSTRAINT|CONSTRAINT|DEFAULT|TRIGGER|INDEX"
+    r"|SEQUENCE OWNED BY|SEQUENCE SET|SEQUENCE|ACL|COMMENT) public (?P<tag>.+) \S+$"
+)
+# Statements of the archive's script that tie an index or a sequence to its table.
+_INDEX_ON = re.compile(r"CREATE (?:UNIQUE )?INDEX (\S+) ON (?:ONLY )?public\.(\S+) ")
+_SEQUENCE_OF = re.compile(r"ALTER SEQUENCE public\.(\S+) OWNED BY public\.([^.\s]+)\.")
+_IDENTITY = re.compile(
+    r"ALTER TABLE (?:ONLY )?public\.(\S+) ALTER COLUMN \S+ ADD GENERATED [^;]*?"
+    r"SEQUENCE NAME public\.([^\s;]+)"
+)
+
+
+def _restore_postgres(
+    config: StoreConfig, path: Path, progress: RestoreProgress | None
+) -> Restored:
+    schema = config.schema_name or "public"
+    restore = pg_tool("pg_restore")
+    try:
+        listing = run_tool([restore, "--list", str(path)], dict(os.environ), "pg_restore")
+    except BackupError as exc:
+        raise BackupError(f"{str(path)!r} is not a pg_dump custom-format archive: {exc}") from None
+    held = set(re.findall(r"^\d+; \d+ \d+ TABLE (\S+) alembic_version ", listing, re.MULTILINE))
+    if schema not in held:
+        raise BackupError(
+            f"{str(path)!r} holds no llmstore tables in schema {schema!r} (it holds "
+            f"{', '.join(sorted(held)) or 'none'}): restoring it would write elsewhere"
+        )
+    revision = _known_revision(path, archive_revision(path, schema=schema))
+    with tempfile.TemporaryDirectory(prefix="llmstore-restore-") as tmp:
+        command = [restore, "--no-owner", f"--schema={schema}", "--file=-"]
+        if config.schema_name is None:
+            chosen = Path(tmp) / "entries.list"
+            chosen.write_text(_own_entries(listing, path))
+            command.append(f"--use-list={chosen}")
+        command.append(str(path))
+        checking = _stage(progress, "checking")
+        if checking is not None:
+            checking(0, None)
+        size = _stream(command, lambda chunk: None)  # the whole archive reads, and its size
+        made = _backup_first(config, _pg_holds_tables(config), progress)
+        with _naming(made):
+            _load(config, command, size, _stage(progress, "restoring"))
+    return Restored(path, revision, made)
+
+
+def _own_entries(listing: str, path: Path) -> str:
+    """The entries of ``public`` that belong to llmstore's tables, as a ``--use-list``."""
+    script = run_tool(
+        [pg_tool("pg_restore"), "--schema-only", "--schema=public", "--file=-", str(path)],
+        dict(os.environ),
+        "pg_restore",
+    )
+    table_of = {name: name for name in OWN_TABLES}
+    table_of.update(_INDEX_ON.findall(script) + _SEQUENCE_OF.findall(script))
+    table_of.update((sequence, table) for table, sequence in _IDENTITY.findall(script))
+    kept = []
+    for line in listing.splitlines():
+        entry = _ENTRY.match(line)
+        if entry is None:
+            continue
+        words = entry["tag"].split(" ")  # ACL and COMMENT tags: "TABLE name", "COLUMN t.c"
+        name = words[-1] if entry["kind"] in ("ACL", "COMMENT") else words[0]
+        if table_of.get(name.split(".")[0]) in OWN_TABLES:
+            kept.append(line)
+    return "\n".join(kept) + "\n"
+
+
+def _pg_holds_tables(config: StoreConfig) -> bool:
+    target, environ = libpq_target(config)
+    query = "SELECT count(*) FROM pg_catalog.pg_tables WHERE schemaname = "
+    if config.schema_name is not None:
+        query += f"'{config.schema_name}'"  # letters, digits and underscores (StoreConfig)
+    else:
+        query += f"'public' AND tablename IN ({', '.join(map(repr, sorted(OWN_TABLES)))})"
+    psql = [pg_tool("psql"), "--no-psqlrc", "--quiet", "--tuples-only", "--no-align"]
+    count = run_tool([*psql, f"--command={query}", target], environ, "psql")
+    return int(count.strip() or 0) > 0
+
+
+def _prelude(config: StoreConfig) -> bytes:
+    """Opens the transaction, waits for migrations, and drops what the archive replaces."""
+    lines = ["BEGIN;", f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK_ID});"]
+    if config.schema_name is not None:
+        quoted = f'"{config.schema_name}"'
+        lines += [f"DROP SCHEMA IF EXISTS {quoted} CASCADE;", f"CREATE SCHEMA {quoted};"]
+    else:
+        # Only llmstore's own tables; whatever else depends on them stops the restore.
+        tables = ", ".join(f'public."{name}"' for name in sorted(OWN_TABLES))
+        lines.append(f"DROP TABLE IF EXISTS {tables};")
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _load(config: StoreConfig, command: list[str], size: int, progress: Progress | None) -> None:
+    """Pipe pg_restore's script into psql between the prelude and COMMIT."""
+    target, environ = libpq_target(config)
+    prelude, commit = _prelude(config), b"COMMIT;\n"
+    total = len(prelude) + size + len(commit)
+    psql = [pg_tool("psql"), "--no-psqlrc", "--quiet", "--set=ON_ERROR_STOP=1", target]
+    with tempfile.TemporaryFile() as errors:
+        try:
+            loader = subprocess.Popen(
+                psql, env=environ, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=errors
+            )
+        except OSError as exc:
+            raise BackupError(f"could not run psql: {exc}") from None
+        assert loader.stdin is not None
+        sent = 0
+
+        def send(chunk: bytes) -> None:
+            nonlocal sent
+            assert loader.stdin is not None
+            loader.stdin.write(chunk)
+            sent += len(chunk)
+            if progress is not None:
+                progress(sent, total)
+
+        try:
+            send(prelude)
+            if _stream(command, send) != size:
+                raise BackupError(f"{command[-1]!r} changed while it was being restored")
+            send(commit)
+        except BrokenPipeError:
+            pass  # psql stopped at an error, which it reported: below
+        except BaseException:
+            loader.kill()  # before its input ends: it never sees the end, so never commits
+            raise
+        finally:
+            with contextlib.suppress(OSError):
+                loader.stdin.close()
+            code = loader.wait()
+        if code != 0 or sent != total:
+            raise BackupError(
+                f"psql failed: {_reason(errors)}; nothing was restored, the database was "
+                "left as it was"
+            )
+
+
+def _stream(command: list[str], sink: Callable[[bytes], object]) -> int:
+    """Run ``command`` (pg_restore), passing its output to ``sink``; the bytes passed."""
+    with tempfile.TemporaryFile() as errors:
+        try:
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors)
+        except OSError as exc:
+            raise BackupError(f"could not run pg_restore: {exc}") from None
+        assert process.stdout is not None
+        passed = 0
+        try:
+            while chunk := process.stdout.read(_CHUNK):
+                sink(chunk)
+                passed += len(chunk)
+        except BaseException:
+            process.kill()
+            raise
+        finally:
+            process.stdout.close()
+            process.wait()
+        if process.returncode != 0:
+            raise BackupError(f"pg_restore failed: {_reason(errors)}")
+    return passed
+
+
+def _reason(errors: IO[bytes]) -> str:
+    """The first error line a program wrote, else its last line."""
+    errors.seek(0)
+    lines = [line.strip() for line in errors.read().decode(errors="replace").splitlines()]
+    lines = [line for line in lines if line]
+    failing = [line for line in lines if "ERROR:" in line or "FATAL:" in line or "error:" in line]
+    return (failing or lines or ["no message"])[0]

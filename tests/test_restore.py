@@ -1,0 +1,420 @@
+"""Restoring backups on both drivers: every row comes back, the database is backed up first,
+and a file that cannot be restored, or a restore that fails halfway, changes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sqlite3
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import NullPool
+
+from llmstore import BackupError, Store, StoreConfig, _migrations, _restore, generate_key
+from llmstore._backup import backup_database, backup_prefix
+from llmstore._cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
+from llmstore._migrations import head_revision, migrate, upgrade
+from llmstore._restore import restore_database
+from llmstore._schema import metadata
+from llmstore.pytest_plugin import drop_schema, fresh_schema_name
+
+from .conftest import require_postgres
+from .snapshots import seed, snapshot
+
+SECOND = "0002_tokens_audit_providers"
+
+
+@pytest.fixture
+def config(db_config: StoreConfig, tmp_path: Path) -> StoreConfig:
+    """``db_config`` (a SQLite file, or a fresh Postgres schema) with its dumps in tmp_path."""
+    return db_config.model_copy(update={"backup_dir": str(tmp_path / "dumps")})
+
+
+@pytest.fixture
+async def pg_config(tmp_path: Path) -> AsyncIterator[StoreConfig]:
+    url = require_postgres()
+    schema = fresh_schema_name()
+    yield StoreConfig.from_url(
+        url, schema_name=schema, encryption_keys=generate_key(), backup_dir=str(tmp_path / "d")
+    )
+    await drop_schema(url, schema)
+
+
+@pytest.fixture
+async def fresh_database(tmp_path: Path) -> AsyncIterator[StoreConfig]:
+    """A config for a new Postgres database, with llmstore in its public schema."""
+    url = sa.make_url(StoreConfig.from_url(require_postgres()).url.get_secret_value())
+    name = f"llmstore_test_{uuid.uuid4().hex[:12]}"
+    admin = create_async_engine(
+        url.set(database="postgres"), poolclass=NullPool, isolation_level="AUTOCOMMIT"
+    )
+    try:
+        async with admin.connect() as conn:
+            await conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        yield StoreConfig.from_url(
+            url.set(database=name).render_as_string(hide_password=False),
+            encryption_keys=generate_key(),
+            backup_dir=str(tmp_path / "dumps"),
+        )
+    finally:
+        async with admin.connect() as conn:
+            await conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.dispose()
+
+
+async def _restore_file(config: StoreConfig, path: Path, **options: Any) -> _restore.Restored:
+    return await asyncio.to_thread(restore_database, config, path, **options)
+
+
+async def _backup_to(config: StoreConfig, path: Path) -> Path:
+    return (await asyncio.to_thread(backup_database, config, path)).path
+
+
+def _backups_taken(config: StoreConfig) -> list[Path]:
+    folder, _ = backup_prefix(config)
+    return sorted(folder.glob("*.backup")) if folder.is_dir() else []
+
+
+async def _execute(config: StoreConfig, *statements: str) -> None:
+    schema = config.schema_name
+
+    def run(conn: Connection) -> None:
+        if schema is not None:
+            conn.exec_driver_sql(f'SET LOCAL search_path TO "{schema}"')
+        for statement in statements:
+            conn.exec_driver_sql(statement)
+
+    await _migrations.with_migration_connection(config, run)
+
+
+async def _change_rows(config: StoreConfig) -> None:
+    """An insert, an update and a delete, through the store."""
+    async with Store(config) as store:
+        seeded = await store.projects.get_by_name("seeded")
+        await store.projects.create("added after the backup")
+        await store.projects.update(seeded.id, name="renamed after the backup")
+        for token in await store.tokens.list(seeded.id):
+            await store.tokens.delete(token.id)
+
+
+# --- both drivers ----------------------------------------------------------------------------
+
+
+async def test_restore_brings_back_every_row_and_backs_up_first(
+    config: StoreConfig, tmp_path: Path
+) -> None:
+    await upgrade(config)
+    await seed(config)
+    saved = await snapshot(config)
+    assert all(saved[name] for name in metadata.tables), "a table was left empty"
+    archive = await _backup_to(config, tmp_path / "saved.backup")
+    await _change_rows(config)
+    await migrate(config, SECOND, downgrading=True, backup=False)
+    changed = await snapshot(config)
+    assert changed != saved and "api_keys" not in changed
+
+    steps: list[tuple[str, int, int | None]] = []
+    done = await _restore_file(config, archive, progress=lambda *step: steps.append(step))
+    assert done.path == archive and done.revision == head_revision()
+    assert await snapshot(config) == saved
+    assert await _migrations.current(config) == head_revision()
+    assert done.backup is not None and done.backup.revision == SECOND
+    assert _backups_taken(config) == [done.backup.path]  # a default name: retention applies
+    stages = [stage for stage, _, _ in steps]
+    assert "backing up" in stages and stages[-1] == "restoring"
+    assert steps[-1][1] == steps[-1][2]
+
+    # The backup taken first holds the database as it was: restoring it brings that back.
+    undone = await _restore_file(config, done.backup.path)
+    assert undone.revision == SECOND
+    assert await snapshot(config) == changed
+
+
+async def test_refusals_change_nothing_and_take_no_backup(
+    config: StoreConfig, tmp_path: Path
+) -> None:
+    await upgrade(config)
+    await seed(config)
+    good = await _backup_to(config, tmp_path / "good.backup")
+    await _execute(config, "UPDATE alembic_version SET version_num = 'ffff'")
+    newer = await _backup_to(config, tmp_path / "newer.backup")
+    await _execute(config, f"UPDATE alembic_version SET version_num = '{head_revision()}'")
+    await _change_rows(config)
+    before = await snapshot(config)
+
+    garbage = tmp_path / "garbage.backup"
+    garbage.write_bytes(b"not a backup\n" * 1000)
+    truncated = tmp_path / "truncated.backup"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    sqlite = config.driver == "sqlite"
+    not_a_backup = "not a SQLite backup" if sqlite else "not a pg_dump custom-format archive"
+    cases = [
+        (newer, rf"at revision 'ffff', unknown to .* \(newest: {re.escape(head_revision())}\)"),
+        (garbage, not_a_backup),
+        (truncated, "not a SQLite backup|integrity check" if sqlite else "pg_restore failed"),
+        (tmp_path / "missing.backup", "there is no backup file at"),
+    ]
+    for path, refusal in cases:
+        with pytest.raises(BackupError, match=refusal):
+            await _restore_file(config, path)
+        assert await snapshot(config) == before, path.name
+    assert _backups_taken(config) == []
+
+
+async def test_the_cli_restores_guards_prod_and_says_what_to_do_next(
+    config: StoreConfig,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    url = config.url.get_secret_value()
+    if config.schema_name:
+        monkeypatch.setenv("DATABASE_SCHEMA", config.schema_name)
+        # Trust authentication ignores it; it must never be printed.
+        url = url.replace("postgres@", "postgres:hunter2-secret@", 1)
+    args = ["--url", url]
+    saved = tmp_path / "saved.backup"
+    assert await asyncio.to_thread(main, ["upgrade", *args]) == EXIT_OK
+    assert await asyncio.to_thread(main, ["backup", "--out", str(saved), *args]) == EXIT_OK
+    assert await asyncio.to_thread(main, ["downgrade", SECOND, *args]) == EXIT_OK
+    printed = capsys.readouterr()
+
+    restore = ["restore", str(saved), *args]
+    assert await asyncio.to_thread(main, [*restore, "--env", "prod"]) == EXIT_USAGE
+    refused = capsys.readouterr()
+    assert "needs --yes" in refused.err
+    assert await _migrations.current(config) == SECOND
+
+    assert await asyncio.to_thread(main, [*restore, "--env", "prod", "--yes"]) == EXIT_OK
+    restored = capsys.readouterr()
+    line = restored.out.strip()
+    assert f": restored revision {head_revision()} from {saved} " in line
+    assert "(backup of the previous database: " in line and "upgrade" not in line
+    previous = Path(line.rsplit("(backup of the previous database: ", 1)[1].rstrip(")"))
+    assert previous.is_file()
+    assert await _migrations.current(config) == head_revision()
+
+    assert await asyncio.to_thread(main, ["restore", str(previous), *args]) == EXIT_OK
+    behind = capsys.readouterr()
+    assert f"restored revision {SECOND} from {previous} " in behind.out
+    assert f"behind head {head_revision()}: run `upgrade` next" in behind.out
+
+    junk = tmp_path / "junk.backup"
+    junk.write_text("junk")
+    assert await asyncio.to_thread(main, ["restore", str(junk), *args]) == EXIT_FAILED
+    failed = capsys.readouterr()
+    assert failed.err.startswith("llmstore: error: ") and str(junk) in failed.err
+    for output in (printed, refused, restored, behind, failed):
+        assert "hunter2" not in output.out + output.err
+
+
+# --- SQLite ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sqlite_config(tmp_path: Path) -> StoreConfig:
+    return StoreConfig.from_url(
+        f"sqlite:///{tmp_path / 'live' / 'proxy.db'}", encryption_keys=generate_key()
+    )
+
+
+async def test_sqlite_restore_into_a_new_file_and_under_an_open_store(
+    sqlite_config: StoreConfig, tmp_path: Path
+) -> None:
+    await upgrade(sqlite_config)
+    await seed(sqlite_config)
+    saved = await snapshot(sqlite_config)
+    archive = await _backup_to(sqlite_config, tmp_path / "saved.backup")
+
+    # Into a file that does not exist yet: nothing to back up.
+    elsewhere = sqlite_config.model_copy(
+        update={"url": StoreConfig.from_url(f"sqlite:///{tmp_path / 'new' / 'x.db'}").url}
+    )
+    done = await _restore_file(elsewhere, archive)
+    assert done.backup is None and done.revision == head_revision()
+    assert await snapshot(elsewhere) == saved
+    assert _journal_mode(elsewhere) == "wal"
+
+    # Under an open store: it sees the restored rows, and goes on writing.
+    async with Store(sqlite_config) as store:
+        await store.projects.create("made while open")
+        assert len(await store.projects.list()) == 2
+        done = await _restore_file(sqlite_config, archive)
+        assert [p.name for p in await store.projects.list()] == ["seeded"]
+        await store.projects.create("made after the restore")
+        assert len(await store.projects.list()) == 2
+    assert done.backup is not None
+    assert _journal_mode(sqlite_config) == "wal"
+    copy = sqlite3.connect(done.backup.path)
+    try:
+        names = {row[0] for row in copy.execute("SELECT name FROM projects")}
+    finally:
+        copy.close()
+    assert names == {"seeded", "made while open"}
+
+
+async def test_sqlite_restore_of_another_page_size_keeps_the_live_one(
+    sqlite_config: StoreConfig, tmp_path: Path
+) -> None:
+    await upgrade(sqlite_config)
+    await seed(sqlite_config)
+    saved = await snapshot(sqlite_config)
+    archive = await _backup_to(sqlite_config, tmp_path / "saved.backup")
+    conn = sqlite3.connect(archive, isolation_level=None)
+    try:
+        conn.execute("PRAGMA page_size = 8192")
+        conn.execute("VACUUM")
+        assert conn.execute("PRAGMA page_size").fetchone() == (8192,)
+    finally:
+        conn.close()
+    await _change_rows(sqlite_config)
+    await _restore_file(sqlite_config, archive)
+    assert await snapshot(sqlite_config) == saved
+    live = sqlite3.connect(sqlite_config.sqlite_path or "")
+    try:
+        assert live.execute("PRAGMA page_size").fetchone() == (4096,)
+        assert live.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    finally:
+        live.close()
+    assert not list((tmp_path / "live").glob(".llmstore-restore-*"))
+
+
+async def test_sqlite_refuses_memory_itself_and_an_unmigrated_file(
+    sqlite_config: StoreConfig, tmp_path: Path
+) -> None:
+    await upgrade(sqlite_config)
+    archive = await _backup_to(sqlite_config, tmp_path / "saved.backup")
+    with pytest.raises(BackupError, match="in-memory database cannot be restored into"):
+        restore_database(StoreConfig.from_url("sqlite:///:memory:"), archive)
+    with pytest.raises(BackupError, match="is the database itself"):
+        await _restore_file(sqlite_config, Path(sqlite_config.sqlite_path or ""))
+    other = tmp_path / "other.db"
+    conn = sqlite3.connect(other)
+    conn.execute("CREATE TABLE notes (body TEXT)")
+    conn.close()
+    with pytest.raises(BackupError, match="holds no llmstore schema revision"):
+        await _restore_file(sqlite_config, other)
+    assert _backups_taken(sqlite_config) == []
+
+
+def _journal_mode(config: StoreConfig) -> str:
+    conn = sqlite3.connect(config.sqlite_path or "")
+    try:
+        return str(conn.execute("PRAGMA journal_mode").fetchone()[0])
+    finally:
+        conn.close()
+
+
+# --- Postgres --------------------------------------------------------------------------------
+
+
+@pytest.mark.postgres
+async def test_postgres_refuses_an_archive_of_another_schema(
+    pg_config: StoreConfig, tmp_path: Path
+) -> None:
+    await upgrade(pg_config)
+    other = pg_config.model_copy(update={"schema_name": fresh_schema_name()})
+    try:
+        await upgrade(other)
+        archive = await _backup_to(other, tmp_path / "other.backup")
+        with pytest.raises(BackupError, match="would write elsewhere"):
+            await _restore_file(pg_config, archive)
+    finally:
+        await drop_schema(require_postgres(), other.schema_name or "")
+    assert _backups_taken(pg_config) == []
+
+
+@pytest.mark.postgres
+async def test_a_postgres_restore_failing_inside_psql_rolls_everything_back(
+    pg_config: StoreConfig, tmp_path: Path
+) -> None:
+    await upgrade(pg_config)
+    await seed(pg_config)
+    # The archive needs a type from another schema, which is gone when it is restored:
+    # psql fails after the schema was dropped, recreated and given most of its tables.
+    elsewhere = fresh_schema_name()
+    await _execute(
+        pg_config,
+        f'CREATE SCHEMA "{elsewhere}"',
+        f"CREATE TYPE \"{elsewhere}\".mood AS ENUM ('fine')",
+        f'CREATE TABLE zz_extra (mood "{elsewhere}".mood)',
+    )
+    archive = await _backup_to(pg_config, tmp_path / "needs-a-type.backup")
+    await _execute(pg_config, "DROP TABLE zz_extra", f'DROP SCHEMA "{elsewhere}" CASCADE')
+    await _change_rows(pg_config)
+    before = await snapshot(pg_config)
+    with pytest.raises(
+        BackupError, match=r"psql failed: .*does not exist.*\(the backup taken first: "
+    ):
+        await _restore_file(pg_config, archive)
+    assert await snapshot(pg_config) == before
+    assert len(_backups_taken(pg_config)) == 1
+
+
+class _Interrupted(Exception):
+    pass
+
+
+@pytest.mark.postgres
+async def test_a_postgres_restore_interrupted_halfway_changes_nothing(
+    pg_config: StoreConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await upgrade(pg_config)
+    await seed(pg_config)
+    saved = await snapshot(pg_config)
+    archive = await _backup_to(pg_config, tmp_path / "saved.backup")
+    await _change_rows(pg_config)
+    before = await snapshot(pg_config)
+    monkeypatch.setattr(_restore, "_CHUNK", 256)
+
+    def stop_halfway(stage: str, done: int, total: int | None) -> None:
+        if stage == "restoring" and total and done > total // 2:
+            raise _Interrupted  # as if llmstore died with psql's transaction open
+
+    with pytest.raises(_Interrupted):
+        await _restore_file(pg_config, archive, progress=stop_halfway)
+    assert await snapshot(pg_config) == before
+    # Nothing was left holding a lock: the same restore then goes through.
+    await _restore_file(pg_config, archive)
+    assert await snapshot(pg_config) == saved
+
+
+@pytest.mark.postgres
+async def test_postgres_public_schema_restores_only_llmstore_tables(
+    fresh_database: StoreConfig, tmp_path: Path
+) -> None:
+    config = fresh_database
+    await upgrade(config)
+    await seed(config)
+    host = (
+        "CREATE TABLE host_notes (id serial PRIMARY KEY, note text)",
+        "CREATE INDEX ix_host_notes_note ON host_notes (note)",
+        "INSERT INTO host_notes (note) VALUES ('as backed up')",
+    )
+    await _execute(config, *host)
+    saved = await snapshot(config)
+    archive = await _backup_to(config, tmp_path / "whole-database.backup")
+    await _execute(config, "UPDATE host_notes SET note = 'the host changed it since'")
+    await _change_rows(config)
+
+    done = await _restore_file(config, archive)
+    assert done.backup is not None and done.revision == head_revision()
+    restored = await snapshot(config)
+    assert restored.pop("host_notes") == [("1", "the host changed it since")]
+    saved.pop("host_notes")
+    assert restored == saved
+
+    # A host object that depends on llmstore's tables stops the restore; nothing changes.
+    await _execute(config, "ALTER TABLE host_notes ADD COLUMN project_id uuid REFERENCES projects")
+    await _change_rows(config)
+    before = await snapshot(config)
+    with pytest.raises(BackupError, match=r"psql failed: .*depend"):
+        await _restore_file(config, archive)
+    assert await snapshot(config) == before
