@@ -35,6 +35,7 @@ class SecretBox:
                     "`python -m llmstore generate-key`)"
                 ) from None
         self._fernet = MultiFernet(fernets) if fernets else None
+        self._first = fernets[0] if fernets else None
         self._allow_plaintext = allow_plaintext
 
     def __repr__(self) -> str:
@@ -62,6 +63,43 @@ class SecretBox:
             raise ConfigError(
                 "a stored secret cannot be decrypted with any key in LLMSTORE_ENCRYPTION_KEYS"
             ) from None
+
+    @property
+    def has_keys(self) -> bool:
+        return self._fernet is not None
+
+    def needs_rotation(self, stored: str) -> bool:
+        """Whether ``stored`` is plaintext or not encrypted under the first key."""
+        if self._first is None:
+            raise ConfigError("rotating secrets needs LLMSTORE_ENCRYPTION_KEYS")
+        if stored.startswith(_PLAINTEXT_PREFIX):
+            return True
+        try:
+            self._first.decrypt(_token_bytes(stored))
+        except InvalidToken:
+            return True
+        return False
+
+    def rotate(self, stored: str) -> str:
+        """``stored`` encrypted under the first key (plaintext-marked values encrypted)."""
+        if self._fernet is None:
+            raise ConfigError("rotating secrets needs LLMSTORE_ENCRYPTION_KEYS")
+        if stored.startswith(_PLAINTEXT_PREFIX):
+            return self.encrypt(stored[len(_PLAINTEXT_PREFIX) :])
+        try:
+            return self._fernet.rotate(_token_bytes(stored)).decode("ascii")
+        except InvalidToken:
+            raise ConfigError(
+                "a stored secret cannot be decrypted with any key in LLMSTORE_ENCRYPTION_KEYS"
+            ) from None
+
+
+def _token_bytes(stored: str) -> bytes:
+    """A Fernet token's bytes; anything not ASCII is no token (``InvalidToken``)."""
+    try:
+        return stored.encode("ascii")
+    except UnicodeEncodeError:
+        raise InvalidToken from None
 
 
 def generate_key() -> str:

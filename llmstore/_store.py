@@ -32,6 +32,8 @@ from ._lean import PostgresLane
 from ._projects import Projects
 from ._providers import Providers
 from ._receipts import ReceiptSigner
+from ._rotation import Progress as RotationProgress
+from ._rotation import rotate_keys
 from ._runner import AsyncEngineRunner, Runner, SQLiteRunner
 from ._secrets import SecretBox, SecretDigester
 from ._tokens import Tokens
@@ -316,6 +318,23 @@ class Store:
         latency_ms = (time.perf_counter() - started) * 1000
         revision = await runner.read(lambda conn: _migrations.read_revision(conn, schema))
         return HealthStatus(driver=self.driver, revision=revision, latency_ms=latency_ms)
+
+    async def rotate_keys(
+        self, *, batch_size: int = 500, progress: RotationProgress | None = None
+    ) -> int:
+        """Re-encrypt every stored secret under the first key of ``encryption_keys``.
+
+        Walks project keys, provider credential keys and withdrawal tokens in batches of
+        ``batch_size``, each batch its own transaction, so an interrupted rotation can simply
+        be run again. Values already under the first key are left as they are; plaintext
+        ones (``allow_plaintext_secrets``) are encrypted. ``progress(checked, total)`` is
+        called before the first batch and after each batch that read values. Returns how many
+        values were re-encrypted. Raises ``ConfigError`` without a key, or at a value no key
+        decrypts (before its batch writes anything). Then the old keys can be removed.
+        """
+        return await rotate_keys(
+            self._require_open(), self._secrets, batch_size=batch_size, progress=progress
+        )
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Transaction]:
