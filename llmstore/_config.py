@@ -167,6 +167,8 @@ class StoreConfig(BaseModel):
         """Read the configuration from the environment (or ``environ``).
 
         ``overrides`` win over the environment; ``url=`` and ``env=`` are accepted too.
+        In the ``test`` environment the database's name ends in ``_test`` (see
+        :func:`test_database`), so tests never touch the dev database.
         """
         source = dict(os.environ if environ is None else environ)
         env = overrides.pop("env", None) or source.get("LLMSTORE_ENV", "dev").strip() or "dev"
@@ -188,6 +190,8 @@ class StoreConfig(BaseModel):
                     )
                 path = DEFAULT_SQLITE_PATH
             url = sqlite_url(path)
+        if env == "test":
+            url = test_database(url)
         values: dict[str, Any] = {"url": url, "env": env}
         for name, variable, kind in (
             ("pool_size", "DATABASE_POOL_SIZE", int),
@@ -269,6 +273,24 @@ def normalise_url(raw: str) -> str:
             raise _config_error('malformed database URL (write "@" in a password as %40)', text)
         return url.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
     raise _config_error("unknown database driver in URL (use sqlite or postgresql)", text)
+
+
+def test_database(url: str) -> str:
+    """The ``_test`` twin of a database: ``app`` becomes ``app_test``, ``data/x.db``
+    becomes ``data/x_test.db``; a name already ending in ``_test`` and ``:memory:`` stay."""
+    parsed = make_url(normalise_url(url))
+    if parsed.drivername == "sqlite":
+        path = parsed.database or MEMORY
+        if path == MEMORY:
+            return sqlite_url(path)
+        file = Path(path)
+        if not file.stem.endswith("_test"):
+            file = file.with_name(f"{file.stem}_test{file.suffix}")
+        return sqlite_url(str(file))
+    name = parsed.database or ""
+    if not name.endswith("_test"):
+        parsed = parsed.set(database=f"{name}_test")
+    return parsed.render_as_string(hide_password=False)
 
 
 def ensure_parent(path: str) -> None:

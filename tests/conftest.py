@@ -42,7 +42,9 @@ async def db_config(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
     if request.param == "postgres":
         url = require_postgres()
         schema = fresh_schema_name()
-        yield StoreConfig.from_url(url, schema_name=schema, encryption_keys=key)
+        # from_url reads no LLMSTORE_BACKUP_DIR: backups go to tmp_path, not ./backups.
+        backups = str(tmp_path / "pg-backups")
+        yield StoreConfig.from_url(url, schema_name=schema, encryption_keys=key, backup_dir=backups)
         await drop_schema(url, schema)
     else:
         yield StoreConfig.from_url(f"sqlite:///{tmp_path / 'llmstore.db'}", encryption_keys=key)

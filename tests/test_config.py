@@ -318,7 +318,7 @@ def test_from_env_reads_every_variable() -> None:
             "LLMSTORE_ENCRYPTION_KEYS": " key-one , key-two ,,",
         }
     )
-    assert config.url.get_secret_value() == "postgresql+asyncpg://alice:pw@h:5432/app"
+    assert config.url.get_secret_value() == "postgresql+asyncpg://alice:pw@h:5432/app_test"
     assert config.driver == "postgresql"
     assert config.pool_size == 5
     assert config.max_overflow == 0
@@ -405,11 +405,38 @@ def test_prod_accepts_an_explicit_url_or_path() -> None:
     assert by_override.sqlite_path == "y.db"
 
 
-@pytest.mark.parametrize("env", ["dev", "test"])
-def test_dev_and_test_fall_back_to_the_default_path(env: str) -> None:
+@pytest.mark.parametrize(
+    ("env", "path"), [("dev", "data/llmstore.db"), ("test", "data/llmstore_test.db")]
+)
+def test_dev_and_test_fall_back_to_the_default_path(env: str, path: str) -> None:
     config = StoreConfig.from_env({"LLMSTORE_ENV": env})
     assert config.env == env
-    assert config.sqlite_path == "data/llmstore.db"
+    assert config.sqlite_path == path
+
+
+@pytest.mark.parametrize(
+    ("given", "used"),
+    [
+        ("postgres://alice:p%40ss@h:5432/app", "postgresql+asyncpg://alice:p%40ss@h:5432/app_test"),
+        ("postgresql://h/app_test", "postgresql+asyncpg://h/app_test"),
+        ("sqlite:////srv/proxy.db", "sqlite:////srv/proxy_test.db"),
+        ("sqlite:///data/llmstore", "sqlite:///data/llmstore_test"),
+        ("sqlite:///x_test.db", "sqlite:///x_test.db"),
+        ("sqlite:///:memory:", "sqlite:///:memory:"),
+    ],
+)
+def test_the_test_environment_uses_the_test_twin_of_any_database(given: str, used: str) -> None:
+    for config in (
+        StoreConfig.from_env({"LLMSTORE_ENV": "test", "DATABASE_URL": given}),
+        StoreConfig.from_env({"DATABASE_URL": given}, env="test"),
+        StoreConfig.from_env({}, env="test", url=given),
+    ):
+        assert config.url.get_secret_value() == used
+    assert StoreConfig.from_env({"DATABASE_PATH": "/srv/p.db"}, env="test").sqlite_path == (
+        "/srv/p_test.db"
+    )
+    dev = StoreConfig.from_env({"DATABASE_URL": given}, env="dev")
+    assert dev.url.get_secret_value() == normalise_url(given)
 
 
 @pytest.mark.parametrize("env", ["production", "staging", "PRODUCTION"])
