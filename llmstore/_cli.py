@@ -36,8 +36,9 @@ from ._errors import (
     LlmstoreError,
     translated,
 )
-from ._progress import CopyProgress, PurgeProgress
+from ._progress import CopyProgress, PurgeProgress, StagedProgress
 from ._receipts import configured_public_key, generate_signing_key
+from ._restore import restore_database
 from ._schema import metadata
 from ._secrets import generate_key
 from ._store import Store
@@ -119,6 +120,25 @@ def _backup(args: argparse.Namespace) -> int:
     size = f"{made.size / 1e6:,.1f} MB"
     revision = made.revision or "none"
     print(f"{config.masked_url}: backed up at revision {revision} to {made.path} ({size})")
+    return EXIT_OK
+
+
+def _restore(args: argparse.Namespace) -> int:
+    config = _config(args)
+    if config.env == "prod" and not args.yes:
+        raise ConfigError("restore in LLMSTORE_ENV=prod needs --yes: it replaces every row")
+    progress = StagedProgress(sys.stderr)
+    try:
+        done = restore_database(config, args.file, progress=progress)
+    finally:
+        progress.end()
+    previous = done.backup.path if done.backup is not None else "none, it held nothing"
+    head = _migrations.head_revision()
+    after = "" if done.revision == head else f"; behind head {head}: run `upgrade` next"
+    print(
+        f"{config.masked_url}: restored revision {done.revision} from {args.file} "
+        f"(backup of the previous database: {previous}){after}"
+    )
     return EXIT_OK
 
 
@@ -342,6 +362,25 @@ async def _purge(
         )
 
 
+def _rotate_keys(args: argparse.Namespace) -> int:
+    config = _config(args)
+    progress = CopyProgress(sys.stderr, "re-encrypting")
+    try:
+        changed = asyncio.run(_rotate(config, args.batch_size, progress))
+    finally:
+        progress.end()
+    print(
+        f"{config.masked_url}: re-encrypted {changed} value(s) under the first key of "
+        "LLMSTORE_ENCRYPTION_KEYS"
+    )
+    return EXIT_OK
+
+
+async def _rotate(config: StoreConfig, batch_size: int, progress: CopyProgress) -> int:
+    async with Store(config) as store:
+        return await store.rotate_keys(batch_size=batch_size, progress=progress)
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", help="database URL (default: DATABASE_URL, DATABASE_PATH)")
@@ -383,12 +422,31 @@ def _parser() -> argparse.ArgumentParser:
         help="write the backup to PATH, a new file (default: a timestamped file in the "
         "backups folder, keeping the newest LLMSTORE_BACKUP_KEEP)",
     )
+    sub = add(
+        "restore",
+        _restore,
+        "replace the database's contents with a backup, after backing the database up",
+    )
+    sub.add_argument("file", metavar="FILE", help="a backup made by `backup`, upgrade or downgrade")
+    sub.add_argument("--yes", action="store_true", help="confirm a restore in LLMSTORE_ENV=prod")
     add("current", _current, "print the database's schema revision")
     add("history", _history, "list the schema revisions this llmstore knows")
     add("check", _check, "compare the database schema with the models (exit 3 if they differ)")
     add("create-db", _create_db, "create the database (Postgres) or file (SQLite) if missing")
     add("info", _info, "print driver, URL (password masked), revision and row counts")
     add("generate-key", _generate_key, "print a new key for LLMSTORE_ENCRYPTION_KEYS")
+    sub = add(
+        "rotate-keys",
+        _rotate_keys,
+        "re-encrypt every stored secret under the first key of LLMSTORE_ENCRYPTION_KEYS",
+    )
+    sub.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        default=500,
+        metavar="N",
+        help="values per transaction (default: 500)",
+    )
     add(
         "verify",
         _verify_ledger,
