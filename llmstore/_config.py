@@ -183,12 +183,12 @@ class StoreConfig(BaseModel):
         if url is None:
             if driver in ("postgres", "postgresql"):
                 raise ConfigError("DB_DRIVER=postgres needs DATABASE_URL to be set")
-            if not path:
-                if env == "prod":
-                    raise ConfigError(
-                        "LLMSTORE_ENV=prod refuses defaults: set DATABASE_URL or DATABASE_PATH"
-                    )
-                path = DEFAULT_SQLITE_PATH
+            if env == "prod":
+                raise ConfigError(
+                    "LLMSTORE_ENV=prod needs an explicit DATABASE_URL "
+                    "(for SQLite, sqlite:////absolute/path.db)"
+                )
+            path = path or DEFAULT_SQLITE_PATH
             url = sqlite_url(path)
         if env == "test":
             url = test_database(url)

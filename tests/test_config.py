@@ -396,11 +396,13 @@ def test_prod_refuses_defaults(environ: dict[str, str]) -> None:
         StoreConfig.from_env(environ, env="prod")
 
 
-def test_prod_accepts_an_explicit_url_or_path() -> None:
+def test_prod_needs_an_explicit_url() -> None:
     by_url = StoreConfig.from_env({"LLMSTORE_ENV": "prod", "DATABASE_URL": PG_URL})
     assert (by_url.env, by_url.driver) == ("prod", "postgresql")
-    by_path = StoreConfig.from_env({"LLMSTORE_ENV": "prod", "DATABASE_PATH": "/srv/x.db"})
-    assert (by_path.env, by_path.sqlite_path) == ("prod", "/srv/x.db")
+    sqlite = StoreConfig.from_env({"LLMSTORE_ENV": "prod", "DATABASE_URL": "sqlite:////srv/x.db"})
+    assert (sqlite.env, sqlite.sqlite_path) == ("prod", "/srv/x.db")
+    with pytest.raises(ConfigError, match="prod needs an explicit DATABASE_URL"):
+        StoreConfig.from_env({"LLMSTORE_ENV": "prod", "DATABASE_PATH": "/srv/x.db"})
     by_override = StoreConfig.from_env({"LLMSTORE_ENV": "prod"}, url="sqlite:///y.db")
     assert by_override.sqlite_path == "y.db"
 
