@@ -16,10 +16,11 @@ from logging.config import fileConfig
 from typing import Any
 
 from alembic import context
+from alembic.runtime.migration import MigrationContext
 from sqlalchemy.engine import Connection
 
 from llmstore._config import StoreConfig
-from llmstore._migration_ops import DEFAULT_LOCK_TIMEOUT
+from llmstore._migration_ops import DEFAULT_LOCK_TIMEOUT, commits_alone
 from llmstore._migrations import migrate_on, migration_session, with_migration_connection
 from llmstore._schema import metadata
 
@@ -33,7 +34,12 @@ def _store_config() -> StoreConfig:
     return StoreConfig.from_env(url=url) if url else StoreConfig.from_env()
 
 
-def _report_applied(*, step: Any, **_: Any) -> None:
+def _report_applied(*, ctx: MigrationContext, step: Any, **_: Any) -> None:
+    if commits_alone():
+        # Its concurrent index work is done and it is stamped: commit, so that a later
+        # revision's failure rolls back to this revision, not to a stamp without its index.
+        with ctx.autocommit_block():
+            pass
     applied = config.attributes.get("llmstore_applied")
     if applied is not None:
         applied(step.up_revision_id)  # the script's revision, in either direction

@@ -22,13 +22,16 @@ On SQLite these are the plain operations, inside the one migration transaction.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import sqlalchemy as sa
 from alembic import op
+from alembic.runtime.migration import MigrationContext
 
 from ._errors import MigrationError
 
@@ -60,18 +63,25 @@ def create_index_concurrently(
     if context.dialect.name != "postgresql":
         op.create_index(index_name, table_name, list(columns), **kw)
         return
-    with context.autocommit_block():
+    with _concurrently(context):
         if not context.as_sql and index_is_valid(index_name) is False:
             logger.warning("index %s was left invalid by a failed build: rebuilding it", index_name)
             _drop(index_name, table_name)
-        op.create_index(
-            index_name,
-            table_name,
-            list(columns),
-            postgresql_concurrently=True,
-            if_not_exists=True,
-            **kw,
-        )
+        try:
+            op.create_index(
+                index_name,
+                table_name,
+                list(columns),
+                postgresql_concurrently=True,
+                if_not_exists=True,
+                **kw,
+            )
+        except Exception:
+            # A failed build leaves an INVALID index that writes still maintain (a unique
+            # one still refuses duplicates): gone at once if possible, else the next run.
+            with contextlib.suppress(Exception):
+                _drop(index_name, table_name)
+            raise
         if not context.as_sql and index_is_valid(index_name) is not True:
             raise MigrationError(f"index {index_name} is not valid after its concurrent build")
 
@@ -82,12 +92,50 @@ def drop_index_concurrently(index_name: str, table_name: str) -> None:
     if context.dialect.name != "postgresql":
         op.drop_index(index_name, table_name=table_name)
         return
-    with context.autocommit_block():
+    with _concurrently(context):
         _drop(index_name, table_name)
 
 
 def _drop(index_name: str, table_name: str) -> None:
     op.drop_index(index_name, table_name=table_name, postgresql_concurrently=True, if_exists=True)
+
+
+_committed_alone: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "llmstore_committed_alone", default=False
+)
+
+
+@contextlib.contextmanager
+def _concurrently(context: MigrationContext) -> Iterator[None]:
+    """Alembic's autocommit block, with no lock timeout inside it.
+
+    A concurrent build waits for every older transaction in the database, on locks that
+    the timeout would cut short; it takes no lock that blocks reads or writes meanwhile.
+    """
+    _committed_alone.set(True)
+    with context.autocommit_block():
+        if context.as_sql:
+            yield
+            return
+        previous = op.get_bind().execute(sa.text("SHOW lock_timeout")).scalar()
+        op.execute("SET lock_timeout = 0")
+        try:
+            yield
+        finally:
+            op.get_bind().execute(
+                sa.text("SELECT set_config('lock_timeout', :value, false)"), {"value": previous}
+            )
+
+
+def commits_alone() -> bool:
+    """Whether the revision just run used an autocommit block (then cleared).
+
+    Such a revision is committed as soon as it is stamped, so that a later revision's
+    failure cannot leave the database stamped at one revision with the index of another.
+    """
+    used = _committed_alone.get()
+    _committed_alone.set(False)
+    return used
 
 
 _INDEX_VALIDITY = sa.text(

@@ -43,7 +43,7 @@ T = TypeVar("T")
 logger = logging.getLogger("llmstore")
 
 # Any constant will do: it names the lock that migrators of one database share.
-_MIGRATION_LOCK_ID = 0x6C6C6D73746F7265  # "llmstore"
+MIGRATION_LOCK_ID = 0x6C6C6D73746F7265  # "llmstore"
 
 
 def script_location() -> Path:
@@ -100,34 +100,63 @@ def migration_session(conn: Connection, schema: str | None) -> Iterator[None]:
     Postgres: the advisory lock that makes replicas migrate one at a time, the schema as
     ``search_path`` and the default lock timeout. All three are session-wide, so they
     outlive the commit of an autocommit block (a transaction-level lock would be released
-    there, letting a second migrator in); they are committed now and reset at the end.
-    SQLite: nothing, the caller's ``BEGIN IMMEDIATE`` holds the write lock.
+    there, letting a second migrator in). The settings are put back as they were at the
+    end, and a connection that cannot be put back is invalidated, never returned to a
+    host's pool holding the lock. SQLite: nothing, the caller's ``BEGIN IMMEDIATE`` holds
+    the write lock.
     """
     if conn.dialect.name != "postgresql":
         yield
         return
-    # The lock is taken before the timeout is set: waiting for another migrator is fine.
-    conn.execute(sa.text("SELECT pg_advisory_lock(:id)"), {"id": _MIGRATION_LOCK_ID})
-    conn.exec_driver_sql(f"SET lock_timeout = '{DEFAULT_LOCK_TIMEOUT}'")
-    if schema is not None:
-        conn.exec_driver_sql(f'SET search_path TO "{schema}"')
-    conn.commit()
+    _wait_for_lock(conn)
+    saved = None
     try:
+        path, timeout = conn.execute(_SAVE_SETTINGS).one()
+        saved = (str(path), str(timeout))
+        conn.exec_driver_sql(f"SET lock_timeout = '{DEFAULT_LOCK_TIMEOUT}'")
+        if schema is not None:
+            conn.exec_driver_sql(f'SET search_path TO "{schema}"')
+        conn.commit()
         yield
     finally:
-        _end_session(conn)
+        _end_session(conn, saved)
 
 
-def _end_session(conn: Connection) -> None:
+# Polled, never waited for inside a statement: a session waiting in pg_advisory_lock()
+# holds a snapshot, and CREATE INDEX CONCURRENTLY in the session holding the lock waits
+# for every older snapshot to go away: a deadlock. The pause is pg_sleep, not time.sleep,
+# so that the event loop of a store opening with auto_upgrade is never blocked.
+_TRY_LOCK = sa.text("SELECT pg_try_advisory_lock(:id)").bindparams(id=MIGRATION_LOCK_ID)
+_PAUSE = sa.text("SELECT pg_sleep(0.2)")
+_SAVE_SETTINGS = sa.text("SELECT current_setting('search_path'), current_setting('lock_timeout')")
+
+
+def _wait_for_lock(conn: Connection) -> None:
+    while not conn.execute(_TRY_LOCK).scalar():
+        conn.commit()
+        conn.execute(_PAUSE)
+        conn.commit()
+    conn.commit()
+
+
+def _end_session(conn: Connection, saved: tuple[str, str] | None) -> None:
     try:
         if conn.in_transaction():
             conn.rollback()
-        conn.exec_driver_sql("RESET search_path")
-        conn.exec_driver_sql("RESET lock_timeout")
-        conn.execute(sa.text("SELECT pg_advisory_unlock(:id)"), {"id": _MIGRATION_LOCK_ID})
+        if saved is not None:
+            conn.execute(
+                sa.text(
+                    "SELECT set_config('search_path', :path, false), "
+                    "set_config('lock_timeout', :timeout, false)"
+                ),
+                {"path": saved[0], "timeout": saved[1]},
+            )
+        conn.execute(sa.text("SELECT pg_advisory_unlock(:id)"), {"id": MIGRATION_LOCK_ID})
         conn.commit()
-    except Exception as exc:  # a broken connection has lost its lock and settings anyway
-        logger.debug("could not reset the migration session: %s", type(exc).__name__)
+    except Exception as exc:
+        # Whatever state it is in (the lock, the settings), it must not be used again.
+        logger.warning("closing the migration connection: %s", type(exc).__name__)
+        conn.invalidate()
 
 
 def _finish_sqlite(conn: Connection) -> None:
@@ -182,9 +211,10 @@ def upgrade_connection(conn: Connection, schema: str | None) -> None:
     except BaseException:
         conn.rollback()
         raise
-    if sqlite:
-        conn.exec_driver_sql("PRAGMA foreign_keys=ON")
-        conn.commit()
+    finally:
+        if sqlite:  # the host's pooled connection gets its foreign keys back, failure or not
+            conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+            conn.commit()
 
 
 async def with_migration_connection(
@@ -323,10 +353,10 @@ def _where_after_failure(conn: Connection, schema: str | None, before: str | Non
         )
     if now == before:
         return still
-    # Only an autocommit block (a concurrent index build) commits part of a command.
+    # Only an autocommit block (see _migration_ops) commits part of a command.
     return (
-        f"the database is now at {now or 'empty'}: a concurrent index build commits the "
-        "revisions before it"
+        f"the database is now at {now or 'empty'}: a revision that builds or drops an "
+        "index concurrently is committed on its own"
     )
 
 
@@ -428,12 +458,15 @@ def diff_schema(conn: Connection, schema: str | None) -> list[SchemaDiff]:
 
 
 # Compare_metadata sees an index a failed CREATE INDEX CONCURRENTLY left as present.
+# Only llmstore's tables: a host's own tables may share the schema (public).
 _INVALID_INDEXES = sa.text(
     "SELECT c.relname FROM pg_index i "
     "JOIN pg_class c ON c.oid = i.indexrelid "
+    "JOIN pg_class t ON t.oid = i.indrelid "
     "JOIN pg_namespace n ON n.oid = c.relnamespace "
-    "WHERE NOT i.indisvalid AND n.nspname = current_schema() ORDER BY c.relname"
-)
+    "WHERE NOT i.indisvalid AND n.nspname = current_schema() AND t.relname IN :tables "
+    "ORDER BY c.relname"
+).bindparams(sa.bindparam("tables", value=sorted(metadata.tables), expanding=True))
 
 
 def _describe(entry: Any) -> str:

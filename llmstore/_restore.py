@@ -18,9 +18,9 @@ applies), unless it holds no table; if that fails, nothing is restored. Then:
   data after, and an interrupted copy is rolled back. The file stays in WAL mode. A WAL
   database cannot change its page size, so a backup of another page size is first copied
   to one of the live page size (``VACUUM INTO``).
-* Postgres: one ``psql`` transaction drops what llmstore owns (the configured schema,
-  then recreated; on ``public``, llmstore's tables only) and loads ``pg_restore``'s
-  script. COMMIT is sent only after pg_restore has finished: psql's own
+* Postgres: one ``psql`` transaction drops llmstore's own tables (never the schema, which
+  keeps its owner and grants; never with CASCADE, so what depends on them stops it) and
+  loads ``pg_restore``'s script. COMMIT is sent only after pg_restore has finished: psql's own
   ``--single-transaction`` commits whatever it has read when its input ends, even a
   script cut short, so it is not used. Any failure, of either program or of this
   process, leaves the database as it was.
@@ -53,7 +53,7 @@ from ._backup import (
 )
 from ._config import StoreConfig, ensure_parent
 from ._errors import BackupError
-from ._migrations import _MIGRATION_LOCK_ID
+from ._migrations import MIGRATION_LOCK_ID
 from ._schema import metadata
 
 #: ``progress(stage, done, total)``; stages are "checking" (Postgres), "backing up" and
@@ -231,7 +231,10 @@ def _sqlite_copy_into(
                 "the database was left as it was"
             ) from None
     if problems != ["ok"]:
-        raise BackupError(f"the restored database failed its integrity check: {problems[0]}")
+        raise BackupError(
+            f"the database now holds the restored copy, which failed its integrity check: "
+            f"{problems[0]}"
+        )
 
 
 # --- Postgres --------------------------------------------------------------------------------
@@ -318,15 +321,23 @@ def _pg_holds_tables(config: StoreConfig) -> bool:
 
 
 def _prelude(config: StoreConfig) -> bytes:
-    """Opens the transaction, waits for migrations, and drops what the archive replaces."""
-    lines = ["BEGIN;", f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK_ID});"]
+    """Opens the transaction, shuts migrations out, and drops what the archive replaces."""
+    # Tried, not waited for: a statement waiting for the lock would hold a snapshot that a
+    # migration's concurrent index build waits for, a deadlock.
+    lines = [
+        "BEGIN;",
+        f"DO $$ BEGIN IF NOT pg_try_advisory_xact_lock({MIGRATION_LOCK_ID}) THEN RAISE "
+        "EXCEPTION 'a migration is running on this database: restore once it has finished'; "
+        "END IF; END $$;",
+    ]
+    schema = config.schema_name or "public"
     if config.schema_name is not None:
-        quoted = f'"{config.schema_name}"'
-        lines += [f"DROP SCHEMA IF EXISTS {quoted} CASCADE;", f"CREATE SCHEMA {quoted};"]
-    else:
-        # Only llmstore's own tables; whatever else depends on them stops the restore.
-        tables = ", ".join(f'public."{name}"' for name in sorted(OWN_TABLES))
-        lines.append(f"DROP TABLE IF EXISTS {tables};")
+        # Kept, not dropped and made anew: with its owner and the grants proxies rely on.
+        lines.append(f'CREATE SCHEMA IF NOT EXISTS "{schema}";')
+    # Only llmstore's own tables (with their indexes, constraints and sequences), never
+    # CASCADE: whatever else depends on them, here or in another schema, stops the restore.
+    tables = ", ".join(f'"{schema}"."{name}"' for name in sorted(OWN_TABLES))
+    lines.append(f"DROP TABLE IF EXISTS {tables};")
     return ("\n".join(lines) + "\n").encode()
 
 

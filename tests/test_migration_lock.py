@@ -24,7 +24,7 @@ from sqlalchemy.pool import NullPool
 from llmstore import StoreConfig
 from llmstore._backup import archive_revision
 from llmstore._migration_ops import DEFAULT_LOCK_TIMEOUT
-from llmstore._migrations import _MIGRATION_LOCK_ID, check, current, head_revision, upgrade
+from llmstore._migrations import MIGRATION_LOCK_ID, check, current, head_revision, upgrade
 
 from .test_migration_data import assert_rows_intact, on_database, seed
 
@@ -212,7 +212,7 @@ async def migration_lock_held(config: StoreConfig) -> AsyncIterator[None]:
     engine = create_async_engine(config.url.get_secret_value(), poolclass=NullPool)
     try:
         async with engine.connect() as conn:
-            lock = {"id": _MIGRATION_LOCK_ID}
+            lock = {"id": MIGRATION_LOCK_ID}
             await conn.execute(sa.text("SELECT pg_advisory_lock(:id)"), lock)
             try:
                 yield

@@ -4,6 +4,7 @@ checked on every revision script, and the concurrent index build on both drivers
 from __future__ import annotations
 
 import ast
+import asyncio
 import contextlib
 import logging
 import time
@@ -218,18 +219,19 @@ def test_a_revision_that_breaks_a_rule_fails(case: str) -> None:
 
 _INDEX = "ux_usage_logs_origin"
 _BEFORE = "0004_usage_logs_receipts"
+_COMMITTED_ALONE = "a revision that builds or drops an index concurrently is committed on its own"
 _REVISION = "0005_index_usage_origin"
 
 
-def _index_revision() -> str:
+def _index_revision(revision: str = _REVISION, down: str | None = None) -> str:
     return f'''"""A unique index on a table that exists: built concurrently."""
 
 from llmstore._migration_ops import (
     create_index_concurrently, drop_index_concurrently, set_lock_timeout,
 )
 
-revision = "{_REVISION}"
-down_revision = "{head_revision()}"
+revision = "{revision}"
+down_revision = "{down or head_revision()}"
 branch_labels = None
 depends_on = None
 
@@ -247,16 +249,16 @@ def downgrade() -> None:
 
 @contextlib.contextmanager
 def index_scripts(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: dict[str, str] | None = None
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, revisions: dict[str, str] | None = None
 ) -> Iterator[None]:
-    """The scripts with the index revision, and models that have the index too."""
+    """The scripts with the index revision (or ``revisions``), and models with the index."""
     models = sa.MetaData()
     for table in metadata.sorted_tables:
         table.to_metadata(models)
     sa.Index(_INDEX, models.tables["usage_logs"].c.origin, unique=True)
     with (
         monkeypatch.context() as patch,
-        scripts_with(tmp_path, {_REVISION: _index_revision(), **(extra or {})}),
+        scripts_with(tmp_path, revisions or {_REVISION: _index_revision()}),
     ):
         patch.setattr(_migrations, "metadata", models)
         yield
@@ -310,14 +312,10 @@ async def test_the_index_is_built_and_dropped_with_its_revision(
         assert await _index_state(db_config) is None
 
 
-async def test_a_failed_build_leaves_the_previous_revision_and_the_next_run_rebuilds(
-    db_config: StoreConfig,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
+async def test_a_failed_build_leaves_the_previous_revision_and_no_index(
+    db_config: StoreConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await _seed_origins(db_config, "same", "same", "other")
-    postgres = db_config.driver == "postgresql"
     with index_scripts(tmp_path, monkeypatch):
         with pytest.raises(MigrationError) as raised:
             await migrate(db_config, "head", downgrading=False, backup=False)
@@ -325,21 +323,48 @@ async def test_a_failed_build_leaves_the_previous_revision_and_the_next_run_rebu
         assert f"failed at revision {_REVISION}" in message
         assert f"still at {_BEFORE}" in message
         assert await _migrations.current(db_config) == _BEFORE
-        # Postgres keeps the INVALID index a failed concurrent build leaves; SQLite rolls
-        # the plain build back with everything else.
-        assert await _index_state(db_config) is (False if postgres else None)
-        if postgres:
-            diffs = [diff.description for diff in await _migrations.check(db_config)]
-            assert any(d.startswith(f"invalid index: {_INDEX}") for d in diffs), diffs
-
+        # Postgres drops the INVALID index the failed build left (a unique one would go on
+        # refusing duplicates); SQLite rolls the plain build back with everything else.
+        assert await _index_state(db_config) is None
         await _delete_one_duplicate(db_config)
-        with caplog.at_level(logging.WARNING, logger="llmstore"):
-            done = await migrate(db_config, "head", downgrading=False, backup=False)
+        done = await migrate(db_config, "head", downgrading=False, backup=False)
         assert done.after == _REVISION
         assert await _index_state(db_config) is True
+
+
+@pytest.mark.postgres
+async def test_an_invalid_index_left_by_a_crash_is_reported_and_rebuilt(
+    postgres_config: StoreConfig,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    await _seed_origins(postgres_config, "same", "same", "other")
+    # What a build cut short (the process killed) leaves: an INVALID index of that name.
+    engine = sa.ext.asyncio.create_async_engine(
+        postgres_config.url.get_secret_value(), isolation_level="AUTOCOMMIT"
+    )
+    try:
+        async with engine.connect() as conn:
+            with pytest.raises(sa.exc.IntegrityError):
+                await conn.exec_driver_sql(
+                    f"CREATE UNIQUE INDEX CONCURRENTLY {_INDEX} ON "
+                    f'"{postgres_config.schema_name}".usage_logs (origin)'
+                )
+    finally:
+        await engine.dispose()
+    assert await _index_state(postgres_config) is False
+    diffs = [diff.description for diff in await _migrations.check(postgres_config)]
+    assert f"invalid index: {_INDEX} (a concurrent build failed; `upgrade` rebuilds it)" in diffs
+
+    await _delete_one_duplicate(postgres_config)
+    with index_scripts(tmp_path, monkeypatch), caplog.at_level(logging.WARNING, "llmstore"):
+        done = await migrate(postgres_config, "head", downgrading=False, backup=False)
+        assert done.after == _REVISION
+        assert await _index_state(postgres_config) is True
+        assert await _migrations.check(postgres_config) == []
     rebuilt = [r.getMessage() for r in caplog.records if "left invalid" in r.getMessage()]
-    expected = f"index {_INDEX} was left invalid by a failed build: rebuilding it"
-    assert rebuilt == ([expected] if postgres else [])
+    assert rebuilt == [f"index {_INDEX} was left invalid by a failed build: rebuilding it"]
 
 
 async def _delete_one_duplicate(config: StoreConfig) -> None:
@@ -353,42 +378,73 @@ async def _delete_one_duplicate(config: StoreConfig) -> None:
     await _migrations.with_migration_connection(config, delete)
 
 
-_FAILS_AFTER = f"""\"\"\"Fails, after the index revision.\"\"\"
+def _failing(revision: str, down: str, *, failing_up: bool) -> str:
+    fails = 'op.execute("SELECT * FROM no_such_table_so_this_revision_fails")'
+    return f"""\"\"\"Fails on the way {"up" if failing_up else "down"}.\"\"\"
 
 from alembic import op
 
-revision = "0006_fails"
-down_revision = "{_REVISION}"
+revision = "{revision}"
+down_revision = "{down}"
 branch_labels = None
 depends_on = None
 
 
 def upgrade() -> None:
-    op.execute("SELECT * FROM no_such_table_so_this_revision_fails")
+    {fails if failing_up else "pass"}
 
 
 def downgrade() -> None:
-    pass
+    {"pass" if failing_up else fails}
 """
 
 
-async def test_a_concurrent_build_commits_the_revisions_before_it_and_the_error_says_so(
+async def test_a_concurrent_index_revision_commits_as_soon_as_it_is_stamped(
     db_config: StoreConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await upgrade(db_config, "0003_api_keys_ledger")
-    with (
-        index_scripts(tmp_path, monkeypatch, extra={"0006_fails": _FAILS_AFTER}),
-        pytest.raises(MigrationError) as raised,
-    ):
+    scripts = {
+        _REVISION: _index_revision(),
+        "0006_fails": _failing("0006_fails", _REVISION, failing_up=True),
+    }
+    with index_scripts(tmp_path, monkeypatch, scripts), pytest.raises(MigrationError) as raised:
         await migrate(db_config, "head", downgrading=False, backup=False)
     message = str(raised.value)
     assert "failed at revision 0006_fails" in message
     if db_config.driver == "postgresql":
-        assert f"now at {_BEFORE}: a concurrent index build commits the revisions" in message
-        assert await _migrations.current(db_config) == _BEFORE
+        assert f"now at {_REVISION}: {_COMMITTED_ALONE}" in message
+        assert await _migrations.current(db_config) == _REVISION
+        assert await _index_state(db_config) is True  # the revision with its index
     else:
         assert "still at 0003_api_keys_ledger" in message
         assert await _migrations.current(db_config) == "0003_api_keys_ledger"
+
+
+async def test_a_failed_downgrade_after_a_concurrent_drop_leaves_a_whole_revision(
+    db_config: StoreConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Down from 0006 (the index) through 0005 (fails going down): never 0006 without its
+    index, which no later upgrade would put back."""
+    await upgrade(db_config)
+    scripts = {
+        "0005_fails_down": _failing("0005_fails_down", _BEFORE, failing_up=False),
+        "0006_index": _index_revision("0006_index", "0005_fails_down"),
+    }
+    with index_scripts(tmp_path, monkeypatch, scripts):
+        await migrate(db_config, "head", downgrading=False, backup=False)
+        assert await _index_state(db_config) is True
+        with pytest.raises(MigrationError) as raised:
+            await migrate(db_config, _BEFORE, downgrading=True, backup=False)
+        message = str(raised.value)
+        assert "downgrade failed at revision 0005_fails_down" in message
+        if db_config.driver == "postgresql":
+            assert f"now at 0005_fails_down: {_COMMITTED_ALONE}" in message
+            assert await _migrations.current(db_config) == "0005_fails_down"
+            assert await _index_state(db_config) is None
+        else:
+            assert "still at 0006_index" in message
+            assert await _migrations.current(db_config) == "0006_index"
+            assert await _index_state(db_config) is True
 
 
 def _revision(upgrade: str) -> str:
@@ -463,3 +519,21 @@ async def test_every_revision_runs_under_the_default_lock_timeout(
     with scripts_with(tmp_path / "default", {_REVISION: default}):
         done = await migrate(postgres_config, "head", downgrading=False, backup=False)
     assert done.after == _REVISION
+
+
+@pytest.mark.postgres
+async def test_a_migrator_waiting_for_the_lock_does_not_deadlock_a_concurrent_build(
+    postgres_config: StoreConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second migrator waiting inside pg_advisory_lock() would hold a snapshot that
+    CREATE INDEX CONCURRENTLY waits for; it polls instead, so both finish."""
+    await _seed_origins(postgres_config, *(f"origin {n}" for n in range(2000)))
+    with index_scripts(tmp_path, monkeypatch):
+        runs = [migrate(postgres_config, "head", downgrading=False, backup=False) for _ in range(3)]
+        done = await asyncio.gather(*runs)
+    assert sorted((d.before, d.after) for d in done) == [
+        (_BEFORE, _REVISION),
+        (_REVISION, _REVISION),
+        (_REVISION, _REVISION),
+    ]
+    assert await _index_state(postgres_config) is True

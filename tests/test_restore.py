@@ -418,3 +418,45 @@ async def test_postgres_public_schema_restores_only_llmstore_tables(
     with pytest.raises(BackupError, match=r"psql failed: .*depend"):
         await _restore_file(config, archive)
     assert await snapshot(config) == before
+
+
+@pytest.mark.postgres
+async def test_a_postgres_restore_keeps_the_schema_its_grants_and_what_depends_on_it(
+    pg_config: StoreConfig, tmp_path: Path
+) -> None:
+    schema = pg_config.schema_name
+    await upgrade(pg_config)
+    await seed(pg_config)
+    archive = await _backup_to(pg_config, tmp_path / "saved.backup")
+    role, elsewhere = fresh_schema_name(), fresh_schema_name()
+    await _execute(
+        pg_config, f'CREATE ROLE "{role}" NOLOGIN', f'GRANT USAGE ON SCHEMA "{schema}" TO "{role}"'
+    )
+
+    def usage_granted(conn: Connection) -> bool:
+        query = f"SELECT has_schema_privilege('{role}', '{schema}', 'USAGE')"
+        return bool(conn.exec_driver_sql(query).scalar())
+
+    try:
+        await _restore_file(pg_config, archive)
+        assert await _migrations.with_migration_connection(pg_config, usage_granted, write=False)
+
+        # A view of the proxy's own, in another schema, on llmstore's table: the restore
+        # refuses rather than drop it, and changes nothing.
+        await _execute(
+            pg_config,
+            f'CREATE SCHEMA "{elsewhere}"',
+            f'CREATE VIEW "{elsewhere}".names AS SELECT name FROM "{schema}".projects',
+        )
+        before = await snapshot(pg_config)
+        with pytest.raises(BackupError, match="depend"):
+            await _restore_file(pg_config, archive)
+        assert await snapshot(pg_config) == before
+        await _execute(pg_config, f'SELECT count(*) FROM "{elsewhere}".names')
+    finally:
+        await _execute(
+            pg_config,
+            f'DROP SCHEMA IF EXISTS "{elsewhere}" CASCADE',
+            f'DROP OWNED BY "{role}"',
+            f'DROP ROLE "{role}"',
+        )

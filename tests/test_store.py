@@ -255,6 +255,37 @@ async def test_from_engine_uses_the_host_engine(driver: str, tmp_path: Path) -> 
         await engine.dispose()
 
 
+@pytest.mark.postgres
+async def test_auto_upgrade_gives_the_host_connection_back_as_it_was() -> None:
+    """The migration's lock, search_path and lock_timeout are session-wide: none of them
+    may stay on the host's pooled connection."""
+    url = StoreConfig.from_url(require_postgres()).url.get_secret_value()
+    schema = f"llmstore_test_{uuid.uuid4().hex[:12]}"
+    engine = create_async_engine(url, pool_size=1, max_overflow=0)
+    state = sa.text(
+        "SELECT current_setting('search_path'), current_setting('lock_timeout'), "
+        "(SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+        "AND pid = pg_backend_pid())"
+    )
+    try:
+        async with engine.connect() as conn:  # the pool's one connection, set up by the host
+            await conn.exec_driver_sql("SET search_path TO public, pg_catalog")
+            await conn.exec_driver_sql("SET lock_timeout = '7s'")
+            await conn.commit()
+            host = tuple((await conn.execute(state)).one())
+            await conn.commit()
+        assert host == ("public, pg_catalog", "7s", 0)
+        store = Store.from_engine(engine, schema_name=schema, auto_upgrade=True)
+        async with store:
+            assert (await store.health_check()).revision == head_revision()
+        async with engine.connect() as conn:
+            assert tuple((await conn.execute(state)).one()) == host
+    finally:
+        async with engine.begin() as conn:
+            await conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        await engine.dispose()
+
+
 async def test_postgres_schema_keeps_tables_out_of_public() -> None:
     url = require_postgres()
     schema = f"llmstore_test_{uuid.uuid4().hex[:12]}"
