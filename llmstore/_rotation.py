@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from ._errors import ConfigError, ValidationError
+from ._errors import ConfigError, ConflictError, ValidationError
 from ._runner import Runner
 from ._schema import projects, provider_credentials, withdrawals
 from ._secrets import SecretBox
@@ -34,6 +34,7 @@ ENCRYPTED_COLUMNS: tuple[sa.Column[str], ...] = (
 #: ``progress(checked, total)``: values checked so far, out of the stored values counted
 #: at the start (values written meanwhile can take ``checked`` past it).
 Progress = Callable[[int, int], object]
+_MAX_LOST_RACES = 3
 #: A value to replace: (row id, stored value, the same secret under the first key).
 Change = tuple[uuid.UUID, str, str]
 
@@ -102,15 +103,29 @@ async def rotate_keys(
         progress(0, total)
     for column in ENCRYPTED_COLUMNS:
         after: uuid.UUID | None = None
+        lost_races = 0
         while True:
             read = functools.partial(
                 _read_batch, column=column, after=after, size=size, secrets=secrets
             )
-            count, after, changes = await runner.read(read)
+            count, last, changes = await runner.read(read)
             if changes:
-                changed += await runner.write(
+                written = await runner.write(
                     functools.partial(_write_batch, column=column, changes=changes)
                 )
+                changed += written
+                if written < len(changes):
+                    # Some values were replaced after they were read: read the batch again,
+                    # so that a value still under an old key is not left behind.
+                    lost_races += 1
+                    if lost_races > _MAX_LOST_RACES:
+                        raise ConflictError(
+                            f"{column.table.name}.{column.name} kept changing while it was "
+                            "re-encrypted: run rotate-keys again"
+                        )
+                    continue
+            lost_races = 0
+            after = last
             checked += count
             if progress is not None and count:
                 progress(checked, max(total, checked))

@@ -10,13 +10,14 @@ import secrets
 import traceback
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from cryptography.fernet import Fernet, InvalidToken
 from sqlalchemy.engine import Connection
 
-from llmstore import ConfigError, Store, StoreConfig, ValidationError, generate_key
+from llmstore import ConfigError, Store, StoreConfig, ValidationError, _rotation, generate_key
 from llmstore._cli import EXIT_OK, EXIT_USAGE, main
 from llmstore._migrations import upgrade
 from llmstore._progress import CopyProgress
@@ -257,6 +258,34 @@ async def test_a_value_replaced_meanwhile_is_not_overwritten(db_config: StoreCon
         assert (await _stored(store))[("projects", project_id)] == current
         assert await store.projects.reveal_api_key(project_id) == replacement
         assert await store.rotate_keys() == SEEDED - 1  # the replacement was under `new`
+
+
+async def test_a_value_replaced_between_read_and_write_is_read_again(
+    db_config: StoreConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old, new = generate_key(), generate_key()
+    seeded = await _seeded(db_config, old)
+    project_id = next(iter(seeded.projects))
+    replacement = Fernet(old.encode()).encrypt(b"sk-written-under-the-old-key").decode()
+    real_write = _rotation._write_batch
+    raced: list[int] = []
+
+    def racing_write(conn: Connection, column: sa.Column[str], changes: list[Any]) -> int:
+        if column is projects.c.api_key_encrypted and not raced:
+            # A proxy not yet restarted writes under the old key after the batch was read.
+            raced.append(1)
+            by_id = projects.c.id == project_id
+            conn.execute(sa.update(projects).where(by_id).values(api_key_encrypted=replacement))
+        return real_write(conn, column, changes)
+
+    monkeypatch.setattr(_rotation, "_write_batch", racing_write)
+    async with _store(db_config, new, old) as store:
+        assert await store.rotate_keys() == SEEDED
+        assert raced == [1]
+        stored = await _stored(store)
+        assert all(_under(new, value) for value in stored.values())
+        assert await store.projects.reveal_api_key(project_id) == "sk-written-under-the-old-key"
+        assert await store.rotate_keys() == 0
 
 
 async def test_rotate_keys_refuses_bad_arguments(store: Store) -> None:
