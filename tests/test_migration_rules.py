@@ -97,8 +97,9 @@ def rule_violations(source: str, revision: str) -> list[str]:
         for node in tree.body
         if isinstance(node, ast.FunctionDef) and node.name in ("upgrade", "downgrade")
     }
-    problems = [f"{revision} has no {name}()" for name in ("upgrade", "downgrade")]
-    problems = [p for p in problems if p.split()[-1][:-2] not in functions]
+    problems = [
+        f"{revision} has no {name}()" for name in ("upgrade", "downgrade") if name not in functions
+    ]
     for name, function in functions.items():
         problems += _check_function(function, f"{revision} {name}()")
     return problems
