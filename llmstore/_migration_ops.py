@@ -112,11 +112,12 @@ def _concurrently(context: MigrationContext) -> Iterator[None]:
     A concurrent build waits for every older transaction in the database, on locks that
     the timeout would cut short; it takes no lock that blocks reads or writes meanwhile.
     """
-    _committed_alone.set(True)
     with context.autocommit_block():
         if context.as_sql:
             yield
             return
+        # Read by env.py once the revision is stamped (offline, nothing is there to read it).
+        _committed_alone.set(True)
         previous = op.get_bind().execute(sa.text("SHOW lock_timeout")).scalar()
         op.execute("SET lock_timeout = 0")
         try:

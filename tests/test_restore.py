@@ -26,7 +26,7 @@ from llmstore._schema import metadata
 from llmstore.pytest_plugin import drop_schema, fresh_schema_name
 
 from .conftest import require_postgres
-from .snapshots import seed, snapshot
+from .snapshots import Snapshot, seed, snapshot
 
 SECOND = "0002_tokens_audit_providers"
 
@@ -77,6 +77,14 @@ async def _backup_to(config: StoreConfig, path: Path) -> Path:
     return (await asyncio.to_thread(backup_database, config, path)).path
 
 
+async def _seeded_backup(config: StoreConfig, tmp_path: Path) -> tuple[Snapshot, Path]:
+    """A migrated database with a row in every table, its snapshot, and a backup of it."""
+    await upgrade(config)
+    await seed(config)
+    saved = await snapshot(config)
+    return saved, await _backup_to(config, tmp_path / "saved.backup")
+
+
 def _backups_taken(config: StoreConfig) -> list[Path]:
     folder, _ = backup_prefix(config)
     return sorted(folder.glob("*.backup")) if folder.is_dir() else []
@@ -110,11 +118,8 @@ async def _change_rows(config: StoreConfig) -> None:
 async def test_restore_brings_back_every_row_and_backs_up_first(
     config: StoreConfig, tmp_path: Path
 ) -> None:
-    await upgrade(config)
-    await seed(config)
-    saved = await snapshot(config)
+    saved, archive = await _seeded_backup(config, tmp_path)
     assert all(saved[name] for name in metadata.tables), "a table was left empty"
-    archive = await _backup_to(config, tmp_path / "saved.backup")
     await _change_rows(config)
     await migrate(config, SECOND, downgrading=True, backup=False)
     changed = await snapshot(config)
@@ -228,10 +233,7 @@ def sqlite_config(tmp_path: Path) -> StoreConfig:
 async def test_sqlite_restore_into_a_new_file_and_under_an_open_store(
     sqlite_config: StoreConfig, tmp_path: Path
 ) -> None:
-    await upgrade(sqlite_config)
-    await seed(sqlite_config)
-    saved = await snapshot(sqlite_config)
-    archive = await _backup_to(sqlite_config, tmp_path / "saved.backup")
+    saved, archive = await _seeded_backup(sqlite_config, tmp_path)
 
     # Into a file that does not exist yet: nothing to back up.
     elsewhere = sqlite_config.model_copy(
@@ -263,10 +265,7 @@ async def test_sqlite_restore_into_a_new_file_and_under_an_open_store(
 async def test_sqlite_restore_of_another_page_size_keeps_the_live_one(
     sqlite_config: StoreConfig, tmp_path: Path
 ) -> None:
-    await upgrade(sqlite_config)
-    await seed(sqlite_config)
-    saved = await snapshot(sqlite_config)
-    archive = await _backup_to(sqlite_config, tmp_path / "saved.backup")
+    saved, archive = await _seeded_backup(sqlite_config, tmp_path)
     conn = sqlite3.connect(archive, isolation_level=None)
     try:
         conn.execute("PRAGMA page_size = 8192")
@@ -338,7 +337,7 @@ async def test_a_postgres_restore_failing_inside_psql_rolls_everything_back(
     await upgrade(pg_config)
     await seed(pg_config)
     # The archive needs a type from another schema, which is gone when it is restored:
-    # psql fails after the schema was dropped, recreated and given most of its tables.
+    # psql fails after llmstore's tables were dropped and most of them loaded again.
     elsewhere = fresh_schema_name()
     await _execute(
         pg_config,
@@ -366,10 +365,7 @@ class _Interrupted(Exception):
 async def test_a_postgres_restore_interrupted_halfway_changes_nothing(
     pg_config: StoreConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    await upgrade(pg_config)
-    await seed(pg_config)
-    saved = await snapshot(pg_config)
-    archive = await _backup_to(pg_config, tmp_path / "saved.backup")
+    saved, archive = await _seeded_backup(pg_config, tmp_path)
     await _change_rows(pg_config)
     before = await snapshot(pg_config)
     monkeypatch.setattr(_restore, "_CHUNK", 256)
