@@ -6,6 +6,7 @@ import sqlite3
 from typing import Any
 
 import sqlalchemy as sa
+import sqlalchemy.exc
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -69,7 +70,19 @@ def postgres_engine(config: StoreConfig, *, pooled: bool = True) -> AsyncEngine:
     else:
         options["poolclass"] = NullPool
     engine = create_async_engine(config.url.get_secret_value(), **options)
+    event.listen(engine.sync_engine, "checkout", _refuse_closed)
     return with_schema(engine, config.schema_name)
+
+
+def _refuse_closed(_dbapi_connection: Any, _record: Any, proxy: Any) -> None:
+    """Replace a pooled connection the server has closed before it is used.
+
+    After a restart or a failover every pooled connection is dead; the pool would hand
+    each out once and fail a request with it. asyncpg notes a closed socket without a
+    round trip, so this costs nothing, unlike a ping per checkout.
+    """
+    if proxy.driver_connection.is_closed():
+        raise sqlalchemy.exc.DisconnectionError("the server closed this pooled connection")
 
 
 def with_schema(engine: AsyncEngine, schema: str | None) -> AsyncEngine:

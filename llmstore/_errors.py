@@ -12,6 +12,7 @@
     ├── ConflictError             a uniqueness or state conflict
     │   └── IdempotencyConflictError  an idempotency key reused with other parameters
     ├── StoreClosedError          the store is not open (never opened, or closed)
+    ├── EventLoopError            the store was used from another event loop than its own
     ├── WriterClosedError         a usage writer was given a row after it closed
     ├── UnwrittenUsageError       a usage writer stopped with rows unwritten (``.records``)
     ├── ExportError               a purge could not write its export; that batch stays
@@ -102,6 +103,14 @@ class StoreClosedError(LlmstoreError):
     """The store was used before ``open()`` or after ``close()``."""
 
 
+class EventLoopError(LlmstoreError):
+    """The store was used from an event loop other than the one it was opened in.
+
+    A store's connections and locks belong to its event loop: open one store per loop
+    (per thread running ``asyncio.run``, say).
+    """
+
+
 class WriterClosedError(LlmstoreError):
     """A usage writer was given a row after ``close()`` began, or after it stopped."""
 
@@ -162,6 +171,8 @@ _PG_INVALID = {"23502", "23514", "22001", "22003", "22P02", "22007", "22008"}
 _SQLITE_CONFLICT = {"SQLITE_CONSTRAINT_UNIQUE", "SQLITE_CONSTRAINT_PRIMARYKEY"}
 _SQLITE_NOT_FOUND = {"SQLITE_CONSTRAINT_FOREIGNKEY"}
 _SQLITE_BUSY = {"SQLITE_BUSY", "SQLITE_BUSY_SNAPSHOT", "SQLITE_BUSY_TIMEOUT", "SQLITE_LOCKED"}
+# SQLSTATE class 28: the server refused the credentials (no such role, a wrong password).
+_PG_CREDENTIALS = "28"
 
 
 def _driver_code(orig: BaseException | None) -> str:
@@ -185,37 +196,58 @@ def translate(exc: BaseException) -> LlmstoreError | None:
     if isinstance(exc, sqlalchemy.exc.StatementError):
         orig = exc.orig
         code = _driver_code(orig)
-        detail = f"{type(orig).__name__}: {str(orig).splitlines()[0] if str(orig) else ''}"
+        detail = _detail(orig)
         if isinstance(exc, sqlalchemy.exc.IntegrityError):
             return _integrity_error(code, detail)
-        if code in _PG_INVALID:
-            return ValidationError(f"rejected by the database ({detail})")
-        if code in _SQLITE_BUSY or isinstance(exc, sqlalchemy.exc.InterfaceError):
+        if isinstance(exc, sqlalchemy.exc.InterfaceError):
             return DatabaseUnavailableError(f"database unavailable ({detail})")
-        if code == "3D000":
-            return DatabaseUnavailableError(
-                f"the database does not exist: create it with `python -m llmstore create-db` "
-                f"({detail})"
-            )
-        if exc.connection_invalidated or code.startswith(("08", "28", "57P")):
-            return DatabaseUnavailableError(f"lost the database connection ({detail})")
-        if isinstance(exc, sqlalchemy.exc.OperationalError) and "unable to open" in detail:
-            return DatabaseUnavailableError(f"cannot open the database ({detail})")
-        return DatabaseError(f"database error ({detail})")
+        return _by_code(code, detail, lost=exc.connection_invalidated)
     if isinstance(exc, sqlalchemy.exc.TimeoutError):
         return DatabaseUnavailableError(f"timed out waiting for a pooled connection ({exc})")
+    if isinstance(exc, sqlalchemy.exc.SQLAlchemyError):
+        # No statement failed (a connection in a state SQLAlchemy refuses, say): still a
+        # database failure to the caller, never SQLAlchemy's own exception.
+        return DatabaseError(f"database error ({_detail(exc)})")
     if isinstance(exc, sqlite3.Error):
         # Raised by sqlite3 used directly (the bulk insert path), not wrapped by SQLAlchemy.
         if isinstance(exc, sqlite3.IntegrityError):
-            return _integrity_error(_driver_code(exc), f"{type(exc).__name__}: {exc}")
-        if getattr(exc, "sqlite_errorname", "") in _SQLITE_BUSY:
-            return DatabaseUnavailableError(f"database unavailable ({exc})")
-        return DatabaseError(f"database error ({type(exc).__name__}: {exc})")
+            return _integrity_error(_driver_code(exc), _detail(exc))
+        return _by_code(_driver_code(exc), _detail(exc), lost=False)
     if type(exc).__module__.startswith("asyncpg"):
         return _raw_asyncpg(exc)
     if isinstance(exc, OSError):
-        return DatabaseUnavailableError(f"cannot reach the database ({type(exc).__name__}: {exc})")
+        return DatabaseUnavailableError(f"cannot reach the database ({_detail(exc)})")
     return None
+
+
+def _detail(exc: BaseException | None) -> str:
+    """The exception's type and the first line of its message (never its parameters)."""
+    text = str(exc) if exc is not None else ""
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _by_code(code: str, detail: str, *, lost: bool) -> LlmstoreError:
+    """A failed statement that broke no constraint, by its SQLSTATE or SQLite error name."""
+    if code in _PG_INVALID:
+        return ValidationError(f"rejected by the database ({detail})")
+    if code in _SQLITE_BUSY:
+        return DatabaseUnavailableError(f"database unavailable ({detail})")
+    if code.startswith(_PG_CREDENTIALS):
+        return _credentials_error(detail)
+    if code.startswith("SQLITE_READONLY"):
+        return DatabaseUnavailableError(
+            f"the database cannot be written: the file, its folder or the disk is "
+            f"read-only ({detail})"
+        )
+    if code == "3D000":
+        return DatabaseUnavailableError(
+            f"the database does not exist: create it with `python -m llmstore create-db` ({detail})"
+        )
+    if lost or code.startswith(("08", "57P")):
+        return DatabaseUnavailableError(f"lost the database connection ({detail})")
+    if "unable to open" in detail:
+        return DatabaseUnavailableError(f"cannot open the database ({detail})")
+    return DatabaseError(f"database error ({detail})")
 
 
 def _integrity_error(code: str, detail: str) -> LlmstoreError:
@@ -226,15 +258,22 @@ def _integrity_error(code: str, detail: str) -> LlmstoreError:
     return ValidationError(f"rejected by a database constraint ({detail})")
 
 
+def _credentials_error(detail: str) -> ConfigError:
+    # The URL (or the server's pg_hba.conf) is wrong: retrying will not help.
+    return ConfigError(f"the database refused the connection's credentials ({detail})")
+
+
 def _raw_asyncpg(exc: BaseException) -> LlmstoreError:
     """An exception from asyncpg used directly (the lean path), classified by SQLSTATE."""
     code = _driver_code(exc)
-    detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    detail = _detail(exc)
     if code.startswith("23"):  # SQLSTATE class 23: integrity constraint violation
         return _integrity_error(code, detail)
     if code in _PG_INVALID:
         return ValidationError(f"rejected by the database ({detail})")
-    if not code or code.startswith(("08", "28", "57P", "3D")):
+    if code.startswith(_PG_CREDENTIALS):
+        return _credentials_error(detail)
+    if not code or code.startswith(("08", "57P", "3D")):
         return DatabaseUnavailableError(f"cannot reach the database ({detail})")
     return DatabaseError(f"database error ({detail})")
 

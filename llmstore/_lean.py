@@ -146,7 +146,9 @@ class PostgresLane:
     async def _take(self) -> _Held:
         while self._idle:
             held = self._idle.pop()
-            if time.monotonic() - held.since < self._max_lifetime:
+            # A connection the server closed (a restart, a failover) is replaced before
+            # use: asyncpg tells without a round trip.
+            if time.monotonic() - held.since < self._max_lifetime and not held.driver.is_closed():
                 return held
             await held.discard()
         if self._closed:

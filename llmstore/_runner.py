@@ -14,6 +14,7 @@ transaction (autocommit), which on Postgres saves the BEGIN and COMMIT round tri
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -25,7 +26,13 @@ import sqlalchemy.exc
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from ._errors import StoreClosedError, TransactionError, translated
+from ._errors import (
+    DatabaseUnavailableError,
+    EventLoopError,
+    StoreClosedError,
+    TransactionError,
+    translated,
+)
 from ._lean import LeanStatement, PostgresLane, Row
 
 T = TypeVar("T")
@@ -54,16 +61,51 @@ class Runner(Protocol):
 
 
 def run_unit(conn: Connection, fn: Unit[T], begin: str | None) -> T:
-    """Run ``fn`` in its own transaction on ``conn``: committed, or rolled back on error."""
-    if begin is not None:
-        conn.exec_driver_sql(begin)
+    """Run ``fn`` in its own transaction on ``conn``: committed, or rolled back on error.
+
+    BEGIN and COMMIT are inside the rollback's reach: a COMMIT that fails (a full disk) or
+    a BEGIN that timed out leaves a transaction open on the connection, and SQLAlchemy
+    would refuse every later statement on it until it is rolled back.
+    """
     try:
+        if begin is not None:
+            conn.exec_driver_sql(begin)
         result = fn(conn)
+        conn.commit()
     except BaseException:
-        conn.rollback()
+        rollback_quietly(conn)
         raise
-    conn.commit()
     return result
+
+
+def rollback_quietly(conn: Connection) -> None:
+    """Roll back after a failure, keeping the failure: the connection must end up usable.
+
+    A rollback that fails too (the file or the server is gone) invalidates the
+    connection, so that its next use reconnects instead of failing for good.
+    """
+    try:
+        conn.rollback()
+        # SQLite keeps a transaction open after some failed COMMITs (deferred foreign
+        # keys), while SQLAlchemy has already let go of it: roll the driver's back too.
+        dbapi_connection = conn.connection.dbapi_connection
+        if getattr(dbapi_connection, "in_transaction", False):
+            dbapi_connection.rollback()  # type: ignore[union-attr]
+    except Exception:
+        with contextlib.suppress(Exception):
+            conn.invalidate()
+
+
+def _check_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Refuse a call from another event loop than the one the store was opened in.
+
+    Its connections, locks and pooled sockets belong to that loop; the drivers would
+    fail with a bare RuntimeError, or hang.
+    """
+    if asyncio.get_running_loop() is not loop:
+        raise EventLoopError(
+            "this store was opened in another event loop: open one store per event loop"
+        )
 
 
 def _check_outside_transaction(runner: object) -> None:
@@ -138,6 +180,7 @@ class SQLiteRunner:
         self._lock = asyncio.Lock()
         self._writer_conn: Connection | None = None
         self._closed = False
+        self._loop = asyncio.get_running_loop()
 
     async def start(self, prepare: Unit[None] | None = None) -> None:
         def connect() -> None:
@@ -154,6 +197,7 @@ class SQLiteRunner:
     def _guard(self) -> Connection:
         if self._closed or self._writer_conn is None:
             raise StoreClosedError("the store is closed")
+        _check_loop(self._loop)
         _check_outside_transaction(self)
         return self._writer_conn
 
@@ -173,6 +217,10 @@ class SQLiteRunner:
 
     async def lean_first(self, statement: LeanStatement, params: Mapping[str, Any]) -> Row | None:
         return await self.write(lambda conn: statement.first_sqlite(conn, params), single=True)
+
+    async def probe(self) -> None:
+        """Raise unless the database answers and can be written."""
+        await self.write(_sqlite_probe, single=True)
 
     async def read(self, fn: Unit[T], *, single: bool = False) -> T:
         if self._readers is None:
@@ -194,26 +242,33 @@ class SQLiteRunner:
 
         def begin() -> None:
             with translated():
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
+                try:
+                    conn.exec_driver_sql("BEGIN IMMEDIATE")
+                except BaseException:
+                    rollback_quietly(conn)
+                    raise
 
         def finish(commit: bool) -> None:
+            if not commit:
+                rollback_quietly(conn)
+                return
             with translated():
-                if commit:
-                    try:
-                        conn.commit()
-                        return
-                    except BaseException:
-                        conn.rollback()
-                        raise
-                conn.rollback()
+                try:
+                    conn.commit()
+                except BaseException:
+                    rollback_quietly(conn)
+                    raise
 
         async with self._lock:
             try:
                 await self._hop(self._writer, begin)
             except BaseException:
-                # Cancelled while BEGIN was queued or running in the writer thread: once
-                # started it completes there, so roll it back before the next unit.
-                await asyncio.shield(self._hop(self._writer, lambda: finish(False)))
+                # Cancelled while BEGIN waits in the writer thread for another process's
+                # write lock (up to the busy timeout): the cancellation takes effect now.
+                # The writer thread runs its work in order, so this rollback, queued and
+                # not awaited, follows the BEGIN and precedes the next unit.
+                with contextlib.suppress(RuntimeError):  # the store closed meanwhile
+                    self._writer.submit(finish, False)
                 raise
             tx = TransactionRunner(lambda fn: self._hop(self._writer, functools.partial(fn, conn)))
             token = _current_transaction.set((self, asyncio.current_task()))
@@ -238,6 +293,7 @@ class SQLiteRunner:
     async def close(self) -> None:
         if self._closed:
             return
+        _check_loop(self._loop)
         self._closed = True
         if self._readers is not None:
             await asyncio.to_thread(self._readers.shutdown, True)
@@ -265,17 +321,46 @@ class AsyncEngineRunner:
         self._sqlite = engine.dialect.name == "sqlite"
         self._owned = owned
         self._closed = False
+        self._loop = asyncio.get_running_loop()
+        self._closing: set[asyncio.Task[None]] = set()  # connections closed after a cancel
 
-    async def _unit(self, fn: Unit[T], *, write: bool, single: bool) -> T:
+    def _guard(self) -> None:
         if self._closed:
             raise StoreClosedError("the store is closed")
+        _check_loop(self._loop)
         _check_outside_transaction(self)
-        engine = self._autocommit if single else self._engine
+
+    @asynccontextmanager
+    async def _connection(self, engine: AsyncEngine) -> AsyncIterator[_Lease]:
+        """A connection of ``engine``, closed (back to its pool) when the block ends.
+
+        After a cancellation the close is left to a task of its own, so that the
+        cancellation takes effect now even when the close has to wait (see
+        :meth:`_Lease.run_to_end`); closing the store waits for those tasks.
+        """
         with translated():
-            async with engine.connect() as conn:
+            lease = _Lease(await engine.connect())
+        try:
+            yield lease
+        except asyncio.CancelledError:
+            task = asyncio.get_running_loop().create_task(lease.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+            raise
+        except BaseException:
+            await asyncio.shield(lease.close())
+            raise
+        with translated():
+            await asyncio.shield(lease.conn.close())
+
+    async def _unit(self, fn: Unit[T], *, write: bool, single: bool) -> T:
+        self._guard()
+        engine = self._autocommit if single else self._engine
+        async with self._connection(engine) as lease:
+            with translated():
                 if self._sqlite:
-                    return await conn.run_sync(_sqlite_unit, fn, write, single)
-                return await conn.run_sync(run_unit, fn, None)
+                    return await lease.run_to_end(_sqlite_unit, fn, write, single)
+                return await lease.conn.run_sync(run_unit, fn, None)
 
     async def read(self, fn: Unit[T], *, single: bool = False) -> T:
         return await self._unit(fn, write=False, single=single)
@@ -286,22 +371,24 @@ class AsyncEngineRunner:
     async def lean_first(self, statement: LeanStatement, params: Mapping[str, Any]) -> Row | None:
         if self._lane is None:
             return await self.write(lambda conn: statement.first(conn, params), single=True)
-        if self._closed:
-            raise StoreClosedError("the store is closed")
-        _check_outside_transaction(self)
+        self._guard()
         return await self._lane.first(statement, params)
+
+    async def probe(self) -> None:
+        """Raise unless the database answers and can be written."""
+        if self._sqlite:
+            await self.write(_sqlite_probe, single=True)
+        else:
+            await self.read(_postgres_probe, single=True)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[TransactionRunner]:
-        if self._closed:
-            raise StoreClosedError("the store is closed")
-        _check_outside_transaction(self)
-        with translated():
-            conn = await self._engine.connect()
-        try:
+        self._guard()
+        async with self._connection(self._engine) as lease:
+            conn = lease.conn
             with translated():
                 if self._sqlite:
-                    await conn.run_sync(_sqlite_begin, "BEGIN IMMEDIATE")
+                    await lease.run_to_end(_sqlite_begin, "BEGIN IMMEDIATE")
                 else:
                     await conn.begin()
             tx = TransactionRunner(conn.run_sync)
@@ -320,17 +407,47 @@ class AsyncEngineRunner:
                 raise TransactionError("the transaction was rolled back: an operation failed")
             with translated():
                 await conn.commit()
-        finally:
-            await asyncio.shield(conn.close())
 
     async def close(self) -> None:
         if self._closed:
             return
+        _check_loop(self._loop)
         self._closed = True
+        if self._closing:  # units cancelled mid-way end first (SQLite: the busy timeout)
+            await asyncio.wait(set(self._closing))
         if self._lane is not None:
             await self._lane.close()
         if self._owned:
             await self._engine.dispose()
+
+
+class _Lease:
+    """A connection checked out for one unit or transaction."""
+
+    def __init__(self, conn: AsyncConnection) -> None:
+        self.conn = conn
+        self.running: asyncio.Task[Any] | None = None
+
+    async def run_to_end(self, fn: Callable[..., T], *args: Any) -> T:
+        """``run_sync`` in a task of its own, that a cancellation of the caller leaves running.
+
+        For SQLite through aiosqlite: cancelling the statement itself would not stop it
+        waiting in aiosqlite's thread (up to the busy timeout, for another process's write
+        lock), and SQLAlchemy, invalidating the connection, would wait for it in the
+        cancelled task. So the caller is let go at once, as llmstore's own SQLite runner
+        lets it go; the unit ends in the background, and the connection is closed after it.
+        """
+        self.running = asyncio.ensure_future(self.conn.run_sync(fn, *args))
+        return await asyncio.shield(self.running)
+
+    async def close(self) -> None:
+        # Keeps the error that ended the block: a close that fails too loses the connection.
+        if self.running is not None:
+            await asyncio.wait({self.running})
+            if not self.running.cancelled():
+                self.running.exception()  # retrieved: asyncio would log it otherwise
+        with contextlib.suppress(Exception):
+            await self.conn.close()
 
 
 async def _rollback(conn: AsyncConnection) -> None:
@@ -348,3 +465,36 @@ def _sqlite_unit(conn: Connection, fn: Unit[T], write: bool, single: bool) -> T:
     if single:
         return run_unit(conn, fn, None)
     return run_unit(conn, fn, "BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def _sqlite_probe(conn: Connection) -> None:
+    """Write the header's ``user_version`` back unchanged and roll back: a read-only file,
+    folder or disk fails (SQLite grants the write lock on such a file, and refuses only
+    the first page written).
+
+    With no busy timeout: a write lock held elsewhere shows the database takes writes,
+    and a health probe must not wait for it.
+    """
+    busy_timeout = conn.exec_driver_sql("PRAGMA busy_timeout").scalar_one()
+    conn.exec_driver_sql("PRAGMA busy_timeout=0")
+    try:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        try:
+            version = int(conn.exec_driver_sql("PRAGMA user_version").scalar_one())
+            conn.exec_driver_sql(f"PRAGMA user_version={version}")
+        finally:
+            conn.exec_driver_sql("ROLLBACK")
+    except sqlalchemy.exc.OperationalError as exc:
+        if getattr(exc.orig, "sqlite_errorname", "") != "SQLITE_BUSY":
+            raise
+    finally:
+        conn.exec_driver_sql(f"PRAGMA busy_timeout={int(busy_timeout)}")
+
+
+def _postgres_probe(conn: Connection) -> None:
+    """One round trip; a standby, or a database set read-only, cannot take writes."""
+    read_only = conn.exec_driver_sql("SELECT current_setting('transaction_read_only')").scalar()
+    if read_only == "on":
+        raise DatabaseUnavailableError(
+            "the database is read-only (a standby, or default_transaction_read_only is on)"
+        )

@@ -11,7 +11,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -295,10 +294,13 @@ class Store:
 
     async def close(self) -> None:
         """Close connections and threads; a closed store cannot be reopened."""
-        runner, self._runner = self._runner, None
-        self._state = _State.CLOSED
+        runner = self._runner
         if runner is not None:
+            # From another event loop this raises EventLoopError before closing anything,
+            # and the store stays open for its own loop.
             await runner.close()
+        self._runner = None
+        self._state = _State.CLOSED
 
     def _require_open(self) -> SQLiteRunner | AsyncEngineRunner:
         if self._runner is None:
@@ -310,11 +312,15 @@ class Store:
         return self._runner
 
     async def health_check(self) -> HealthStatus:
-        """The driver, schema revision and round-trip latency; raises if unreachable."""
+        """The driver, schema revision and round-trip latency.
+
+        Raises DatabaseUnavailableError when the database cannot be reached or cannot take
+        writes (a read-only SQLite file, folder or disk; a Postgres standby).
+        """
         runner = self._require_open()
         schema = self._config.schema_name
         started = time.perf_counter()
-        await runner.read(_ping, single=True)
+        await runner.probe()
         latency_ms = (time.perf_counter() - started) * 1000
         revision = await runner.read(lambda conn: _migrations.read_revision(conn, schema))
         return HealthStatus(driver=self.driver, revision=revision, latency_ms=latency_ms)
@@ -350,10 +356,6 @@ async def _started(runner: SQLiteRunner, prepare: Callable[[Connection], None] |
     except BaseException:
         await runner.close()  # stops the threads a failed start would otherwise leave
         raise
-
-
-def _ping(conn: Connection) -> None:
-    conn.execute(sa.select(1)).scalar_one()
 
 
 def _copy_head_schema(conn: Connection) -> None:

@@ -1,9 +1,11 @@
-"""The lean path on Postgres: held connections that fail are replaced, and nothing half-done."""
+"""The lean path on Postgres: held connections the server closed are replaced before use,
+one that dies mid-statement fails that call alone, and nothing is half-done."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 import pytest
@@ -32,25 +34,85 @@ def _lane_pids(store: Store) -> list[int]:
 
 
 async def _terminate(pids: list[int]) -> None:
+    """Terminate the backends and wait until they are gone, as after a restart."""
     url = require_postgres()
     conn = await asyncpg.connect(url)
     try:
         for pid in pids:
             assert await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
+        await _until_gone(conn, pids)
     finally:
         await conn.close()
 
 
-async def test_a_killed_lane_connection_fails_once_then_is_replaced(pg_store: Store) -> None:
+async def _until_gone(conn: Any, pids: list[int]) -> None:
+    for _ in range(500):
+        alive = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = any($1::int[])", pids
+        )
+        if alive == 0:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"backends {pids} are still there")
+
+
+async def _kill_while_waiting(store: Store, table: str, call: Awaitable[object]) -> None:
+    """Run ``call`` while every row of ``table`` is locked elsewhere; once its statement
+    waits for the lock, terminate its lane backend: the statement dies in flight, and
+    ``call`` must fail with DatabaseUnavailableError."""
+    url = require_postgres()
+    pids = _lane_pids(store)
+    assert len(pids) == 1
+    holder = await asyncpg.connect(url)
+    killer = await asyncpg.connect(url)
+    try:
+        locked = holder.transaction()
+        await locked.start()
+        await holder.execute(f'SELECT 1 FROM "{store.config.schema_name}".{table} FOR UPDATE')
+        task = asyncio.ensure_future(call)
+        for _ in range(500):
+            waiting = await killer.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock'",
+                pids[0],
+            )
+            if waiting:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the lane's statement never waited for the lock")
+        assert await killer.fetchval("SELECT pg_terminate_backend($1)", pids[0])
+        await _until_gone(killer, pids)
+        await locked.rollback()
+        with pytest.raises(DatabaseUnavailableError):
+            await task
+    finally:
+        await holder.close()
+        await killer.close()
+
+
+async def test_a_lane_connection_killed_while_idle_is_replaced_before_use(
+    pg_store: Store,
+) -> None:
     project = await pg_store.projects.create("p")
     issued = await pg_store.tokens.create(project.id, max_requests=10)
     await pg_store.tokens.use(issued.secret)
     pids = _lane_pids(pg_store)
     assert len(pids) == 1
     await _terminate(pids)
-    await asyncio.sleep(0.1)
-    with pytest.raises(DatabaseUnavailableError):
-        await pg_store.tokens.use(issued.secret)
+    # A restart or a failover: the next call gets a new connection, and succeeds.
+    token = await pg_store.tokens.use(issued.secret)
+    assert token.request_count == 2
+    assert _lane_pids(pg_store) != pids
+
+
+async def test_a_lane_connection_killed_mid_statement_fails_that_call_only(
+    pg_store: Store,
+) -> None:
+    project = await pg_store.projects.create("p")
+    issued = await pg_store.tokens.create(project.id, max_requests=10)
+    await pg_store.tokens.use(issued.secret)
+    pids = _lane_pids(pg_store)
+    await _kill_while_waiting(pg_store, "tokens", pg_store.tokens.use(issued.secret))
     token = await pg_store.tokens.use(issued.secret)
     assert token.request_count == 2  # the failed call spent nothing
     assert _lane_pids(pg_store) != pids
@@ -78,11 +140,7 @@ async def test_a_killed_lane_connection_under_settle_leaves_the_hold_active(
     key = (await pg_store.api_keys.create(balance=1000)).key
     hold = await pg_store.api_keys.reserve(key.id, 300)  # one statement, on the lane
     pids = _lane_pids(pg_store)
-    assert len(pids) == 1
-    await _terminate(pids)
-    await asyncio.sleep(0.1)
-    with pytest.raises(DatabaseUnavailableError):
-        await pg_store.api_keys.settle(hold.id, 200)
+    await _kill_while_waiting(pg_store, "api_keys", pg_store.api_keys.settle(hold.id, 200))
     assert (await pg_store.api_keys.get_reservation(hold.id)).status == "active"
     entry = await pg_store.api_keys.settle(hold.id, 200)
     assert (entry.kind, entry.amount, entry.balance_after, entry.shortfall) == (
