@@ -280,9 +280,19 @@ def run_tool(command: list[str], environ: dict[str, str], what: str) -> str:
     except OSError as exc:
         raise BackupError(f"could not run {what}: {exc}") from None
     if done.returncode != 0:
-        reason = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
-        raise BackupError(f"{what} failed: {reason}")
+        raise BackupError(f"{what} failed: {tool_error(done.stderr, what) or done.returncode}")
     return done.stdout
+
+
+def tool_error(stderr: str, what: str) -> str:
+    """A client tool's error as one line: the first error and the lines that go with it
+    (libpq puts its hint on the next line), without the tool's own prefix."""
+    lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
+    first = next((i for i, line in enumerate(lines) if "error:" in line), 0)
+    text = " ".join(lines[first : first + 3])
+    for prefix in (f"{what}: error: ", f"{what}: "):
+        text = text.removeprefix(prefix)
+    return text[:500]
 
 
 # --- files -----------------------------------------------------------------------------------

@@ -110,8 +110,15 @@ def _backup_note(done: _migrations.Migration) -> str:
     return ""
 
 
+def _reachable(config: StoreConfig) -> None:
+    """Connect once before a client tool runs: a server that is down or credentials it
+    refuses are then told by llmstore's own errors (exit 4, exit 2), not by the tool."""
+    asyncio.run(_migrations.current(config))
+
+
 def _backup(args: argparse.Namespace) -> int:
     config = _config(args)
+    _reachable(config)
     progress = CopyProgress(sys.stderr, "backing up")
     try:
         made = backup_database(config, args.out, progress)
@@ -127,6 +134,7 @@ def _restore(args: argparse.Namespace) -> int:
     config = _config(args)
     if config.env == "prod" and not args.yes:
         raise ConfigError("restore in LLMSTORE_ENV=prod needs --yes: it replaces every row")
+    _reachable(config)
     progress = StagedProgress(sys.stderr)
     try:
         done = restore_database(config, args.file, progress=progress)

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import re
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -295,11 +296,37 @@ async def migrate(
     backup. (A revision that builds an index concurrently commits the ones before it.)
     """
 
+    check_target(revision)
+
     def run(conn: Connection) -> Migration:
         with migration_session(conn, config.schema_name):
             return _migrate_locked(conn, config, revision, downgrading, backup, progress)
 
     return await with_migration_connection(config, run)
+
+
+_RELATIVE = re.compile(r"(?P<base>.*?)(?P<steps>[+-]\d+)?")
+
+
+def check_target(revision: str) -> None:
+    """Refuse a target revision this code does not know, before anything is locked or
+    backed up (a typo must not push a real backup out of the retention window).
+
+    The revision named before a relative step (``0003+1``, ``head-1``) is checked here;
+    the step itself, which depends on the database's revision, is Alembic's to resolve.
+    """
+    base = _RELATIVE.fullmatch(revision)
+    name = base.group("base") if base is not None else revision
+    if not name:
+        return
+    try:
+        scripts().get_revisions(name)
+    except CommandError as exc:
+        known = ", ".join(script.revision for script in scripts().walk_revisions())
+        raise MigrationError(
+            f"unknown revision {revision!r}: nothing was changed and no backup was made "
+            f"(the revisions are head, base, {known})"
+        ) from exc
 
 
 def _migrate_locked(

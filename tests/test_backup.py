@@ -26,7 +26,7 @@ from llmstore import (
     StoreConfig,
     _migrations,
 )
-from llmstore._backup import archive_revision, backup_database, prune
+from llmstore._backup import archive_revision, backup_database, backup_prefix, prune
 from llmstore._cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
 from llmstore._migrations import head_revision, migrate, upgrade
 from llmstore._schema import metadata
@@ -168,6 +168,23 @@ async def test_sqlite_upgrade_backs_up_first_into_the_backups_folder(
     # At head already: nothing to do, so no backup.
     again = await migrate(sqlite_config, "head", downgrading=False, backup=True)
     assert again.backup is None and again.backup_skipped == "nothing to do"
+
+
+@pytest.mark.parametrize("target", ["0009_nope", "zzzz+1", "head_typo"])
+async def test_an_unknown_target_revision_makes_no_backup(
+    db_config: StoreConfig, tmp_path: Path, target: str
+) -> None:
+    config = _with(db_config, backup_dir=str(tmp_path / "pg-backups"))
+    await upgrade(config, FIRST)
+    await _insert_project(config, "worth a backup")
+    folder, _ = backup_prefix(config)
+    for downgrading in (False, True):
+        with pytest.raises(MigrationError, match=f"unknown revision '{re.escape(target)}'"):
+            await migrate(config, target, downgrading=downgrading, backup=True)
+    assert not folder.exists() or not list(folder.iterdir())  # no backup was pushed out
+    assert (await migrate(config, "head", downgrading=False, backup=False)).after == (
+        head_revision()
+    )
 
 
 async def test_only_the_newest_backups_are_kept(sqlite_config: StoreConfig) -> None:

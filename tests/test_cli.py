@@ -131,6 +131,26 @@ def test_errors_are_one_line_with_exit_codes(tmp_path: Path) -> None:
     assert "Traceback" in verbose.stderr
 
 
+@pytest.mark.postgres
+@pytest.mark.parametrize("command", [["current"], ["backup"], ["restore", "x.backup"], ["check"]])
+def test_an_unreachable_server_and_refused_credentials_have_their_exit_codes(
+    command: list[str], tmp_path: Path
+) -> None:
+    (tmp_path / "x.backup").write_bytes(b"not read: the server is checked first")
+    url = sa.make_url(StoreConfig.from_url(require_postgres()).url.get_secret_value())
+    down = url.set(port=1).render_as_string(hide_password=False)
+    unknown_role = url.set(username=f"nobody_{uuid.uuid4().hex[:8]}")
+    cases = [
+        (down, EXIT_UNREACHABLE, "cannot reach the database"),
+        (unknown_role.render_as_string(hide_password=False), EXIT_USAGE, "credentials"),
+    ]
+    for target, code, message in cases:
+        result = _run(*command, "--url", target, cwd=tmp_path)
+        assert result.returncode == code, result.stderr
+        assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    assert not (tmp_path / "backups").exists()
+
+
 def test_prod_refuses_defaults(tmp_path: Path) -> None:
     env = {"LLMSTORE_ENV": "", "DATABASE_URL": "", "DATABASE_PATH": ""}
     result = _run("upgrade", "--env", "prod", env=env, cwd=tmp_path)
