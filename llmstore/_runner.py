@@ -242,11 +242,7 @@ class SQLiteRunner:
 
         def begin() -> None:
             with translated():
-                try:
-                    conn.exec_driver_sql("BEGIN IMMEDIATE")
-                except BaseException:
-                    rollback_quietly(conn)
-                    raise
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         def finish(commit: bool) -> None:
             if not commit:
@@ -263,10 +259,11 @@ class SQLiteRunner:
             try:
                 await self._hop(self._writer, begin)
             except BaseException:
-                # Cancelled while BEGIN waits in the writer thread for another process's
-                # write lock (up to the busy timeout): the cancellation takes effect now.
-                # The writer thread runs its work in order, so this rollback, queued and
-                # not awaited, follows the BEGIN and precedes the next unit.
+                # BEGIN failed, or was cancelled while it waits in the writer thread for
+                # another process's write lock (up to the busy timeout): the cancellation
+                # takes effect now. The writer thread runs its work in order, so this
+                # rollback, queued and not awaited, follows the BEGIN and precedes the
+                # next unit.
                 with contextlib.suppress(RuntimeError):  # the store closed meanwhile
                     self._writer.submit(finish, False)
                 raise

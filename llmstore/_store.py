@@ -95,8 +95,12 @@ class Store:
         auto_upgrade: bool = False,
         allow_plaintext_secrets: bool = False,
     ) -> None:
+        if not isinstance(config, StoreConfig):
+            raise ConfigError(f"config must be a StoreConfig, not {type(config).__name__}")
         if engine is not None and not isinstance(engine, AsyncEngine):
-            raise ConfigError(f"engine must be a SQLAlchemy AsyncEngine, not {type(engine)}")
+            raise ConfigError(
+                f"engine must be a SQLAlchemy AsyncEngine, not {type(engine).__name__}"
+            )
         self._config = config
         self._engine = engine
         self._auto_upgrade = auto_upgrade
@@ -150,7 +154,9 @@ class Store:
         ``encryption_keys`` (comma-separated) defaults to ``LLMSTORE_ENCRYPTION_KEYS``.
         """
         if not isinstance(engine, AsyncEngine):
-            raise ConfigError(f"engine must be a SQLAlchemy AsyncEngine, not {type(engine)}")
+            raise ConfigError(
+                f"engine must be a SQLAlchemy AsyncEngine, not {type(engine).__name__}"
+            )
         options: dict[str, Any] = {"schema_name": schema_name}
         if encryption_keys is not None:
             options["encryption_keys"] = encryption_keys
