@@ -36,7 +36,14 @@ from sqlalchemy.engine import Connection
 from ._backup import BackupFile, Progress, backup_database, pg_dump_path
 from ._config import StoreConfig, ensure_parent
 from ._engines import postgres_engine, sqlite_engine
-from ._errors import BackupError, ConfigError, MigrationError, translate, translated
+from ._errors import (
+    BackupError,
+    ConfigError,
+    MigrationError,
+    ValidationError,
+    translate,
+    translated,
+)
 from ._migration_ops import DEFAULT_LOCK_TIMEOUT
 from ._schema import metadata
 
@@ -306,6 +313,7 @@ async def migrate(
 
 
 _RELATIVE = re.compile(r"(?P<base>.*?)(?P<steps>[+-]\d+)?")
+_REVISION_MAX = 200
 
 
 def check_target(revision: str) -> None:
@@ -315,6 +323,11 @@ def check_target(revision: str) -> None:
     The revision named before a relative step (``0003+1``, ``head-1``) is checked here;
     the step itself, which depends on the database's revision, is Alembic's to resolve.
     """
+    if not isinstance(revision, str) or not 0 < len(revision) <= _REVISION_MAX:
+        raise ValidationError(
+            f"a target revision is a string of 1 to {_REVISION_MAX} characters, "
+            f"not {type(revision).__name__}"
+        )
     base = _RELATIVE.fullmatch(revision)
     name = base.group("base") if base is not None else revision
     if not name:

@@ -24,6 +24,7 @@ from llmstore import (
     BackupError,
     MigrationError,
     StoreConfig,
+    ValidationError,
     _migrations,
 )
 from llmstore._backup import archive_revision, backup_database, backup_prefix, prune
@@ -181,6 +182,9 @@ async def test_an_unknown_target_revision_makes_no_backup(
     for downgrading in (False, True):
         with pytest.raises(MigrationError, match=f"unknown revision '{re.escape(target)}'"):
             await migrate(config, target, downgrading=downgrading, backup=True)
+    for wrong in (5, "", "x" * 201, None):
+        with pytest.raises(ValidationError, match="target revision"):
+            await migrate(config, wrong, downgrading=False, backup=True)  # type: ignore[arg-type]
     assert not folder.exists() or not list(folder.iterdir())  # no backup was pushed out
     assert (await migrate(config, "head", downgrading=False, backup=False)).after == (
         head_revision()
