@@ -50,8 +50,10 @@ from ._validate import (
     MAX_INT64,
     check_aware,
     check_id,
+    check_int,
     check_json_mapping,
     check_limit,
+    check_positive_int,
 )
 
 API_KEY_PREFIX: Final = "lsk_"
@@ -139,9 +141,7 @@ def check_api_key_secret(secret: object) -> str:
 
 
 def _check_balance(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INT64:
-        raise ValidationError(f"balance must be an integer from 0 to 2**63 - 1, not {value!r:.40}")
-    return value
+    return check_int(value, "balance", minimum=0, maximum=MAX_INT64)
 
 
 class ApiKeyRepository:
@@ -295,9 +295,8 @@ class ApiKeyRepository:
             .limit(check_limit(limit))
         )
         if after is not None:
-            if isinstance(after, bool) or not isinstance(after, int):
-                raise ValidationError(f"after must be a ledger entry id (int), not {after!r:.40}")
-            statement = statement.where(L.c.id < after)
+            # An entry id is a positive BIGINT: a larger int would overflow the driver.
+            statement = statement.where(L.c.id < check_positive_int(after, "after"))
         rows = self._conn.execute(statement).all()
         if not rows and self._conn.execute(sa.select(K.c.id).where(K.c.id == key)).first() is None:
             raise NotFoundError(f"no API key with id {key}")

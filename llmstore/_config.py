@@ -5,15 +5,16 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import sqlalchemy.exc
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, Strict, field_validator
 from pydantic import ValidationError as PydanticValidationError
 from sqlalchemy.engine import URL, make_url
 
 from ._errors import ConfigError
 from ._receipts import load_signing_key
+from ._validate import describe
 
 Driver = Literal["sqlite", "postgresql"]
 Environment = Literal["dev", "test", "prod"]
@@ -21,6 +22,13 @@ Environment = Literal["dev", "test", "prod"]
 DEFAULT_SQLITE_PATH = "data/llmstore.db"
 MEMORY = ":memory:"
 _SCHEMA_MAX = 63
+_PORTS = range(1, 65536)
+# How much of a malformed URL an error message quotes (after masking its password).
+_URL_EXCERPT = 200
+# Strict: an int where a number belongs, never a bool or a numeric string (from_env turns
+# the environment's text into numbers itself).
+_Int = Annotated[int, Strict()]
+_Float = Annotated[float, Strict()]
 
 
 _PASSWORD_PARAMETERS = ("password", "pass", "passwd", "pwd", "secret")
@@ -56,7 +64,10 @@ def sqlite_url(path: str) -> str:
 
 
 def _config_error(message: str, url: str) -> ConfigError:
-    return ConfigError(f"{message}: {mask_url(url)!r}")
+    masked = mask_url(url)
+    if len(masked) > _URL_EXCERPT:
+        masked = f"{masked[:_URL_EXCERPT]}... ({len(masked)} characters)"
+    return ConfigError(f"{message}: {masked!r}")
 
 
 class StoreConfig(BaseModel):
@@ -71,16 +82,16 @@ class StoreConfig(BaseModel):
 
     url: SecretStr
     env: Environment = "dev"
-    pool_size: int = Field(default=10, ge=1, le=1000)
-    max_overflow: int = Field(default=10, ge=0, le=1000)
-    conn_max_lifetime: float = Field(default=3600.0, gt=0, allow_inf_nan=False)
+    pool_size: _Int = Field(default=10, ge=1, le=1000)
+    max_overflow: _Int = Field(default=10, ge=0, le=1000)
+    conn_max_lifetime: _Float = Field(default=3600.0, gt=0, allow_inf_nan=False)
     schema_name: str | None = Field(default=None, min_length=1, max_length=_SCHEMA_MAX)
-    busy_timeout: float = Field(default=30.0, gt=0, le=3600, allow_inf_nan=False)
+    busy_timeout: _Float = Field(default=30.0, gt=0, le=3600, allow_inf_nan=False)
     encryption_keys: tuple[SecretStr, ...] = ()
     token_pepper: SecretStr | None = None
     receipt_signing_key: SecretStr | None = None
     backup_dir: str | None = Field(default=None, min_length=1)
-    backup_keep: int = Field(default=10, ge=1, le=100_000)
+    backup_keep: _Int = Field(default=10, ge=1, le=100_000)
 
     @field_validator("url", mode="before")
     @classmethod
@@ -91,7 +102,7 @@ class StoreConfig(BaseModel):
             value = value.render_as_string(hide_password=False)
         if not isinstance(value, str):
             raise ConfigError(f"database URL must be a string, not {type(value).__name__}")
-        return normalise_url(value)
+        return normalise_url(str.__str__(value))
 
     @field_validator("encryption_keys", mode="before")
     @classmethod
@@ -106,6 +117,9 @@ class StoreConfig(BaseModel):
             return None
         if isinstance(raw, str) and len(raw) < 16:
             raise ConfigError("LLMSTORE_TOKEN_PEPPER must be at least 16 characters")
+        if isinstance(raw, str) and not _encodable(raw):
+            # It keys an HMAC as UTF-8 bytes: a lone surrogate has none.
+            raise ConfigError("LLMSTORE_TOKEN_PEPPER is not valid text (lone surrogates)")
         return value
 
     @field_validator("receipt_signing_key", mode="before")
@@ -116,6 +130,13 @@ class StoreConfig(BaseModel):
             return None
         if isinstance(raw, str):
             load_signing_key(raw)  # refuses a malformed key now, not at the first receipt
+        return value
+
+    @field_validator("backup_dir")
+    @classmethod
+    def _check_backup_dir(cls, value: str | None) -> str | None:
+        if value is not None and "\x00" in value:
+            raise ConfigError("LLMSTORE_BACKUP_DIR must not contain NUL characters")
         return value
 
     @field_validator("schema_name")
@@ -170,14 +191,17 @@ class StoreConfig(BaseModel):
         In the ``test`` environment the database's name ends in ``_test`` (see
         :func:`test_database`), so tests never touch the dev database.
         """
-        source = dict(os.environ if environ is None else environ)
-        env = overrides.pop("env", None) or source.get("LLMSTORE_ENV", "dev").strip() or "dev"
+        source = _environment(os.environ if environ is None else environ)
+        # Overrides are the caller's objects: tested by type, never by truthiness.
+        env = _override(overrides.pop("env", None), "env") or source.get("LLMSTORE_ENV", "")
+        env = env.strip() or "dev"
         if env not in ("dev", "test", "prod"):
-            raise ConfigError(f"LLMSTORE_ENV must be dev, test or prod, not {env!r}")
-        url = overrides.pop("url", None) or source.get("DATABASE_URL", "").strip() or None
+            raise ConfigError(f"LLMSTORE_ENV must be dev, test or prod, not {describe(env)}")
+        given = _override(overrides.pop("url", None), "url") or source.get("DATABASE_URL", "")
+        url = given.strip() or None
         driver = source.get("DB_DRIVER", "").strip().lower()
         if driver not in ("", "sqlite", "postgres", "postgresql"):
-            raise ConfigError(f"DB_DRIVER must be sqlite or postgres, not {driver!r}")
+            raise ConfigError(f"DB_DRIVER must be sqlite or postgres, not {describe(driver)}")
         path = str(Path(source.get("DATABASE_PATH", "").strip()).expanduser())
         path = "" if path == "." else path
         if url is None:
@@ -204,7 +228,7 @@ class StoreConfig(BaseModel):
                 try:
                     values[name] = kind(raw)
                 except ValueError:
-                    raise ConfigError(f"{variable} must be a number, not {raw!r}") from None
+                    raise ConfigError(f"{variable} must be a number, not {describe(raw)}") from None
         schema = source.get("DATABASE_SCHEMA", "").strip()
         if schema:
             values["schema_name"] = schema
@@ -218,7 +242,7 @@ class StoreConfig(BaseModel):
                 values["backup_keep"] = int(keep)
             except ValueError:
                 raise ConfigError(
-                    f"LLMSTORE_BACKUP_KEEP must be a whole number, not {keep!r}"
+                    f"LLMSTORE_BACKUP_KEEP must be a whole number, not {describe(keep)}"
                 ) from None
         values.update(overrides)
         return cls._build(**values)
@@ -231,6 +255,42 @@ class StoreConfig(BaseModel):
             first = exc.errors()[0]
             where = ".".join(str(part) for part in first["loc"]) or "config"
             raise ConfigError(f"invalid configuration: {where}: {first['msg']}") from None
+
+
+def _override(value: object, what: str) -> str:
+    """An ``env=`` or ``url=`` override as plain text ("" when not given)."""
+    if value is None:
+        return ""
+    if isinstance(value, URL):
+        return value.render_as_string(hide_password=False)
+    if not isinstance(value, str):
+        raise ConfigError(f"{what} must be a string, not {type(value).__name__}")
+    return str.__str__(value)
+
+
+def _environment(environ: object) -> dict[str, str]:
+    """The environment as plain text: a mapping of str to str, or ConfigError."""
+    if not isinstance(environ, Mapping):
+        raise ConfigError(f"environ must be a mapping, not {type(environ).__name__}")
+    try:
+        # A caller's own Mapping is the caller's code: iterating it may raise anything.
+        items = list(environ.items())
+    except Exception as exc:
+        raise ConfigError(f"environ could not be read ({type(exc).__name__})") from exc
+    plain = {}
+    for name, value in items:
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise ConfigError("environ must map variable names (str) to values (str)")
+        plain[str.__str__(name)] = str.__str__(value)
+    return plain
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse_keys(raw: str) -> tuple[SecretStr, ...]:
@@ -246,6 +306,8 @@ def normalise_url(raw: str) -> str:
     text = raw.strip()
     if not text:
         raise ConfigError("database URL is empty")
+    if "\x00" in text:
+        raise _config_error("a database URL must not contain NUL characters", text)
     if text.startswith("postgres://"):
         text = "postgresql://" + text[len("postgres://") :]
     try:
@@ -255,24 +317,61 @@ def normalise_url(raw: str) -> str:
     backend, _, dbapi = url.drivername.partition("+")
     if backend == "sqlite":
         if dbapi not in ("", "pysqlite", "aiosqlite"):
-            raise _config_error(f"unsupported SQLite driver {dbapi!r} in URL", text)
+            raise _config_error(f"unsupported SQLite driver {describe(dbapi)} in URL", text)
         if url.host or url.username or url.password or url.port:
             raise _config_error("a SQLite URL has no host: write sqlite:///path.db", text)
         database = url.database or MEMORY
+        if "\x00" in database:  # %00: no file name holds it
+            raise _config_error("a SQLite path must not contain NUL characters", text)
         if database.startswith("file:") or url.query:
             raise _config_error("SQLite URL options are not supported", text)
         return sqlite_url(database)
     if backend in ("postgresql", "postgres"):
         if dbapi not in ("", "asyncpg"):
             raise _config_error(
-                f"unsupported PostgreSQL driver {dbapi!r} (llmstore uses asyncpg)", text
+                f"unsupported PostgreSQL driver {describe(dbapi)} (llmstore uses asyncpg)", text
             )
         if not url.database:
             raise _config_error("PostgreSQL URL names no database", text)
+        if url.port is not None and url.port not in _PORTS:
+            raise _config_error("the port of a PostgreSQL URL is 1 to 65535", text)
+        # %00 decodes to NUL, which the connection's startup message cannot carry. (The
+        # password is not in it: a password the server cannot match is refused as such.)
+        parts = (url.username, url.host, url.database, *_query_text(url))
+        if any(part is not None and "\x00" in part for part in parts):
+            raise _config_error("a PostgreSQL URL must not contain NUL characters", text)
         if text.split("://", 1)[-1].split("/", 1)[0].count("@") > 1:
             raise _config_error('malformed database URL (write "@" in a password as %40)', text)
+        _check_postgres_options(url, text)
         return url.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
     raise _config_error("unknown database driver in URL (use sqlite or postgresql)", text)
+
+
+def _query_text(url: URL) -> list[str]:
+    texts = []
+    for name, value in url.query.items():
+        texts.append(name)
+        texts.extend((value,) if isinstance(value, str) else value)
+    return texts
+
+
+# The URL options llmstore passes on: to asyncpg (``sslmode`` as its ``ssl``) and to the
+# libpq tools of backups. Any other would reach asyncpg.connect() as a keyword it may not
+# take, and fail at open() with a TypeError.
+POSTGRES_OPTIONS = ("password", "ssl", "sslmode")
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+def _check_postgres_options(url: URL, text: str) -> None:
+    for name, value in url.query.items():
+        if name not in POSTGRES_OPTIONS:
+            raise _config_error(
+                f"unsupported PostgreSQL URL option {name[:40]!r} "
+                f"(llmstore takes {', '.join(POSTGRES_OPTIONS)})",
+                text,
+            )
+        if name in ("ssl", "sslmode") and value not in SSL_MODES:
+            raise _config_error(f"{name} must be one of {', '.join(SSL_MODES)}", text)
 
 
 def test_database(url: str) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 import sqlalchemy as sa
 import sqlalchemy.exc
 from sqlalchemy import event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool, StaticPool
 
@@ -69,7 +69,13 @@ def postgres_engine(config: StoreConfig, *, pooled: bool = True) -> AsyncEngine:
         )
     else:
         options["poolclass"] = NullPool
-    engine = create_async_engine(config.url.get_secret_value(), **options)
+    url = make_url(config.url.get_secret_value())
+    mode = url.query.get("sslmode")
+    if isinstance(mode, str):  # libpq's name (kept for pg_dump); asyncpg calls it ssl
+        url = url.difference_update_query(["sslmode"])
+        if "ssl" not in url.query:
+            options["connect_args"] = {"ssl": mode}
+    engine = create_async_engine(url, **options)
     event.listen(engine.sync_engine, "checkout", _refuse_closed)
     return with_schema(engine, config.schema_name)
 

@@ -223,7 +223,8 @@ def translate(exc: BaseException) -> LlmstoreError | None:
 def _detail(exc: BaseException | None) -> str:
     """The exception's type and the first line of its message (never its parameters)."""
     text = str(exc) if exc is not None else ""
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+    first = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {first[:300]}"  # an OSError quotes its whole path
 
 
 def _by_code(code: str, detail: str, *, lost: bool) -> LlmstoreError:

@@ -32,10 +32,19 @@ from ._ledger import (
 )
 from ._schema import UTCDateTime, reservations, withdrawals
 from ._secrets import SecretBox
-from ._validate import check_http_url, check_id, check_limit, check_secret, check_text
+from ._validate import (
+    check_choice,
+    check_http_url,
+    check_id,
+    check_limit,
+    check_secret,
+    check_text,
+    check_timedelta,
+)
 
 ReservationStatus = Literal["active", "settled", "released", "expired"]
 WithdrawalStatus = Literal["pending", "completed", "failed"]
+STATUSES: tuple[WithdrawalStatus, ...] = ("pending", "completed", "failed")
 MAX_TTL = dt.timedelta(days=7)
 _EXPIRY_BATCH = 500
 
@@ -216,9 +225,10 @@ def _withdrawal(row: Any) -> Withdrawal:
 
 
 def check_ttl(value: object) -> dt.timedelta:
-    if not isinstance(value, dt.timedelta) or not dt.timedelta(0) < value <= MAX_TTL:
+    ttl = check_timedelta(value, "ttl") if isinstance(value, dt.timedelta) else None
+    if ttl is None or not dt.timedelta(0) < ttl <= MAX_TTL:
         raise ValidationError(f"ttl must be a timedelta above zero and at most {MAX_TTL}")
-    return value
+    return ttl
 
 
 class ReservationRepository:
@@ -416,9 +426,7 @@ class WithdrawalRepository:
         if key_id is not None:
             statement = statement.where(W.c.api_key_id == check_id(key_id, "API key id"))
         if status is not None:
-            if status not in ("pending", "completed", "failed"):
-                raise ValidationError(f"status must be pending, completed or failed: {status!r}")
-            statement = statement.where(W.c.status == status)
+            statement = statement.where(W.c.status == check_choice(status, "status", STATUSES))
         if after is not None:
             statement = statement.where(W.c.id > check_id(after, "after"))
         return [_withdrawal(row) for row in self._conn.execute(statement)]

@@ -38,7 +38,7 @@ from ._errors import (
 )
 from ._lean import LeanStatement, Row
 from ._schema import UTCDateTime, api_keys, ledger_entries
-from ._validate import MAX_INT64, check_json_mapping, check_positive_int, check_text
+from ._validate import MAX_INT64, check_json_mapping, check_positive_int, check_text, plain_text
 
 EntryKind = Literal[
     "deposit",
@@ -101,11 +101,8 @@ def check_amount(value: object, what: str = "amount") -> int:
 
 
 def check_description(value: object) -> str:
-    if not isinstance(value, str):
-        raise ValidationError(f"description must be a string, not {type(value).__name__}")
-    if value == "":
-        return value
-    return check_text(value, "description", max_length=DESCRIPTION_MAX)
+    text = plain_text(value, "description")
+    return text if text == "" else check_text(text, "description", max_length=DESCRIPTION_MAX)
 
 
 def check_idempotency_key(value: object) -> str | None:

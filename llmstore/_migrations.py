@@ -245,7 +245,8 @@ async def with_migration_connection(
 def _sqlite_migration_unit(config: StoreConfig, fn: Callable[[Connection], T], write: bool) -> T:
     path = config.sqlite_path or ":memory:"
     if write and path != ":memory:":
-        ensure_parent(path)
+        with translated():  # a folder that cannot be made is an OSError
+            ensure_parent(path)
     engine = sqlite_engine(path, busy_timeout=config.busy_timeout, pool_size=0, foreign_keys=False)
     try:
         with translated(), engine.connect() as conn:

@@ -35,6 +35,7 @@ from ._validate import (
     check_limit,
     check_secret,
     check_text,
+    describe,
 )
 
 T = TypeVar("T")
@@ -94,12 +95,13 @@ def _scope(project_id: uuid.UUID | None) -> str:
 
 
 def check_provider(value: object) -> str:
-    if not isinstance(value, str) or _PROVIDER.fullmatch(value) is None:
+    text = str.__str__(value) if isinstance(value, str) else None
+    if text is None or _PROVIDER.fullmatch(text) is None:
         raise ValidationError(
             "provider must be a lowercase name such as openai, anthropic, gemini or ollama "
-            f"(letters, digits, '_', '-', '.'; at most 50), not {value!r:.60}"
+            f"(letters, digits, '_', '-', '.'; at most 50), not {describe(value, 60)}"
         )
-    return value
+    return text
 
 
 def _check_model(value: object) -> str:
@@ -136,7 +138,7 @@ class ProviderRepository:
         """A new credential; ``active=None`` makes it active only if its scope has none."""
         project = None if project_id is None else check_id(project_id, "project id")
         if active is not None and not isinstance(active, bool):
-            raise ValidationError(f"active must be True, False or None, not {active!r:.40}")
+            raise ValidationError(f"active must be True, False or None, not {describe(active)}")
         now = utcnow()
         scope = _scope(project)
         values: dict[str, Any] = {

@@ -278,7 +278,12 @@ def _parsed(receipt: object) -> Receipt | None:
         )
     try:
         if isinstance(receipt, Mapping):
-            return Receipt.model_validate(receipt)
+            # A plain copy first: a mapping that cannot even be read is no receipt.
+            try:
+                fields = dict(receipt.items())
+            except Exception:
+                return None
+            return Receipt.model_validate(fields)
         return Receipt.model_validate_json(receipt)
     except (pydantic.ValidationError, ValueError):
         return None

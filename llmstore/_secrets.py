@@ -141,6 +141,7 @@ def check_bearer_secret(value: object, prefix: str, what: str) -> str:
     """Refuse anything not shaped like ``new_bearer_secret(prefix)``, without quoting it."""
     if not isinstance(value, str):
         raise ValidationError(f"{what} must be a string, not {type(value).__name__}")
-    if not value.startswith(prefix) or _BEARER_BODY.fullmatch(value[len(prefix) :]) is None:
+    text = str.__str__(value)  # a subclass's own methods never run
+    if not text.startswith(prefix) or _BEARER_BODY.fullmatch(text[len(prefix) :]) is None:
         raise ValidationError(f"not {what}: expected {prefix!r} and 43 URL-safe base64 characters")
-    return value
+    return text

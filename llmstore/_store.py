@@ -97,6 +97,12 @@ class Store:
     ) -> None:
         if not isinstance(config, StoreConfig):
             raise ConfigError(f"config must be a StoreConfig, not {type(config).__name__}")
+        for name, flag in (
+            ("auto_upgrade", auto_upgrade),
+            ("allow_plaintext_secrets", allow_plaintext_secrets),
+        ):
+            if not isinstance(flag, bool):
+                raise ConfigError(f"{name} must be True or False, not {type(flag).__name__}")
         if engine is not None and not isinstance(engine, AsyncEngine):
             raise ConfigError(
                 f"engine must be a SQLAlchemy AsyncEngine, not {type(engine).__name__}"
@@ -269,7 +275,7 @@ class Store:
             return runner
         if self._auto_upgrade:
             await _migrations.upgrade(config)
-        elif not await asyncio.to_thread(Path(path).exists):
+        elif not await _exists(path):
             raise SchemaOutOfDateError(
                 f"no database at {path}: run `python -m llmstore upgrade` to create it"
             )
@@ -362,6 +368,11 @@ async def _started(runner: SQLiteRunner, prepare: Callable[[Connection], None] |
     except BaseException:
         await runner.close()  # stops the threads a failed start would otherwise leave
         raise
+
+
+async def _exists(path: str) -> bool:
+    with translated():  # a name too long for the file system is an OSError
+        return await asyncio.to_thread(Path(path).exists)
 
 
 def _copy_head_schema(conn: Connection) -> None:

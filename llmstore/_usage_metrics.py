@@ -23,7 +23,7 @@ from sqlalchemy.sql.functions import FunctionElement
 
 from ._errors import ValidationError
 from ._schema import UTCDateTime, usage_logs
-from ._validate import check_aware, check_id, check_name
+from ._validate import check_aware, check_choice, check_id, check_name, describe
 
 U = usage_logs
 GROUP_COLUMNS = ("model", "provider", "project_id", "api_key_id", "origin", "alias", "profile")
@@ -87,9 +87,10 @@ def check_metrics_query(
 ) -> MetricsQuery:
     """The arguments of ``metrics()``, or ValidationError naming the first bad one."""
     for name in filters:
-        if name not in FILTER_COLUMNS:
+        if not isinstance(name, str) or str.__str__(name) not in FILTER_COLUMNS:
             raise ValidationError(
-                f"unknown filter {name!r:.60}: metrics() filters on {', '.join(FILTER_COLUMNS)}"
+                f"unknown filter {describe(name, 60)}: metrics() filters on "
+                f"{', '.join(FILTER_COLUMNS)}"
             )
     return MetricsQuery(
         since=None if since is None else check_aware(since, "since"),
@@ -98,7 +99,7 @@ def check_metrics_query(
         bucket=_check_bucket(bucket),
         # None leaves a column unfiltered, as in list().
         filters=tuple(
-            (name, _check_filter(name, value))
+            (str.__str__(name), _check_filter(str.__str__(name), value))
             for name, value in filters.items()
             if value is not None
         ),
@@ -113,22 +114,19 @@ def _check_group_by(value: object) -> tuple[str, ...]:
         )
     checked: list[str] = []
     for name in names:
-        if not isinstance(name, str) or name not in GROUP_COLUMNS:
+        if not isinstance(name, str) or str.__str__(name) not in GROUP_COLUMNS:
             raise ValidationError(
-                f"cannot group by {name!r:.60}: group_by takes {', '.join(GROUP_COLUMNS)}"
+                f"cannot group by {describe(name, 60)}: group_by takes {', '.join(GROUP_COLUMNS)}"
             )
-        if name in checked:
-            raise ValidationError(f"group_by names {name!r} twice")
-        checked.append(name)
+        column = str.__str__(name)
+        if column in checked:
+            raise ValidationError(f"group_by names {column!r} twice")
+        checked.append(column)
     return tuple(checked)
 
 
 def _check_bucket(value: object) -> str | None:
-    if value is not None and (not isinstance(value, str) or value not in BUCKETS):
-        raise ValidationError(
-            f"bucket must be None, {', '.join(repr(b) for b in BUCKETS)}, not {value!r:.60}"
-        )
-    return value
+    return None if value is None else check_choice(value, "bucket", BUCKETS)
 
 
 def _check_filter(name: str, value: object) -> object:

@@ -37,7 +37,7 @@ from ._jcs import timestamp
 from ._runner import Runner
 from ._schema import usage_logs
 from ._usage_records import LOG_FIELDS
-from ._validate import check_aware
+from ._validate import check_aware, check_int, check_timedelta, describe
 
 U = usage_logs
 MAX_BATCH_SIZE = 100_000
@@ -55,10 +55,11 @@ Position = tuple[dt.datetime, int]
 def check_cutoff(older_than: object) -> dt.datetime:
     """The cutoff: rows created strictly before it are purged."""
     if isinstance(older_than, dt.timedelta):
-        if older_than <= dt.timedelta(0):
+        age = check_timedelta(older_than, "older_than")
+        if age <= dt.timedelta(0):
             raise ValidationError("older_than must be a positive timedelta")
         try:
-            return utcnow() - older_than
+            return utcnow() - age
         except OverflowError:
             raise ValidationError("older_than reaches back before the year 1") from None
     if isinstance(older_than, dt.datetime):
@@ -70,20 +71,42 @@ def check_cutoff(older_than: object) -> dt.datetime:
 
 
 def check_batch_size(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_BATCH_SIZE:
-        raise ValidationError(f"batch_size must be an integer from 1 to {MAX_BATCH_SIZE}")
-    return value
+    return check_int(value, "batch_size", minimum=1, maximum=MAX_BATCH_SIZE)
 
 
 def check_export_path(value: object) -> Path:
-    if not isinstance(value, str | os.PathLike) or not os.fspath(value):
+    """A new file's path: text the file system can take, not there yet (nor a link)."""
+    if not isinstance(value, str | os.PathLike):
+        raise ValidationError(
+            f"export_to must be a path ending in .jsonl or .csv, not {type(value).__name__}"
+        )
+    try:
+        # A PathLike's __fspath__ is the caller's code: it may return anything, or raise.
+        raw = os.fspath(str.__str__(value) if isinstance(value, str) else value)
+        text = os.fsdecode(raw)
+    except Exception as exc:
+        raise ValidationError(f"export_to is not a usable path ({type(exc).__name__})") from exc
+    if not text:
         raise ValidationError("export_to must be a path ending in .jsonl or .csv")
-    path = Path(os.fsdecode(os.fspath(value)))
+    if "\x00" in text:
+        raise ValidationError("export_to must not contain NUL characters")
+    try:
+        os.fsencode(text)  # bytes a file name may hold (a lone surrogate is none)
+    except UnicodeEncodeError:
+        raise ValidationError("export_to is not valid text (lone surrogates)") from None
+    path = Path(text)
     if path.suffix.lower() not in EXPORT_SUFFIXES:
-        raise ValidationError(f"export_to must end in .jsonl or .csv, not {path.name!r}")
-    if path.exists() or path.is_symlink():
-        raise ValidationError(f"export_to {str(path)!r} already exists; purge never overwrites")
-    return path
+        raise ValidationError(f"export_to must end in .jsonl or .csv, not {describe(path.name)}")
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return path
+    except OSError as exc:  # a name too long, a file where a folder should be, no access...
+        raise ValidationError(
+            f"cannot use export_to {describe(text, 80)} ({type(exc).__name__}: "
+            f"{exc.strerror or exc})"
+        ) from None
+    raise ValidationError(f"export_to {describe(text, 80)} already exists; purge never overwrites")
 
 
 def select_batch(cutoff: dt.datetime, after: Position | None, size: int) -> sa.Select[Any]:
@@ -152,7 +175,7 @@ class Export:
                 os.fsync(file.fileno())
         except OSError as exc:
             raise ValidationError(
-                f"cannot create the export file {str(self.path)!r} "
+                f"cannot create the export file {describe(str(self.path), 80)} "
                 f"({type(exc).__name__}: {exc.strerror or exc})"
             ) from None
         fsync_directory(self.path.parent)
@@ -214,7 +237,7 @@ def _batch(
             except OSError as exc:
                 # Raised inside the transaction: the rollback keeps this batch's rows.
                 raise ExportError(
-                    f"could not write the usage export {str(export.path)!r} "
+                    f"could not write the usage export {describe(str(export.path), 80)} "
                     f"({type(exc).__name__}: {exc.strerror or exc}); this batch was not "
                     f"deleted, {deleted_before} row(s) were exported and deleted before it"
                 ) from exc

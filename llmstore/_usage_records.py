@@ -12,12 +12,12 @@ from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Self
 
 import pydantic
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict
 
 from ._errors import ValidationError
 from ._ids import utcnow
 from ._schema import usage_logs
-from ._validate import MAX_INT64, check_json_mapping
+from ._validate import MAX_INT64, check_aware, check_json_mapping, check_storable, plain_mapping
 
 ERROR_MESSAGE_MAX = 4000
 NAME_MAX = 200
@@ -26,17 +26,16 @@ _TRUNCATED = "... [truncated from {} characters]"
 
 
 def _encodable(value: str) -> str:
-    if "\x00" in value:
-        raise ValueError("must not contain NUL characters (Postgres refuses them)")
-    if not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError("not valid text (lone surrogates)") from None
-    return value
+    """Recorded text, as a plain ``str`` either driver stores (no NUL, no lone surrogates)."""
+    try:
+        return check_storable(str.__str__(value), "text")
+    except ValidationError as exc:
+        raise ValueError(str(exc)) from None
 
 
-def _json_object(value: dict[str, Any] | None) -> dict[str, Any] | None:
+def _json_object(value: object) -> dict[str, Any] | None:
+    # Before pydantic's own dict check, which would hash the caller's keys and recurse
+    # into the caller's nesting: this copy is plain, bounded and checked.
     try:
         return check_json_mapping(value, "metadata")
     except ValidationError as exc:
@@ -54,7 +53,9 @@ def _truncated(value: str | None) -> str | None:
 Count = Annotated[int, Strict(), Field(ge=0, le=MAX_INT64)]
 Millis = Annotated[int, Strict(), Field(ge=0, le=MAX_INT64)]
 Name = Annotated[str, Field(min_length=1, max_length=NAME_MAX), AfterValidator(_encodable)]
-Rate = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+# Strict: an int is a number, a bool or a numeric string is not.
+Rate = Annotated[float, Strict(), Field(ge=0, allow_inf_nan=False)]
+Fraction = Annotated[float, Strict(), Field(ge=0, le=1, allow_inf_nan=False)]
 
 
 class UsageRecord(BaseModel):
@@ -91,16 +92,18 @@ class UsageRecord(BaseModel):
     cached_tokens: Count = 0
     total_tokens: Count | None = None
     cost: Count = 0
-    finish_reason: Annotated[str, Field(min_length=1, max_length=100)] | None = None
+    finish_reason: (
+        Annotated[str, Field(min_length=1, max_length=100), AfterValidator(_encodable)] | None
+    ) = None
     max_tokens: Count | None = None
     temperature: Rate | None = None
-    top_p: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None = None
+    top_p: Fraction | None = None
     message_count: Annotated[int, Strict(), Field(ge=0, le=2**31 - 1)] | None = None
     error_type: Name | None = None
     error_message: Annotated[str | None, AfterValidator(_truncated)] = None
-    metadata: Annotated[dict[str, Any] | None, AfterValidator(_json_object)] = None
+    metadata: Annotated[dict[str, Any] | None, BeforeValidator(_json_object)] = None
 
-    def __init__(self, **data: Any) -> None:
+    def __init__(self, /, **data: Any) -> None:  # "self" may be a (refused) field name
         try:
             super().__init__(**data)
         except pydantic.ValidationError as exc:
@@ -108,6 +111,8 @@ class UsageRecord(BaseModel):
 
     @classmethod
     def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> Self:
+        if isinstance(obj, Mapping):
+            obj = _fields(obj)
         try:
             return super().model_validate(obj, *args, **kwargs)
         except pydantic.ValidationError as exc:
@@ -123,20 +128,27 @@ class UsageRecord(BaseModel):
     @pydantic.model_validator(mode="after")
     def _finish(self) -> UsageRecord:
         if self.error_message is not None:
-            _encodable(self.error_message)
-        if self.finish_reason is not None:
-            _encodable(self.finish_reason)
+            object.__setattr__(self, "error_message", _encodable(self.error_message))
         if self.total_tokens is None:
             total = self.prompt_tokens + self.completion_tokens
             if total > MAX_INT64:
                 raise ValueError("prompt_tokens + completion_tokens is too large")
             object.__setattr__(self, "total_tokens", total)
         try:
-            created_at = self.created_at.astimezone(dt.UTC)
-        except OverflowError:
-            raise ValueError("created_at is out of range in UTC") from None
+            created_at = check_aware(self.created_at, "created_at")
+        except ValidationError as exc:
+            raise ValueError(str(exc)) from None
         object.__setattr__(self, "created_at", created_at)
         return self
+
+
+def _fields(value: Mapping[Any, Any]) -> dict[str, Any]:
+    """A mapping of fields as plain keyword arguments, read once (pydantic hands a mapping
+    to ``__init__`` as keywords, and would run the caller's mapping code itself)."""
+    fields = plain_mapping(value)
+    if not all(isinstance(name, str) for name in fields):
+        raise ValidationError("invalid usage record: field names must be strings")
+    return {str.__str__(name): item for name, item in fields.items()}
 
 
 def _describe(exc: pydantic.ValidationError) -> str:
@@ -228,7 +240,7 @@ def check_records(records: object) -> list[UsageRecord]:
             checked.append(record)
         elif isinstance(record, Mapping):
             try:
-                checked.append(UsageRecord(**record))
+                checked.append(UsageRecord(**_fields(record)))
             except ValidationError as exc:
                 raise ValidationError(f"record {index}: {exc}") from None
         else:

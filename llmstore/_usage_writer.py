@@ -35,7 +35,6 @@ import contextvars
 import enum
 import functools
 import logging
-import math
 import random
 import time
 from collections import deque
@@ -61,6 +60,7 @@ from ._errors import (
 from ._runner import Runner, _current_transaction
 from ._usage_records import MAX_BATCH, RecordResult, UsageRecord
 from ._usage_repository import UsageRepository
+from ._validate import MAX_INT64, check_int, check_seconds
 
 logger = logging.getLogger("llmstore")
 
@@ -153,24 +153,6 @@ def _txid_status(conn: Connection, xid: int) -> str | None:
     return status
 
 
-def _check_count(value: object, what: str, maximum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValidationError(f"{what} must be a positive integer")
-    if maximum is not None and value > maximum:
-        raise ValidationError(f"{what} must be at most {maximum}")
-    return value
-
-
-def _check_seconds(value: object, what: str, *, zero: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValidationError(f"{what} must be a number of seconds")
-    seconds = float(value)
-    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not zero):
-        bound = "0 or more" if zero else "more than 0"
-        raise ValidationError(f"{what} must be a finite number of seconds, {bound}")
-    return seconds
-
-
 class UsageWriter:
     """Buffered, exactly-once usage logging; from ``store.usage.writer()``.
 
@@ -193,9 +175,9 @@ class UsageWriter:
                 "a usage writer runs its own transactions: use store.usage.writer(), "
                 "not tx.usage.writer()"
             )
-        self._max_batch = _check_count(max_batch, "max_batch", MAX_BATCH)
-        self._interval = _check_seconds(flush_interval, "flush_interval", zero=False)
-        self._max_pending = _check_count(max_pending, "max_pending")
+        self._max_batch = check_int(max_batch, "max_batch", minimum=1, maximum=MAX_BATCH)
+        self._interval = check_seconds(flush_interval, "flush_interval", zero=False)
+        self._max_pending = check_int(max_pending, "max_pending", minimum=1, maximum=MAX_INT64)
         if self._max_batch > self._max_pending:
             raise ValidationError("max_batch must not be more than max_pending")
         self._runner = runner
@@ -295,7 +277,7 @@ class UsageWriter:
         held once it has passed (after the write in progress, if any, ends) and retrying
         stops. The error is raised once; later calls return at once.
         """
-        limit = None if timeout is None else _check_seconds(timeout, "timeout", zero=True)
+        limit = None if timeout is None else check_seconds(timeout, "timeout", zero=True)
         if self._state is _State.OPEN:
             self._state = _State.CLOSING if self._flusher is not None else _State.DONE
             self._wake.set()

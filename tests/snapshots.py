@@ -11,6 +11,7 @@ from sqlalchemy.engine import Connection
 
 from llmstore import Store, StoreConfig, UsageRecord, _migrations
 from llmstore._receipts import generate_signing_key
+from llmstore._schema import metadata
 
 Snapshot = dict[str, list[tuple[Any, ...]]]
 
@@ -45,3 +46,31 @@ async def snapshot(config: StoreConfig) -> Snapshot:
         return out
 
     return await _migrations.with_migration_connection(config, read, write=False)
+
+
+async def store_snapshot(store: Store) -> Snapshot:
+    """Every row of every table (llmstore's and its version table), through the open
+    store's own connections: a millisecond or two, for tests that take one around every
+    call. Rows are compared as the driver returns them, not as :func:`snapshot` prints them.
+    """
+    schema = store.config.schema_name
+    names = [table.name for table in metadata.sorted_tables] + ["alembic_version"]
+
+    def qualified(name: str) -> str:
+        return name if schema is None else f'"{schema}".{name}'
+
+    def read(conn: Connection) -> Snapshot:
+        if conn.dialect.name == "postgresql":
+            # One round trip: each table's rows as text, in one order.
+            query = " UNION ALL ".join(
+                f"SELECT '{name}', (SELECT coalesce(string_agg(r::text, E'\\n' ORDER BY "
+                f"r::text), '') FROM {qualified(name)} r)"
+                for name in names
+            )
+            return {name: [(rows,)] for name, rows in conn.exec_driver_sql(query).all()}
+        return {
+            name: sorted((repr(row),) for row in conn.exec_driver_sql(f"SELECT * FROM {name}"))
+            for name in names
+        }
+
+    return await store._require_open().read(read)
