@@ -2,8 +2,11 @@
 
 Three ways in:
 
-* llmstore's own commands hand over a connection already inside the transaction they
-  will commit (``config.attributes["connection"]``): SQLite uses batch mode.
+* ``config.attributes["connection"]``, the convention of Alembic's cookbook and of
+  pytest-alembic: a ``Connection`` is used as it is, inside whatever transaction its owner
+  began (llmstore's own commands hand over one inside the transaction they will commit); a
+  sync ``Engine`` or an ``AsyncEngine`` lends a connection for the command, which then
+  holds the migration lock and runs in one transaction, as ``python -m llmstore upgrade``.
 * ``--sql`` (offline): the SQL is printed for the URL llmstore would use.
 * the plain ``alembic`` command line: llmstore opens the connection (asyncpg through
   ``run_sync`` on Postgres) exactly as ``python -m llmstore upgrade`` would.
@@ -17,12 +20,21 @@ from typing import Any
 
 from alembic import context
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from llmstore._config import StoreConfig
+from llmstore._errors import ConfigError
 from llmstore._migration_ops import DEFAULT_LOCK_TIMEOUT, commits_alone
-from llmstore._migrations import migrate_on, migration_session, with_migration_connection
-from llmstore._schema import metadata
+from llmstore._migrations import (
+    adopt_legacy_version,
+    is_own_object,
+    migrate_on,
+    migrating,
+    migration_session,
+    with_migration_connection,
+)
+from llmstore._schema import VERSION_TABLE, metadata
 
 config = context.config
 if config.config_file_name is not None:
@@ -50,7 +62,9 @@ def _run_on(connection: Connection, schema: str | None, attributes: dict[str, An
         connection=connection,
         target_metadata=metadata,
         render_as_batch=connection.dialect.name == "sqlite",
+        version_table=VERSION_TABLE,
         version_table_schema=schema,
+        include_object=is_own_object,
         compare_type=True,
         transaction_per_migration=False,
         on_version_apply=_report_applied,
@@ -60,6 +74,8 @@ def _run_on(connection: Connection, schema: str | None, attributes: dict[str, An
     with context.begin_transaction():
         if schema is not None and connection.dialect.name == "postgresql":
             connection.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+        if not context.is_offline_mode():
+            adopt_legacy_version(connection, schema)
         context.run_migrations()
         before_commit = attributes.get("llmstore_before_commit")
         if before_commit is not None:
@@ -74,6 +90,7 @@ def run_offline() -> None:
         target_metadata=metadata,
         literal_binds=True,
         render_as_batch=store_config.driver == "sqlite",
+        version_table=VERSION_TABLE,
         version_table_schema=schema,
         dialect_opts={"paramstyle": "named"},
     )
@@ -88,10 +105,35 @@ def run_offline() -> None:
 
 
 def run_online() -> None:
-    connection = config.attributes.get("connection")
-    if connection is not None:
-        _run_on(connection, config.attributes.get("llmstore_schema"), config.attributes)
-        return
+    given = config.attributes.get("connection")
+    schema = config.attributes.get("llmstore_schema")
+    if isinstance(given, Connection):
+        _run_on(given, schema, config.attributes)
+    elif isinstance(given, Engine):
+        with given.connect() as conn:
+            _run_lent(conn, schema)
+    elif isinstance(given, AsyncEngine):
+        asyncio.run(_run_on_async(given, schema))
+    elif given is not None:
+        raise ConfigError(
+            'config.attributes["connection"] must be a Connection, an Engine or an '
+            f"AsyncEngine, not {type(given).__name__}"
+        )
+    else:
+        _run_own()
+
+
+def _run_lent(conn: Connection, schema: str | None) -> None:
+    with migrating(conn, schema):
+        _run_on(conn, schema, config.attributes)
+
+
+async def _run_on_async(engine: AsyncEngine, schema: str | None) -> None:
+    async with engine.connect() as conn:
+        await conn.run_sync(_run_lent, schema)
+
+
+def _run_own() -> None:
     store_config = _store_config()
     schema = store_config.schema_name
 

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-# Rules for tables that may be large: llmstore/_migration_ops.py (checked by
+# Rules for tables that may be large: the README's "Writing a revision" (checked by
 # tests/test_migration_rules.py). Index an existing table with create_index_concurrently.
-from llmstore._migration_ops import set_lock_timeout
+from llmstore.migrations.ops import set_lock_timeout
 ${imports if imports else ""}
 revision: str = ${repr(up_revision)}
 down_revision: str | None = ${repr(down_revision)}

@@ -32,6 +32,7 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
 from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ._backup import BackupFile, Progress, backup_database, pg_dump_path
 from ._config import StoreConfig, ensure_parent
@@ -45,7 +46,7 @@ from ._errors import (
     translated,
 )
 from ._migration_ops import DEFAULT_LOCK_TIMEOUT
-from ._schema import metadata
+from ._schema import LEGACY_VERSION_TABLE, TABLE_PREFIX, VERSION_TABLE, metadata
 
 T = TypeVar("T")
 logger = logging.getLogger("llmstore")
@@ -92,13 +93,79 @@ def is_known(revision: str) -> bool:
         return False
 
 
+def version_context(conn: Connection, schema: str | None, **opts: Any) -> MigrationContext:
+    """A migration context on llmstore's own version table."""
+    return MigrationContext.configure(
+        conn, opts={"version_table": VERSION_TABLE, "version_table_schema": schema, **opts}
+    )
+
+
 def read_revision(conn: Connection, schema: str | None) -> str | None:
-    """The database's revision, or None when it was never migrated."""
-    context = MigrationContext.configure(conn, opts={"version_table_schema": schema})
-    heads = context.get_current_heads()
+    """The database's revision, or None when it was never migrated.
+
+    A database last migrated before revision 0005 keeps it in ``alembic_version``
+    (perhaps next to a host's own rows): it is read from there until ``upgrade`` moves it.
+    """
+    heads = version_context(conn, schema).get_current_heads()
+    if not heads:
+        heads = tuple(_legacy_revisions(conn, schema))
     if len(heads) > 1:
         raise MigrationError(f"the database has several revisions: {', '.join(heads)}")
     return heads[0] if heads else None
+
+
+def _legacy_table(schema: str | None) -> sa.TableClause:
+    return sa.table(LEGACY_VERSION_TABLE, sa.column("version_num", sa.String), schema=schema)
+
+
+def _legacy_revisions(conn: Connection, schema: str | None) -> list[str]:
+    """llmstore's revisions in ``alembic_version``; a host's own rows there are not."""
+    if not sa.inspect(conn).has_table(LEGACY_VERSION_TABLE, schema=schema):
+        return []
+    rows = conn.execute(sa.select(_legacy_table(schema).c.version_num)).scalars()
+    return [revision for revision in rows if is_known(revision)]
+
+
+def adopt_legacy_version(conn: Connection, schema: str | None) -> None:
+    """Move llmstore's row from ``alembic_version`` to ``llmstore_alembic_version``.
+
+    Only llmstore's row is removed, and the table is dropped only when that leaves it
+    empty: a host application may keep its own history there. Runs inside the migration's
+    transaction, so a failed upgrade leaves the row where it was.
+    """
+    legacy = _legacy_revisions(conn, schema)
+    if not legacy:
+        return
+    context = version_context(conn, schema)
+    if context.get_current_heads():
+        raise MigrationError(
+            f"llmstore's revision is in both {VERSION_TABLE} and {LEGACY_VERSION_TABLE} "
+            f"({', '.join(legacy)}); remove the stale row from {LEGACY_VERSION_TABLE}"
+        )
+    if len(legacy) > 1:
+        raise MigrationError(f"the database has several revisions: {', '.join(legacy)}")
+    context.stamp(scripts(), legacy[0])
+    table = _legacy_table(schema)
+    conn.execute(table.delete().where(table.c.version_num.in_(legacy)))
+    if conn.execute(sa.select(sa.func.count()).select_from(table)).scalar() == 0:
+        conn.execute(sa.text(f"DROP TABLE {_quoted(conn, schema, LEGACY_VERSION_TABLE)}"))
+
+
+def _quoted(conn: Connection, schema: str | None, name: str) -> str:
+    quote = conn.dialect.identifier_preparer.quote
+    return quote(name) if schema is None else f"{quote(schema)}.{quote(name)}"
+
+
+def is_own_object(
+    object_: Any, name: str | None, type_: str, reflected: bool, compare_to: Any
+) -> bool:
+    """Alembic's ``include_object`` for llmstore's own comparisons: its objects only.
+
+    A host's tables, views and their indexes in the same database or schema are neither
+    drift nor ever dropped; llmstore's version table is Alembic's business.
+    """
+    table = name if type_ == "table" else getattr(getattr(object_, "table", None), "name", None)
+    return table is not None and table.startswith(TABLE_PREFIX) and table != VERSION_TABLE
 
 
 @contextlib.contextmanager
@@ -203,15 +270,28 @@ def migrate_on(
     step(cfg)
 
 
-def upgrade_connection(conn: Connection, schema: str | None) -> None:
-    """Upgrade to head on a connection that is not in a transaction (a host engine's)."""
+@contextlib.contextmanager
+def migrating(conn: Connection, schema: str | None) -> Iterator[None]:
+    """Hold the migration lock on a connection that is not in a transaction (a host's).
+
+    SQLite: foreign keys off while tables are rebuilt and ``BEGIN IMMEDIATE``, then the
+    references checked and committed; the pooled connection gets its foreign keys back,
+    failure or not. Postgres: ``migration_session``, its settings put back at the end.
+    Anything raised rolls the whole command back.
+    """
     sqlite = conn.dialect.name == "sqlite"
+    foreign_keys = 1
     if sqlite:
+        if conn.in_transaction():
+            conn.commit()
+        foreign_keys = int(conn.exec_driver_sql("PRAGMA foreign_keys").scalar() or 0)
         conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
         conn.exec_driver_sql("BEGIN IMMEDIATE")
     try:
         with migration_session(conn, schema):
-            migrate_on(conn, schema, lambda cfg: command.upgrade(cfg, "head"))
+            yield
+            if sqlite:  # (also for a command run through env.py, which has no checks)
+                _finish_sqlite(conn)
             conn.commit()
     except CommandError as exc:
         conn.rollback()
@@ -220,9 +300,61 @@ def upgrade_connection(conn: Connection, schema: str | None) -> None:
         conn.rollback()
         raise
     finally:
-        if sqlite:  # the host's pooled connection gets its foreign keys back, failure or not
-            conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+        if sqlite:  # as the host's pooled connection had it
+            conn.exec_driver_sql(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
             conn.commit()
+
+
+def _migrating_call(conn: Connection, schema: str | None, fn: Callable[[Connection], T]) -> T:
+    with migrating(conn, schema):
+        return fn(conn)
+
+
+async def with_engine_connection(
+    engine: AsyncEngine, schema: str | None, fn: Callable[[Connection], T], *, write: bool
+) -> T:
+    """Run ``fn`` on a connection lent by a host's engine, which is never disposed.
+
+    Writing: under the migration lock, in one transaction (``migrating``). Reading: in a
+    transaction rolled back at the end. Either way the connection goes back to the
+    host's pool with the settings it came with.
+    """
+    with translated():
+        async with engine.connect() as conn:
+            if write:
+                return await conn.run_sync(_migrating_call, schema, fn)
+            try:
+                return await conn.run_sync(fn)
+            finally:
+                await conn.rollback()
+
+
+def install_head(conn: Connection, schema: str | None) -> None:
+    """Create the head schema in a database that holds none of llmstore's, and stamp it.
+
+    Straight from the models (Alembic's cookbook, "building an up to date database from
+    scratch"), not through the revisions: revisions 0001-0004 create the unprefixed names
+    (``api_keys``, ...) that a host's own tables may have. ``tests/test_migrations.py``
+    proves that both ways give the same schema. Postgres: in a transaction of its own,
+    after what was read under the lock; the caller commits it.
+    """
+    if conn.dialect.name == "postgresql":
+        if conn.in_transaction():
+            conn.commit()
+        if schema is not None:
+            conn.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+    # checkfirst=False: a table of that name that is not llmstore's is an error, not reused.
+    metadata.create_all(conn, checkfirst=False)
+    version_context(conn, schema).stamp(scripts(), "head")
+
+
+def upgrade_connection(conn: Connection, schema: str | None) -> None:
+    """Upgrade to head on a connection that is not in a transaction (a host engine's)."""
+    with migrating(conn, schema):
+        if _schema_exists(conn, schema) and read_revision(conn, schema) is not None:
+            migrate_on(conn, schema, lambda cfg: command.upgrade(cfg, "head"))
+        else:
+            install_head(conn, schema)
 
 
 async def with_migration_connection(
@@ -294,6 +426,7 @@ async def migrate(
     downgrading: bool,
     backup: bool,
     progress: Progress | None = None,
+    engine: AsyncEngine | None = None,
 ) -> Migration:
     """Move the schema to ``revision`` in one transaction, under the migration lock.
 
@@ -305,9 +438,17 @@ async def migrate(
     """
 
     check_target(revision)
+    schema = config.schema_name
+    if engine is not None:
+        return await with_engine_connection(
+            engine,
+            schema,
+            lambda conn: _migrate_locked(conn, config, revision, downgrading, backup, progress),
+            write=True,
+        )
 
     def run(conn: Connection) -> Migration:
-        with migration_session(conn, config.schema_name):
+        with migration_session(conn, schema):
             return _migrate_locked(conn, config, revision, downgrading, backup, progress)
 
     return await with_migration_connection(config, run)
@@ -358,16 +499,27 @@ def _migrate_locked(
         return Migration(before, before, None, "nothing to do")
     made, skipped = _backup_first(config, before, backup, progress)
     applied: list[str] = []
+    fresh = not downgrading and before is None and revision in ("head", "heads", head_revision())
     try:
-        migrate_on(
-            conn,
-            schema,
-            lambda cfg: step(cfg, revision),
-            applied.append,
-            lambda: _validate(conn, schema, read_revision(conn, schema)),
-        )
+        if fresh:
+            install_head(conn, schema)
+            _validate(conn, schema, read_revision(conn, schema))
+            if conn.dialect.name != "sqlite":  # SQLite: the caller's one transaction
+                conn.commit()
+        else:
+            migrate_on(
+                conn,
+                schema,
+                lambda cfg: step(cfg, revision),
+                applied.append,
+                lambda: _validate(conn, schema, read_revision(conn, schema)),
+            )
     except Exception as exc:
-        failing = _failing_revision(before, revision, applied, downgrading)
+        failing = (
+            f"{head_revision()} (created from the models)"
+            if fresh
+            else _failing_revision(before, revision, applied, downgrading)
+        )
         known = _alembic_failure(exc) if isinstance(exc, CommandError) else translate(exc)
         reason = str(known or exc).splitlines()[0] if str(known or exc) else "(no message)"
         where = _where_after_failure(conn, schema, before)
@@ -462,8 +614,16 @@ def _schema_exists(conn: Connection, schema: str | None) -> bool:
     return schema is None or sa.inspect(conn).has_schema(schema)
 
 
-async def current(config: StoreConfig) -> str | None:
+def _read_current(conn: Connection, schema: str | None) -> str | None:
+    return read_revision(conn, schema) if _schema_exists(conn, schema) else None
+
+
+async def current(config: StoreConfig, engine: AsyncEngine | None = None) -> str | None:
     schema = config.schema_name
+    if engine is not None:
+        return await with_engine_connection(
+            engine, schema, lambda conn: _read_current(conn, schema), write=False
+        )
     if (
         config.driver == "sqlite"
         and not config.is_memory
@@ -471,9 +631,7 @@ async def current(config: StoreConfig) -> str | None:
     ):
         return None
     return await with_migration_connection(
-        config,
-        lambda conn: read_revision(conn, schema) if _schema_exists(conn, schema) else None,
-        write=False,
+        config, lambda conn: _read_current(conn, schema), write=False
     )
 
 
@@ -487,8 +645,7 @@ class SchemaDiff:
 def diff_schema(conn: Connection, schema: str | None) -> list[SchemaDiff]:
     if conn.dialect.name == "postgresql" and schema is not None:
         conn.exec_driver_sql(f'SET LOCAL search_path TO "{schema}"')
-    # search_path makes the schema the default one, where Alembic skips its version table.
-    context = MigrationContext.configure(conn, opts={"compare_type": True})
+    context = version_context(conn, schema, compare_type=True, include_object=is_own_object)
     diffs = [SchemaDiff(_describe(entry)) for entry in compare_metadata(context, metadata)]
     if conn.dialect.name == "postgresql":
         diffs += [
@@ -520,9 +677,14 @@ def _describe(entry: Any) -> str:
     return str(entry)
 
 
-async def check(config: StoreConfig) -> list[SchemaDiff]:
+async def check(config: StoreConfig, engine: AsyncEngine | None = None) -> list[SchemaDiff]:
+    schema = config.schema_name
+    if engine is not None:
+        return await with_engine_connection(
+            engine, schema, lambda conn: diff_schema(conn, schema), write=False
+        )
     return await with_migration_connection(
-        config, lambda conn: diff_schema(conn, config.schema_name), write=False
+        config, lambda conn: diff_schema(conn, schema), write=False
     )
 
 

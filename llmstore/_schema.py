@@ -8,12 +8,22 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 
+#: Every object of llmstore's is named ``llmstore_...``: a host application keeps its own
+#: tables (often called ``projects`` or ``api_keys`` too) in the same database or schema.
+TABLE_PREFIX = "llmstore_"
+#: Alembic's version table of llmstore's own history, so that a host's ``alembic_version``
+#: (its own history) never meets a revision of llmstore's.
+VERSION_TABLE = "llmstore_alembic_version"
+#: Where llmstore's revision was kept before revision 0005.
+LEGACY_VERSION_TABLE = "alembic_version"
+
+# The suffixes are PostgreSQL's own (pkey, key, fkey, idx, check), after the table's name.
 NAMING_CONVENTION = {
-    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
-    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
-    "ck": "ck_%(table_name)s_%(constraint_name)s",
-    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-    "pk": "pk_%(table_name)s",
+    "ix": "%(table_name)s_%(column_0_N_name)s_idx",
+    "uq": "%(table_name)s_%(column_0_N_name)s_key",
+    "ck": "%(table_name)s_%(constraint_name)s_check",
+    "fk": "%(table_name)s_%(column_0_name)s_fkey",
+    "pk": "%(table_name)s_pkey",
 }
 
 metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
@@ -52,7 +62,7 @@ class UTCDateTime(sa.TypeDecorator[dt.datetime]):
 
 
 projects = sa.Table(
-    "projects",
+    "llmstore_projects",
     metadata,
     sa.Column("id", sa.Uuid(), primary_key=True),
     sa.Column("name", sa.String(200), nullable=False),
@@ -67,13 +77,13 @@ projects = sa.Table(
 
 
 tokens = sa.Table(
-    "tokens",
+    "llmstore_tokens",
     metadata,
     sa.Column("id", sa.Uuid(), primary_key=True),
     sa.Column(
         "project_id",
         sa.Uuid(),
-        sa.ForeignKey("projects.id", ondelete="CASCADE"),
+        sa.ForeignKey("llmstore_projects.id", ondelete="CASCADE"),
         nullable=False,
     ),
     # SHA-256 (or HMAC-SHA256 under LLMSTORE_TOKEN_PEPPER) of the secret, hex; never the secret.
@@ -95,7 +105,7 @@ tokens = sa.Table(
 )
 
 audit_events = sa.Table(
-    "audit_events",
+    "llmstore_audit_events",
     metadata,
     sa.Column("id", sa.Uuid(), primary_key=True),
     # Position in the hash chain: 1, 2, 3, ... with no gaps while nothing is purged.
@@ -124,7 +134,7 @@ audit_events = sa.Table(
 # One row: the head of the audit chain (serialises appends) and the anchor that
 # purge() leaves, from which the remaining chain is verified.
 audit_chain = sa.Table(
-    "audit_chain",
+    "llmstore_audit_chain",
     metadata,
     sa.Column("id", sa.Integer(), primary_key=True, autoincrement=False),
     sa.Column("head_seq", sa.BigInteger(), nullable=False),
@@ -137,13 +147,13 @@ audit_chain = sa.Table(
 )
 
 provider_credentials = sa.Table(
-    "provider_credentials",
+    "llmstore_provider_credentials",
     metadata,
     sa.Column("id", sa.Uuid(), primary_key=True),
     sa.Column(
         "project_id",
         sa.Uuid(),
-        sa.ForeignKey("projects.id", ondelete="CASCADE"),
+        sa.ForeignKey("llmstore_projects.id", ondelete="CASCADE"),
         nullable=True,
     ),
     # The project id as text, or "global": one column the partial unique index can cover.
@@ -157,7 +167,7 @@ provider_credentials = sa.Table(
     sa.Column("updated_at", UTCDateTime(), nullable=False),
     sa.CheckConstraint("(project_id IS NULL) = (scope = 'global')", name="scope_matches_project"),
     sa.Index(
-        "uq_provider_credentials_active_scope",
+        "llmstore_provider_credentials_active_scope_key",
         "scope",
         unique=True,
         sqlite_where=sa.text("is_active"),
@@ -168,7 +178,7 @@ provider_credentials = sa.Table(
 
 
 api_keys = sa.Table(
-    "api_keys",
+    "llmstore_api_keys",
     metadata,
     sa.Column("id", sa.Uuid(), primary_key=True),
     # SHA-256 (or HMAC-SHA256 under LLMSTORE_TOKEN_PEPPER) of the secret, hex; never the secret.
@@ -178,7 +188,7 @@ api_keys = sa.Table(
     sa.Column(
         "project_id",
         sa.Uuid(),
-        sa.ForeignKey("projects.id", ondelete="SET NULL"),
+        sa.ForeignKey("llmstore_projects.id", ondelete="SET NULL"),
         nullable=True,
     ),
     # Integer minor units (millisatoshis, cents, ...). reserved is held out of balance.
@@ -209,14 +219,14 @@ LEDGER_KINDS = (
 )
 
 ledger_entries = sa.Table(
-    "ledger_entries",
+    "llmstore_ledger_entries",
     metadata,
     # 64-bit and increasing: newest first is id order, and pages stay cheap at any depth.
     sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
     sa.Column(
         "api_key_id",
         sa.Uuid(),
-        sa.ForeignKey("api_keys.id", ondelete="CASCADE"),
+        sa.ForeignKey("llmstore_api_keys.id", ondelete="CASCADE"),
         nullable=False,
     ),
     sa.Column("kind", sa.String(20), nullable=False),
@@ -245,13 +255,13 @@ ledger_entries = sa.Table(
 )
 
 reservations = sa.Table(
-    "reservations",
+    "llmstore_reservations",
     metadata,
     sa.Column("id", sa.Uuid(), primary_key=True),
     sa.Column(
         "api_key_id",
         sa.Uuid(),
-        sa.ForeignKey("api_keys.id", ondelete="CASCADE"),
+        sa.ForeignKey("llmstore_api_keys.id", ondelete="CASCADE"),
         nullable=False,
     ),
     sa.Column("amount", sa.BigInteger(), nullable=False),
@@ -267,13 +277,13 @@ reservations = sa.Table(
 )
 
 withdrawals = sa.Table(
-    "withdrawals",
+    "llmstore_withdrawals",
     metadata,
     sa.Column("id", sa.Uuid(), primary_key=True),
     sa.Column(
         "api_key_id",
         sa.Uuid(),
-        sa.ForeignKey("api_keys.id", ondelete="CASCADE"),
+        sa.ForeignKey("llmstore_api_keys.id", ondelete="CASCADE"),
         nullable=False,
     ),
     sa.Column("amount", sa.BigInteger(), nullable=False),
@@ -291,7 +301,7 @@ withdrawals = sa.Table(
 )
 
 usage_logs = sa.Table(
-    "usage_logs",
+    "llmstore_usage_logs",
     metadata,
     # 64-bit and increasing. No foreign keys: usage outlives the keys, projects and tokens
     # it names (accounting keeps it), and bulk ingest pays nothing per row for them.
@@ -338,7 +348,7 @@ usage_logs = sa.Table(
 )
 
 usage_receipts = sa.Table(
-    "usage_receipts",
+    "llmstore_usage_receipts",
     metadata,
     sa.Column("id", sa.Uuid(), primary_key=True),
     # No foreign key: a receipt outlives the purge of the row it states.

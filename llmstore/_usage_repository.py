@@ -82,7 +82,7 @@ class _Encoder:
 
 _ENCODERS: dict[str, _Encoder] = {}
 _SQLITE_INSERT = (
-    f"INSERT INTO usage_logs ({', '.join(_WRITE_COLUMNS)}) "
+    f"INSERT INTO {U.name} ({', '.join(_WRITE_COLUMNS)}) "
     f"VALUES ({', '.join('?' for _ in _WRITE_COLUMNS)})"
 )
 
@@ -97,8 +97,8 @@ def _encoder(dialect: Dialect) -> _Encoder:
 # A unique index refused a row: Postgres's SQLSTATE, SQLite's extended result code.
 _UNIQUE_VIOLATIONS = {"23505", "SQLITE_CONSTRAINT_UNIQUE"}
 _SQLITE_TOP_ID = sa.text(
-    "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'usage_logs'), 0),"
-    " coalesce((SELECT max(id) FROM usage_logs), 0))"
+    f"SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = '{U.name}'), 0),"
+    f" coalesce((SELECT max(id) FROM {U.name}), 0))"
 )
 _SEQUENCES: dict[str | None, str] = {}
 
@@ -199,7 +199,7 @@ class UsageRepository:
         schema = _schema(self._conn)
         name = _SEQUENCES.get(schema)
         if name is None:
-            table = "usage_logs" if schema is None else f'"{schema}".usage_logs'
+            table = U.name if schema is None else f'"{schema}".{U.name}'
             found = self._conn.execute(sa.select(sa.func.pg_get_serial_sequence(table, "id")))
             name = _SEQUENCES[schema] = str(found.scalar_one())
         return name
@@ -213,7 +213,7 @@ class UsageRepository:
             # before it (the asyncpg dialect starts one at the first statement).
             await_only(
                 driver.copy_records_to_table(  # type: ignore[union-attr]
-                    "usage_logs",
+                    U.name,
                     records=rows,
                     columns=_WRITE_COLUMNS,
                     schema_name=_schema(self._conn),
