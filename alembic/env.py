@@ -18,16 +18,19 @@ import asyncio
 from logging.config import fileConfig
 from typing import Any
 
+import sqlalchemy as sa
 from alembic import context
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.schema import CreateIndex, CreateTable
 
 from llmstore._config import StoreConfig
 from llmstore._errors import ConfigError
 from llmstore._migration_ops import DEFAULT_LOCK_TIMEOUT, commits_alone
 from llmstore._migrations import (
     adopt_legacy_version,
+    head_revision,
     is_own_object,
     migrate_on,
     migrating,
@@ -101,7 +104,38 @@ def run_offline() -> None:
             context.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
             # Session-wide, not SET LOCAL: it must outlive an autocommit block's COMMIT.
             context.execute(f'SET search_path TO "{schema}"')
-        context.run_migrations()
+        if _from_empty_to_head():
+            _render_head(schema)
+        else:
+            context.run_migrations()
+
+
+def _from_empty_to_head() -> bool:
+    """``upgrade head --sql`` from nothing: rendered from the models, as an online upgrade
+    of an empty database is made (``install_head``), not through revisions 0001-0004."""
+    start = context.get_starting_revision_argument()
+    return start in (None, "base") and context.get_revision_argument() in (
+        "head",
+        "heads",
+        head_revision(),
+    )
+
+
+def _render_head(schema: str | None) -> None:
+    for table in metadata.sorted_tables:
+        context.execute(CreateTable(table))
+        for index in sorted(table.indexes, key=lambda index: str(index.name)):
+            context.execute(CreateIndex(index))
+    # Alembic's own version table, as its run_migrations() creates it in --sql mode.
+    version = sa.Table(
+        VERSION_TABLE,
+        sa.MetaData(),
+        sa.Column("version_num", sa.String(32), nullable=False),
+        sa.PrimaryKeyConstraint("version_num", name=f"{VERSION_TABLE}_pkc"),
+        schema=schema,
+    )
+    context.execute(CreateTable(version))
+    context.execute(version.insert().values(version_num=head_revision()))
 
 
 def run_online() -> None:

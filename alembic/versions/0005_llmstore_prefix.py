@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 
 from alembic import op
 
+from llmstore import MigrationError
 from llmstore.migrations.ops import set_lock_timeout
 
 revision: str = "0005_llmstore_prefix"
@@ -194,7 +195,13 @@ def _rename(*, forward: bool) -> None:
     tables, constraints = _pairs(forward)
     indexes = list(INDEXES) if forward else [(new, old) for old, new in INDEXES]
     sequences = list(SEQUENCES) if forward else [(new, old) for old, new in SEQUENCES]
-    if op.get_context().dialect.name == "sqlite":
+    context = op.get_context()
+    if context.dialect.name == "sqlite":
+        if context.as_sql:
+            raise MigrationError(
+                "revision 0005 rebuilds SQLite tables from their own CREATE statements, "
+                "which --sql cannot read: run it against the database"
+            )
         names = dict(tables) | {old: new for _, old, new in constraints} | dict(indexes)
         _rebuild_sqlite(dict(tables), names)
         return
@@ -235,9 +242,7 @@ def _rebuild_sqlite(tables: Mapping[str, str], names: Mapping[str, str]) -> None
         "SELECT 1 FROM sqlite_master WHERE name = 'sqlite_sequence'"
     ).first()
     sequences = {
-        old: conn.exec_driver_sql(
-            "SELECT seq FROM sqlite_sequence WHERE name = ?", (old,)
-        ).scalar()
+        old: conn.exec_driver_sql("SELECT seq FROM sqlite_sequence WHERE name = ?", (old,)).scalar()
         for old in tables
         if has_sequences
     }
