@@ -8,7 +8,10 @@ import pkgutil
 import types
 from typing import Any
 
+import pytest
+
 import llmstore
+import llmstore.migrations
 
 
 def test_all_is_sorted_and_complete() -> None:
@@ -24,11 +27,32 @@ def test_all_is_sorted_and_complete() -> None:
     assert public == set(llmstore.__all__)
 
 
-def test_modules_are_private_except_the_plugin() -> None:
+PUBLIC_MODULES = {"migrations", "pytest_plugin"}
+
+
+def test_modules_are_private_except_the_public_ones() -> None:
     modules = {info.name for info in pkgutil.iter_modules(llmstore.__path__)}
-    assert {name for name in modules if not name.startswith("_")} == {"pytest_plugin"}
+    assert {name for name in modules if not name.startswith("_")} == PUBLIC_MODULES
     for name in modules:
         importlib.import_module(f"llmstore.{name}") if name != "__main__" else None
+    inner = {info.name for info in pkgutil.iter_modules(llmstore.migrations.__path__)}
+    assert inner == {"ops"}
+
+
+@pytest.mark.parametrize("name", ["llmstore.migrations", "llmstore.migrations.ops"])
+def test_public_submodules_have_a_sorted_complete_all(name: str) -> None:
+    module = importlib.import_module(name)
+    assert module.__all__ == sorted(module.__all__)
+    for exported in module.__all__:
+        assert hasattr(module, exported), exported
+    defined = {
+        attribute
+        for attribute, value in vars(module).items()
+        if not attribute.startswith("_")
+        and getattr(value, "__module__", None) == module.__name__
+        and not isinstance(value, types.ModuleType)
+    }
+    assert defined <= set(module.__all__)
 
 
 def test_errors_share_one_base_and_shadow_no_builtin() -> None:
