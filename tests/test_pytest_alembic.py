@@ -29,7 +29,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
-from llmstore._migrations import script_location
+from llmstore.migrations import script_location
 from llmstore.pytest_plugin import drop_schema, fresh_schema_name
 
 from .conftest import require_postgres

@@ -40,6 +40,7 @@ __all__ = [
     "current",
     "downgrade",
     "include_object",
+    "script_location",
     "upgrade",
 ]
 
@@ -130,6 +131,12 @@ def include_object(
     """
     table = name if type_ == "table" else getattr(getattr(object, "table", None), "name", None)
     return not (isinstance(table, str) and table.startswith(TABLE_PREFIX))
+
+
+def script_location() -> Path:
+    """The folder of llmstore's Alembic scripts (``env.py``, ``versions/``), for an Alembic
+    ``Config`` of your own (pytest-alembic's ``alembic_config`` fixture, say)."""
+    return _migrations.script_location()
 
 
 def _flag(value: object) -> bool:
