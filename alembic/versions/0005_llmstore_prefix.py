@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
+import sqlalchemy as sa
 from alembic import op
 
 from llmstore import MigrationError
@@ -174,7 +175,20 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     set_lock_timeout()
+    if not op.get_context().as_sql:
+        _refuse_taken_names()
     _rename(forward=False)
+
+
+def _refuse_taken_names() -> None:
+    """The old names may be a host's own tables now (``api_keys`` often is): say so."""
+    existing = set(sa.inspect(op.get_bind()).get_table_names())
+    taken = sorted(existing & set(TABLES))
+    if taken:
+        raise MigrationError(
+            "downgrading below 0005 gives llmstore's tables their old names, and "
+            f"{', '.join(taken)} already exist in this database; nothing was changed"
+        )
 
 
 def _pairs(forward: bool) -> tuple[list[tuple[str, str]], list[tuple[str, str, str]]]:
