@@ -25,7 +25,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
-from llmstore import Store, generate_key, migrations
+from llmstore import MigrationError, Store, generate_key, migrations
 from llmstore._migrations import head_revision
 from llmstore._schema import LEGACY_VERSION_TABLE, VERSION_TABLE
 
@@ -244,3 +244,15 @@ def test_a_store_works_beside_the_hosts_tables(url: str) -> None:
     assert asyncio.run(_store_round_trip(url)) == "inside the host"
     assert query(url, "SELECT id, email FROM users") == [(1, "a@example.com")]
     assert query(url, "SELECT count(*) FROM api_keys") == [(0,)]
+
+
+def test_a_downgrade_below_0005_is_refused_while_the_host_holds_an_old_name(url: str) -> None:
+    host_upgrade(url)
+    query(url, "INSERT INTO users (id, email) VALUES (1, 'a@example.com')")
+    query(url, "INSERT INTO api_keys (id, user_id, label) VALUES (7, 1, 'host key')")
+    asyncio.run(migrations.upgrade(url, backup=False))
+    with pytest.raises(MigrationError, match="api_keys already exist"):
+        asyncio.run(migrations.downgrade(url, LEGACY_HEAD, backup=False))
+    assert asyncio.run(migrations.current(url)) == head_revision()
+    assert asyncio.run(migrations.check(url)) == []
+    assert query(url, "SELECT id, user_id, label FROM api_keys") == [(7, 1, "host key")]
