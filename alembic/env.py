@@ -37,7 +37,7 @@ from llmstore._migrations import (
     migration_session,
     with_migration_connection,
 )
-from llmstore._schema import VERSION_TABLE, metadata
+from llmstore._schema import INITIAL_ROWS, VERSION_TABLE, metadata
 
 config = context.config
 if config.config_file_name is not None:
@@ -126,6 +126,9 @@ def _render_head(schema: str | None) -> None:
         context.execute(CreateTable(table))
         for index in sorted(table.indexes, key=lambda index: str(index.name)):
             context.execute(CreateIndex(index))
+    for name, rows in INITIAL_ROWS.items():
+        for row in rows:
+            context.execute(metadata.tables[name].insert().values(row))
     # Alembic's own version table, as its run_migrations() creates it in --sql mode.
     version = sa.Table(
         VERSION_TABLE,

@@ -24,7 +24,7 @@ from alembic.util.exc import CommandError
 from sqlalchemy.engine import Connection
 
 from ._errors import ConfigError, MigrationError, ValidationError
-from ._schema import LEGACY_VERSION_TABLE, TABLE_PREFIX, VERSION_TABLE, metadata
+from ._schema import INITIAL_ROWS, LEGACY_VERSION_TABLE, TABLE_PREFIX, VERSION_TABLE, metadata
 
 
 def script_location() -> Path:
@@ -156,6 +156,8 @@ def install_head(conn: Connection, schema: str | None) -> None:
             conn.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
     # checkfirst=False: a table of that name that is not llmstore's is an error, not reused.
     metadata.create_all(conn, checkfirst=False)
+    for name, rows in INITIAL_ROWS.items():
+        conn.execute(metadata.tables[name].insert(), rows)
     version_context(conn, schema).stamp(scripts(), "head")
 
 

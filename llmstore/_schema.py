@@ -146,6 +146,20 @@ audit_chain = sa.Table(
     sa.CheckConstraint("id = 1", name="single_row"),
 )
 
+#: The rows a new database starts with (revision 0002 inserts the same): the chain's genesis.
+GENESIS_HASH = "0" * 64
+INITIAL_ROWS: dict[str, list[dict[str, Any]]] = {
+    "llmstore_audit_chain": [
+        {
+            "id": 1,
+            "head_seq": 0,
+            "head_hash": GENESIS_HASH,
+            "anchor_seq": 0,
+            "anchor_hash": GENESIS_HASH,
+        }
+    ]
+}
+
 provider_credentials = sa.Table(
     "llmstore_provider_credentials",
     metadata,

@@ -184,3 +184,33 @@ def test_include_object_hides_llmstores_objects_from_the_host() -> None:
         ("column", "id"): True,
         ("table", "alembic_version"): True,
     }
+
+
+async def _all_rows(config: StoreConfig) -> dict[str, list[tuple[Any, ...]]]:
+    engine = create_async_engine(_async_url(config))
+    try:
+        async with engine.connect() as conn:
+            if config.schema_name is not None:
+                await conn.exec_driver_sql(f'SET search_path TO "{config.schema_name}"')
+            rows = {}
+            for table in metadata.sorted_tables:
+                result = await conn.execute(sa.select(table))
+                rows[table.name] = sorted(tuple(row) for row in result)
+            return rows
+    finally:
+        await engine.dispose()
+
+
+async def test_a_database_made_from_the_models_holds_what_the_revisions_leave(
+    db_config: StoreConfig, tmp_path: Path
+) -> None:
+    # Through the revisions: to the last one before head from empty, then the rest.
+    await migrations.upgrade(db_config, "0004_usage_logs_receipts", backup=False)
+    await migrations.upgrade(db_config, backup=False)
+    through_revisions = await _all_rows(db_config)
+    await migrations.downgrade(db_config, "base", backup=False)
+    made = await migrations.upgrade(db_config, backup=False)  # empty to head: the models
+    assert made.before is None
+    assert await _all_rows(db_config) == through_revisions
+    assert through_revisions["llmstore_audit_chain"]  # the genesis row, both ways
+    assert await migrations.check(db_config) == []
