@@ -1160,7 +1160,7 @@ async def test_cleanup_expired_deletes_only_expired_keys_with_nothing_left(store
     }
     rows = await _everything(store)
     deleted_ids = {gone.key.id, spent.id, paid_out.id}
-    for table in ("ledger_entries", "reservations", "withdrawals"):
+    for table in ("llmstore_ledger_entries", "llmstore_reservations", "llmstore_withdrawals"):
         columns = [c.name for c in next(t for t in TABLES if t.name == table).c]
         position = columns.index("api_key_id")
         assert not [row for row in rows[table] if row[position] in deleted_ids], table

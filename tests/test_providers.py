@@ -380,11 +380,11 @@ async def test_the_database_enforces_one_active_credential_per_scope(store: Stor
 async def test_the_partial_unique_index_exists(store: Store) -> None:
     def index_names(conn: Any) -> dict[str, bool]:
         schema = store.config.schema_name
-        indexes = sa.inspect(conn).get_indexes("provider_credentials", schema=schema)
+        indexes = sa.inspect(conn).get_indexes(table.name, schema=schema)
         return {index["name"]: bool(index["unique"]) for index in indexes}
 
     names = await store._require_open().read(index_names)
-    assert names.get("uq_provider_credentials_active_scope") is True
+    assert names.get("llmstore_provider_credentials_active_scope_key") is True
 
 
 # --- ensure_default ---------------------------------------------------------------------------

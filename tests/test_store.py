@@ -25,7 +25,7 @@ from llmstore import (
     generate_key,
 )
 from llmstore._migrations import downgrade, head_revision, upgrade
-from llmstore._schema import metadata
+from llmstore._schema import VERSION_TABLE, metadata
 
 from .conftest import require_postgres
 
@@ -101,7 +101,7 @@ async def test_never_migrated_database_raises(db_config: StoreConfig) -> None:
 async def test_unknown_revision_raises(db_config: StoreConfig) -> None:
     await upgrade(db_config)
     async with Store(db_config) as store:
-        table = sa.table("alembic_version", sa.column("version_num"), schema=db_config.schema_name)
+        table = sa.table(VERSION_TABLE, sa.column("version_num"), schema=db_config.schema_name)
         await store._require_open().write(
             lambda conn: conn.execute(table.update().values(version_num="ffffffffffff"))
         )
@@ -298,8 +298,8 @@ async def test_postgres_schema_keeps_tables_out_of_public() -> None:
                 sa.text("SELECT table_name FROM information_schema.tables WHERE table_schema=:s"),
                 {"s": schema},
             )
-            assert set(tables) == set(metadata.tables) | {"alembic_version"}
-            count = await conn.scalar(sa.text(f'SELECT count(*) FROM "{schema}".projects'))
+            assert set(tables) == set(metadata.tables) | {VERSION_TABLE}
+            count = await conn.scalar(sa.text(f'SELECT count(*) FROM "{schema}".llmstore_projects'))
             assert count == 1
     finally:
         async with engine.begin() as conn:

@@ -231,11 +231,11 @@ async def test_a_row_the_database_refuses_is_a_validation_error_and_writes_nothi
     # A constraint of the operator's own, met by the bulk path (raw sqlite3 or COPY).
     if store.driver == "postgresql":
         schema = store.config.schema_name
-        table = "usage_logs" if schema is None else f'"{schema}".usage_logs'
+        table = usage_logs.name if schema is None else f'"{schema}".{usage_logs.name}'
         sql = f"ALTER TABLE {table} ADD CONSTRAINT no_free_rows CHECK (cost > 0) NOT VALID"
     else:
         sql = (
-            "CREATE TRIGGER no_free_rows BEFORE INSERT ON usage_logs WHEN NEW.cost = 0 "
+            f"CREATE TRIGGER no_free_rows BEFORE INSERT ON {usage_logs.name} WHEN NEW.cost = 0 "
             "BEGIN SELECT RAISE(ABORT, 'no free rows'); END"
         )
     await store._require_open().write(lambda conn: conn.exec_driver_sql(sql))

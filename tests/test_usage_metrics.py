@@ -508,16 +508,16 @@ async def test_a_time_window_uses_an_index(store: Store) -> None:
             # The text is run as it is, so the store's schema comes from the search path.
             schema = conn.get_execution_options()["schema_translate_map"][None]
             conn.exec_driver_sql(f'SET LOCAL search_path TO "{schema}"')
-            conn.exec_driver_sql("ANALYZE usage_logs")
+            conn.exec_driver_sql("ANALYZE llmstore_usage_logs")
             explain = "EXPLAIN "
         return "\n".join(str(row[-1]) for row in conn.exec_driver_sql(explain + str(sql)))
 
     runner = store._require_open()
-    assert "ix_usage_logs_created_at_id" in await runner.read(plan)
-    assert "ix_usage_logs_model_created_at" in await runner.read(
+    assert "llmstore_usage_logs_created_at_id_idx" in await runner.read(plan)
+    assert "llmstore_usage_logs_model_created_at_idx" in await runner.read(
         lambda conn: plan(conn, model="m1")
     )
-    assert "ix_usage_logs_api_key_id_created_at_id" in await runner.read(
+    assert "llmstore_usage_logs_api_key_id_created_at_id_idx" in await runner.read(
         lambda conn: plan(conn, api_key_id=KEY_A)
     )
 

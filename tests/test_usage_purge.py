@@ -353,7 +353,7 @@ async def test_each_batch_reads_one_range_of_the_created_at_index(store: Store) 
         select_batch_keys(T0 + 10 * MINUTE, None, 5),
     ):
         plan = await store._require_open().read(functools.partial(_explain, statement=statement))
-        assert "ix_usage_logs_created_at_id" in plan, plan
+        assert "llmstore_usage_logs_created_at_id_idx" in plan, plan
         assert "TEMP B-TREE" not in plan and "Sort" not in plan, plan
 
 
