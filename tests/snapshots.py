@@ -11,7 +11,7 @@ from sqlalchemy.engine import Connection
 
 from llmstore import Store, StoreConfig, UsageRecord, _migrations
 from llmstore._receipts import generate_signing_key
-from llmstore._schema import metadata
+from llmstore._schema import VERSION_TABLE, metadata
 
 Snapshot = dict[str, list[tuple[Any, ...]]]
 
@@ -54,7 +54,7 @@ async def store_snapshot(store: Store) -> Snapshot:
     call. Rows are compared as the driver returns them, not as :func:`snapshot` prints them.
     """
     schema = store.config.schema_name
-    names = [table.name for table in metadata.sorted_tables] + ["alembic_version"]
+    names = [table.name for table in metadata.sorted_tables] + [VERSION_TABLE]
 
     def qualified(name: str) -> str:
         return name if schema is None else f'"{schema}".{name}'

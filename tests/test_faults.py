@@ -92,7 +92,7 @@ async def _refuse_token_updates_at_commit(store: Store) -> Callable[[Connection]
         f"CREATE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql "
         "AS $$ BEGIN RAISE EXCEPTION 'refused at commit'; END $$",
         f"CREATE CONSTRAINT TRIGGER refuse_at_commit AFTER UPDATE ON "
-        f"{_qualified(store, 'tokens')} DEFERRABLE INITIALLY DEFERRED FOR EACH ROW "
+        f"{_qualified(store, tokens.name)} DEFERRABLE INITIALLY DEFERRED FOR EACH ROW "
         f"EXECUTE FUNCTION {function}()",
     ):
         await _sql(store, lambda conn, sql=sql: conn.exec_driver_sql(sql))

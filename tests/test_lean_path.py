@@ -112,7 +112,7 @@ async def test_a_lane_connection_killed_mid_statement_fails_that_call_only(
     issued = await pg_store.tokens.create(project.id, max_requests=10)
     await pg_store.tokens.use(issued.secret)
     pids = _lane_pids(pg_store)
-    await _kill_while_waiting(pg_store, "tokens", pg_store.tokens.use(issued.secret))
+    await _kill_while_waiting(pg_store, "llmstore_tokens", pg_store.tokens.use(issued.secret))
     token = await pg_store.tokens.use(issued.secret)
     assert token.request_count == 2  # the failed call spent nothing
     assert _lane_pids(pg_store) != pids
@@ -140,7 +140,7 @@ async def test_a_killed_lane_connection_under_settle_leaves_the_hold_active(
     key = (await pg_store.api_keys.create(balance=1000)).key
     hold = await pg_store.api_keys.reserve(key.id, 300)  # one statement, on the lane
     pids = _lane_pids(pg_store)
-    await _kill_while_waiting(pg_store, "api_keys", pg_store.api_keys.settle(hold.id, 200))
+    await _kill_while_waiting(pg_store, "llmstore_api_keys", pg_store.api_keys.settle(hold.id, 200))
     assert (await pg_store.api_keys.get_reservation(hold.id)).status == "active"
     entry = await pg_store.api_keys.settle(hold.id, 200)
     assert (entry.kind, entry.amount, entry.balance_after, entry.shortfall) == (

@@ -105,12 +105,12 @@ async def _refuse(store: Store) -> None:
         statements = [
             f"CREATE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql "
             "AS $$ BEGIN RAISE EXCEPTION 'refused for a while'; END $$",
-            f"CREATE TRIGGER refuse BEFORE INSERT ON {_qualified(store, 'usage_logs')} "
+            f"CREATE TRIGGER refuse BEFORE INSERT ON {_qualified(store, usage_logs.name)} "
             f"FOR EACH ROW EXECUTE FUNCTION {function}()",
         ]
     else:
         statements = [
-            "CREATE TRIGGER refuse BEFORE INSERT ON usage_logs "
+            "CREATE TRIGGER refuse BEFORE INSERT ON llmstore_usage_logs "
             "BEGIN INSERT INTO refused_for_a_while VALUES (1); END"
         ]
     for sql in statements:
@@ -120,7 +120,7 @@ async def _refuse(store: Store) -> None:
 async def _recover(store: Store) -> None:
     if store.driver == "postgresql":
         statements = [
-            f"DROP TRIGGER refuse ON {_qualified(store, 'usage_logs')}",
+            f"DROP TRIGGER refuse ON {_qualified(store, usage_logs.name)}",
             f"DROP FUNCTION {_qualified(store, 'refuse')}()",
         ]
     else:
@@ -133,12 +133,13 @@ async def _refuse_model(store: Store, model: str) -> None:
     """Make the real database refuse the rows of one model, with a constraint of its own."""
     if store.driver == "postgresql":
         sql = (
-            f"ALTER TABLE {_qualified(store, 'usage_logs')} ADD CONSTRAINT poison "
+            f"ALTER TABLE {_qualified(store, usage_logs.name)} ADD CONSTRAINT poison "
             f"CHECK (model IS DISTINCT FROM '{model}') NOT VALID"
         )
     else:
         sql = (
-            f"CREATE TRIGGER poison BEFORE INSERT ON usage_logs WHEN NEW.model = '{model}' "
+            "CREATE TRIGGER poison BEFORE INSERT ON llmstore_usage_logs "
+            f"WHEN NEW.model = '{model}' "
             "BEGIN SELECT RAISE(ABORT, 'poisoned row'); END"
         )
     await _sql(store, lambda conn: conn.exec_driver_sql(sql))
@@ -711,7 +712,7 @@ async def test_postgres_a_batch_refused_at_commit_is_retried_once_recovered(
         await _sql(
             store,
             lambda conn: conn.exec_driver_sql(
-                f'CREATE CONSTRAINT TRIGGER refuse AFTER INSERT ON "{schema}".usage_logs '
+                f'CREATE CONSTRAINT TRIGGER refuse AFTER INSERT ON "{schema}".llmstore_usage_logs '
                 "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW "
                 f'EXECUTE FUNCTION "{schema}".refuse()'
             ),
@@ -723,7 +724,9 @@ async def test_postgres_a_batch_refused_at_commit_is_retried_once_recovered(
             assert await _markers(store) == Counter()
             await _sql(
                 store,
-                lambda conn: conn.exec_driver_sql(f'DROP TRIGGER refuse ON "{schema}".usage_logs'),
+                lambda conn: conn.exec_driver_sql(
+                    f'DROP TRIGGER refuse ON "{schema}".llmstore_usage_logs'
+                ),
             )
         assert w.stats.written == 60
         assert w.stats.retried == 60
