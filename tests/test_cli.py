@@ -61,11 +61,11 @@ def test_upgrade_current_check_info_downgrade(
     assert main(["info", *args]) == EXIT_OK
     info = capsys.readouterr().out
     assert f"driver: {schema_env.driver}" in info
-    assert "rows in projects: 0" in info
+    assert "rows in llmstore_projects: 0" in info
     assert main(["downgrade", "base", *args]) == EXIT_OK
     assert "downgraded" in capsys.readouterr().out
     assert main(["check", *args]) == EXIT_DRIFT
-    assert "add_table: projects" in capsys.readouterr().out
+    assert "add_table: llmstore_projects" in capsys.readouterr().out
 
 
 def test_history_lists_the_head(capsys: pytest.CaptureFixture[str]) -> None:

@@ -33,7 +33,7 @@ from sqlalchemy.pool import NullPool
 
 from llmstore import StoreConfig
 from llmstore._migrations import current, downgrade, head_revision, scripts, upgrade
-from llmstore._schema import metadata
+from llmstore._schema import VERSION_TABLE, metadata
 
 T = TypeVar("T")
 Row = dict[str, Any]
@@ -444,6 +444,9 @@ SEEDS: dict[str, dict[str, list[Row]]] = {
             },
         ],
     },
+    # Renames every table (RENAMED_TABLES) and creates none: the rows above, under the new
+    # names, are its seeds.
+    "0005_llmstore_prefix": {},
 }
 
 # Columns a revision adds to a table that already exists: revision -> table -> column ->
@@ -474,7 +477,42 @@ REVISION_ROWS: dict[str, dict[str, list[Row]]] = {
 }
 
 # Tables that hold at most one row: their nullable columns cannot be both set and unset.
-SINGLE_ROW_TABLES = {"audit_chain"}
+SINGLE_ROW_TABLES = {"audit_chain", "llmstore_audit_chain"}
+
+# Tables a revision renames, old name -> new name: seeds and documented rows keep the name
+# of the revision that has them, and are looked for under the name of the revision checked.
+RENAMED_TABLES: dict[str, dict[str, str]] = {
+    "0005_llmstore_prefix": {
+        name: f"llmstore_{name}"
+        for name in (
+            "projects",
+            "tokens",
+            "audit_events",
+            "audit_chain",
+            "provider_credentials",
+            "api_keys",
+            "ledger_entries",
+            "reservations",
+            "withdrawals",
+            "usage_logs",
+            "usage_receipts",
+        )
+    }
+}
+
+
+def name_at(table: str, named_at: str, revision: str) -> str:
+    """The name at ``revision`` of the table called ``table`` at ``named_at``."""
+    ordered = revisions()
+    start, end = ordered.index(named_at), ordered.index(revision)
+    if end >= start:
+        for rev in ordered[start + 1 : end + 1]:
+            table = RENAMED_TABLES.get(rev, {}).get(table, table)
+        return table
+    for rev in reversed(ordered[end + 1 : start + 1]):
+        back = {new: old for old, new in RENAMED_TABLES.get(rev, {}).items()}
+        table = back.get(table, table)
+    return table
 
 
 def revisions() -> list[str]:
@@ -533,7 +571,7 @@ class Shape:
         """The table with the columns it has, typed as llmstore reads and writes them (UTC
         timestamps, JSON with NULL for None); a column the models lack keeps its reflected
         type."""
-        model = metadata.tables.get(name)
+        model = metadata.tables.get(name, metadata.tables.get(f"llmstore_{name}"))
         return sa.table(
             name,
             *(
@@ -547,7 +585,7 @@ def _shapes(conn: Connection, schema: str | None) -> dict[str, Shape]:
     inspector = sa.inspect(conn)
     shapes = {}
     for name in inspector.get_table_names(schema=schema):
-        if name == "alembic_version":
+        if name in ("alembic_version", VERSION_TABLE):
             continue
         columns = {
             c["name"]: (bool(c["nullable"]), c["type"])
@@ -607,7 +645,7 @@ def _seed_rows(revision: str, shapes: Mapping[str, Shape]) -> dict[str, list[Row
     wanted: dict[str, list[Row]] = {}
     for rev in _upto(revision):
         for table, rows in SEEDS[rev].items():
-            wanted.setdefault(table, []).extend(rows)
+            wanted.setdefault(name_at(table, rev, revision), []).extend(rows)
     problems = [
         f"table {t} exists at {revision}, but SEEDS has no rows for it"
         for t in shapes
@@ -651,8 +689,18 @@ def _seed_rows(revision: str, shapes: Mapping[str, Shape]) -> dict[str, list[Row
     return out
 
 
-def _documented_rows(table: str, upto: str) -> list[Row]:
-    return [row for rev in _upto(upto) for row in REVISION_ROWS.get(rev, {}).get(table, [])]
+def _documented_rows(table: str, upto: str, after: str | None = None) -> list[Row]:
+    """The rows revisions up to ``upto`` (and after ``after``) write themselves into the
+    table called ``table`` at ``upto``."""
+    skipped = set(_upto(after)) if after is not None else set()
+    return [
+        row
+        for rev in _upto(upto)
+        if rev not in skipped
+        for written, rows in REVISION_ROWS.get(rev, {}).items()
+        if name_at(written, rev, upto) == table
+        for row in rows
+    ]
 
 
 async def seed(config: StoreConfig, revision: str) -> Seeded:
@@ -742,21 +790,16 @@ async def assert_rows_intact(
     def compare(conn: Connection) -> list[str]:
         shapes = _shapes(conn, schema)
         out = []
-        for table in seeded.rows:
-            if table not in shapes:
-                out.append(f"table {table} is gone")
+        now = {name_at(table, seeded.revision, at): table for table in seeded.rows}
+        for name, table in now.items():
+            if name not in shapes:
+                out.append(f"table {name} is gone")
                 continue
-            expected = _expected_at(seeded, table, shapes[table], been_at_head)
-            out += _differences(table, shapes[table], expected, _read(conn, table, shapes[table]))
-        for table in shapes.keys() - seeded.rows.keys():
-            documented = [
-                row
-                for rev in _upto(at)
-                if rev not in _upto(seeded.revision)
-                for row in REVISION_ROWS.get(rev, {}).get(table, [])
-            ]
-            found = _read(conn, table, shapes[table])
-            out += _differences(table, shapes[table], documented, found)
+            expected = _expected_at(seeded, table, shapes[name], been_at_head)
+            out += _differences(name, shapes[name], expected, _read(conn, name, shapes[name]))
+        for name in shapes.keys() - now.keys():
+            documented = _documented_rows(name, at, after=seeded.revision)
+            out += _differences(name, shapes[name], documented, _read(conn, name, shapes[name]))
         return out
 
     assert await current(config) == at
@@ -774,7 +817,7 @@ def test_every_revision_has_seed_rows() -> None:
     assert not missing, _missing_seed_message(missing)
     unknown = set(SEEDS) | set(ADDED_COLUMNS) | set(DROPPED_COLUMNS) | set(REVISION_ROWS)
     assert unknown <= set(revisions()), f"no such revision(s): {unknown - set(revisions())}"
-    created = [table for rev in revisions() for table in SEEDS[rev]]
+    created = [name_at(table, rev, head_revision()) for rev in revisions() for table in SEEDS[rev]]
     assert sorted(created) == sorted(metadata.tables), "SEEDS must cover every model table"
 
 

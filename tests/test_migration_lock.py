@@ -25,6 +25,7 @@ from llmstore import StoreConfig
 from llmstore._backup import archive_revision
 from llmstore._migration_ops import DEFAULT_LOCK_TIMEOUT
 from llmstore._migrations import MIGRATION_LOCK_ID, check, current, head_revision, upgrade
+from llmstore._schema import VERSION_TABLE
 
 from .test_migration_data import assert_rows_intact, on_database, seed
 
@@ -137,7 +138,7 @@ async def _version_rows(config: StoreConfig) -> list[str]:
     return await on_database(
         config,
         lambda conn: [
-            row[0] for row in conn.exec_driver_sql("SELECT version_num FROM alembic_version")
+            row[0] for row in conn.exec_driver_sql(f"SELECT version_num FROM {VERSION_TABLE}")
         ],
     )
 
@@ -153,7 +154,7 @@ def _revision_in(backup: Path, config: StoreConfig) -> str | None:
         return archive_revision(backup)
     copy = sqlite3.connect(backup)
     try:
-        return str(copy.execute("SELECT version_num FROM alembic_version").fetchone()[0])
+        return str(copy.execute(f"SELECT version_num FROM {VERSION_TABLE}").fetchone()[0])
     finally:
         copy.close()
 

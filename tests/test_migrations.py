@@ -19,7 +19,7 @@ from llmstore._migrations import (
     upgrade,
     with_migration_connection,
 )
-from llmstore._schema import metadata
+from llmstore._schema import VERSION_TABLE, metadata
 
 
 def test_single_head() -> None:
@@ -51,7 +51,7 @@ async def test_upgrade_from_empty_to_head_matches_the_models(db_config: StoreCon
     assert (before, after) == (None, head_revision())
     assert await current(db_config) == head_revision()
     assert await check(db_config) == []
-    assert await _tables(db_config) == set(metadata.tables) | {"alembic_version"}
+    assert await _tables(db_config) == set(metadata.tables) | {VERSION_TABLE}
 
 
 async def test_upgrade_twice_is_a_no_op(db_config: StoreConfig) -> None:
@@ -64,7 +64,7 @@ async def test_head_to_base_and_back(db_config: StoreConfig) -> None:
     async with Store(db_config) as store:
         await store.projects.create("survives?")
     assert await downgrade(db_config, "base") == (head_revision(), None)
-    assert await _tables(db_config) <= {"alembic_version"}
+    assert await _tables(db_config) <= {VERSION_TABLE}
     assert await current(db_config) is None
     await upgrade(db_config)
     assert await check(db_config) == []
@@ -82,7 +82,8 @@ async def test_check_reports_drift(db_config: StoreConfig) -> None:
 
 
 def _qualified(config: StoreConfig) -> str:
-    return f'"{config.schema_name}".projects' if config.schema_name else "projects"
+    name = metadata.tables["llmstore_projects"].name
+    return f'"{config.schema_name}".{name}' if config.schema_name else name
 
 
 async def test_unknown_target_revision_is_a_migration_error(db_config: StoreConfig) -> None:
@@ -94,8 +95,8 @@ async def test_unknown_target_revision_is_a_migration_error(db_config: StoreConf
 @pytest.mark.parametrize(
     ("url", "expected"),
     [
-        ("sqlite:///offline.db", "CREATE TABLE projects"),
-        ("postgresql://u@h/db", "CREATE TABLE projects"),
+        ("sqlite:///offline.db", "CREATE TABLE llmstore_projects"),
+        ("postgresql://u@h/db", "CREATE TABLE llmstore_projects"),
     ],
 )
 def test_offline_sql(url: str, expected: str, capsys: pytest.CaptureFixture[str]) -> None:
