@@ -6,7 +6,8 @@ keep reading and writing meanwhile (WAL). The copy is checked with ``PRAGMA
 integrity_check``, switched to a rollback journal (one self-contained file), fsynced, and
 only then given its name: a file named ``*.backup`` is always complete.
 
-Postgres: ``pg_dump`` in custom format, of the configured schema only when there is one.
+Postgres: ``pg_dump`` in custom format, of the configured schema when there is one, else of
+llmstore's own tables in ``public`` (``llmstore_*``: a host's tables there are not llmstore's).
 The password reaches it through ``PGPASSWORD``, never the command line. The archive is
 checked by listing it with ``pg_restore --list``.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -33,6 +35,8 @@ import sqlalchemy as sa
 from ._config import StoreConfig
 from ._errors import BackupError
 from ._files import fsync_directory
+from ._migration_schema import is_known
+from ._schema import LEGACY_VERSION_TABLE, TABLE_PREFIX, VERSION_TABLE
 
 SUFFIX = ".backup"
 #: (done, total) in pages for SQLite; Postgres reports (0, None) then (bytes, bytes).
@@ -196,11 +200,22 @@ def _sqlite_copy(config: StoreConfig, partial: Path, progress: Progress | None) 
 
 
 def sqlite_revision(conn: sqlite3.Connection) -> str | None:
-    try:
-        row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
-    except sqlite3.OperationalError:
-        return None  # never migrated
-    return None if row is None else str(row[0])
+    """llmstore's revision in a SQLite database: in its own version table, or (before
+    revision 0005) its row in ``alembic_version``, where a host's own rows may be too."""
+    rows: dict[str, list[str]] = {}
+    for table in (VERSION_TABLE, LEGACY_VERSION_TABLE):
+        try:
+            rows[table] = [str(row[0]) for row in conn.execute(f"SELECT version_num FROM {table}")]
+        except sqlite3.OperationalError:
+            rows[table] = []  # no such table
+    return _own_revision(rows)
+
+
+def _own_revision(rows: dict[str, list[str]]) -> str | None:
+    if rows.get(VERSION_TABLE):
+        return rows[VERSION_TABLE][0]
+    legacy = [revision for revision in rows.get(LEGACY_VERSION_TABLE, []) if is_known(revision)]
+    return legacy[0] if legacy else None
 
 
 # --- Postgres --------------------------------------------------------------------------------
@@ -234,6 +249,10 @@ def _pg_dump(config: StoreConfig, partial: Path, progress: Progress | None) -> s
     command = [program, "--format=custom", "--no-password", f"--file={partial}", target]
     if config.schema_name:
         command.insert(-1, f"--schema={config.schema_name}")
+    else:
+        # public is shared with the host: llmstore's tables, their sequences and version
+        # table only (a pattern of pg_dump's own, never a shell's).
+        command.insert(-1, f"--table=public.{TABLE_PREFIX}*")
     if progress is not None:
         progress(0, None)
     run_tool(command, environ, "pg_dump")
@@ -247,21 +266,33 @@ def _pg_dump(config: StoreConfig, partial: Path, progress: Progress | None) -> s
 def archive_revision(
     path: Path, *, listing: str | None = None, schema: str | None = None
 ) -> str | None:
-    """The schema revision a Postgres archive holds, read from its ``alembic_version`` data
-    (the one in ``schema`` when given)."""
+    """llmstore's revision in a Postgres archive, read from the data of its version table
+    (or, in an archive made before revision 0005, its row in ``alembic_version``), the one
+    in ``schema`` when given."""
     if listing is not None and "TABLE DATA" not in listing:
         return None
-    command = [pg_tool("pg_restore"), "--data-only", "--table=alembic_version", "--file=-"]
+    command = [pg_tool("pg_restore"), "--data-only", "--file=-"]
+    command += [f"--table={table}" for table in (VERSION_TABLE, LEGACY_VERSION_TABLE)]
     if schema is not None:
         command.append(f"--schema={schema}")
     command.append(str(path))
-    script = run_tool(command, dict(os.environ), "pg_restore")
-    lines = script.splitlines()
-    for index, line in enumerate(lines):
-        if line.startswith("COPY ") and "alembic_version" in line and index + 1 < len(lines):
-            value = lines[index + 1].strip()
-            return None if value == "\\." else value
-    return None
+    rows: dict[str, list[str]] = {}
+    table = None
+    for line in run_tool(command, dict(os.environ), "pg_restore").splitlines():
+        if table is None:
+            copied = _COPY.match(line)
+            if copied is not None:
+                table = copied.group("table")
+                rows.setdefault(table, [])
+        elif line == "\\.":
+            table = None
+        else:
+            rows[table].append(line.strip())
+    return _own_revision(rows)
+
+
+# COPY public.llmstore_alembic_version (version_num) FROM stdin;  (names quoted if need be)
+_COPY = re.compile(r'COPY (?:"?[^".]+"?\.)?"?(?P<table>[^" ]+)"? \(version_num\) FROM stdin;')
 
 
 def pg_tool(name: str) -> str:

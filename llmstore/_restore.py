@@ -6,18 +6,18 @@ revision this code knows:
 * SQLite: a database that passes ``PRAGMA integrity_check``. Postgres: a custom-format
   archive that ``pg_restore --list`` reads, holding llmstore's tables in the configured
   schema (``public`` without one), and read through once to the end.
-* Its ``alembic_version`` names a revision of this code. A file without one (a database
+* Its version table names a revision of this code. A file without one (a database
   never migrated, or not llmstore's) is refused, and so is an unknown revision (a backup
-  made by a newer llmstore): it could not be used, or even downgraded, by this code.
+  made by a newer llmstore): it could not be used, or even downgraded, by this code. So is
+  a backup from before revision 0005, whose bare table names (``api_keys``, ...) may be a
+  host's own, and a live database still before 0005.
 
 Then the current database is backed up (``backup_database``, default name, so retention
 applies), unless it holds no table; if that fails, nothing is restored. Then:
 
-* SQLite: the online backup API copies the file into the live database in steps, as one
-  write transaction: other connections see the old data until it commits and the new
-  data after, and an interrupted copy is rolled back. The file stays in WAL mode. A WAL
-  database cannot change its page size, so a backup of another page size is first copied
-  to one of the live page size (``VACUUM INTO``).
+* SQLite: llmstore's tables only are replaced, in one write transaction checked before
+  COMMIT (``_restore_sqlite``); a host's tables, views, indexes and triggers in the same
+  file are left as they are.
 * Postgres: one ``psql`` transaction drops llmstore's own tables (never the schema, which
   keeps its owner and grants; never with CASCADE, so what depends on them stops it) and
   loads ``pg_restore``'s script. COMMIT is sent only after pg_restore has finished: psql's own
@@ -41,7 +41,6 @@ from typing import IO
 
 from . import _migrations
 from ._backup import (
-    PAGES_PER_STEP,
     BackupFile,
     Progress,
     archive_revision,
@@ -51,18 +50,19 @@ from ._backup import (
     run_tool,
     sqlite_revision,
 )
-from ._config import StoreConfig, ensure_parent
+from ._config import StoreConfig
 from ._errors import BackupError
 from ._migrations import MIGRATION_LOCK_ID
-from ._schema import metadata
+from ._restore_sqlite import restore_own_tables
+from ._schema import VERSION_TABLE, metadata
 
 #: ``progress(stage, done, total)``; stages are "checking" (Postgres), "backing up" and
-#: "restoring"; done and total count pages (SQLite) or bytes of SQL (Postgres), total None
+#: "restoring"; done and total count tables (SQLite) or bytes of SQL (Postgres), total None
 #: while unknown.
 RestoreProgress = Callable[[str, int, int | None], object]
 
 #: llmstore's tables: all that a restore into ``public`` drops and loads.
-OWN_TABLES = frozenset({*metadata.tables, "alembic_version"})
+OWN_TABLES = frozenset({*metadata.tables, VERSION_TABLE})
 _CHUNK = 1 << 16
 
 
@@ -101,6 +101,14 @@ def _known_revision(path: Path, revision: str | None) -> str:
             f"{str(path)!r} holds no llmstore schema revision (a database never migrated, "
             "or not an llmstore backup); nothing was restored"
         )
+    if revision in _unprefixed_revisions():
+        raise BackupError(
+            f"{str(path)!r} is at revision {revision}, made before llmstore's tables got "
+            "their llmstore_ names (revision 0005), so its tables could be taken for your "
+            "application's: put it back by hand into a database of its own (copy the SQLite "
+            "file; pg_restore the archive into an empty database), then run `python -m "
+            "llmstore upgrade` there; nothing was restored"
+        )
     if not _migrations.is_known(revision):
         raise BackupError(
             f"{str(path)!r} is at revision {revision!r}, unknown to this version of llmstore "
@@ -108,6 +116,17 @@ def _known_revision(path: Path, revision: str | None) -> str:
             "made it; nothing was restored"
         )
     return revision
+
+
+#: The first revision whose tables are named ``llmstore_*``.
+FIRST_PREFIXED = "0005_llmstore_prefix"
+
+
+def _unprefixed_revisions() -> set[str]:
+    """The revisions before ``FIRST_PREFIXED``: llmstore's tables had the bare names then."""
+    before = _migrations.scripts().get_revision(FIRST_PREFIXED).down_revision
+    assert isinstance(before, str)
+    return {script.revision for script in _migrations.scripts().iterate_revisions(before, "base")}
 
 
 def _stage(progress: RestoreProgress | None, stage: str) -> Progress | None:
@@ -149,10 +168,11 @@ def _restore_sqlite(config: StoreConfig, path: Path, progress: RestoreProgress |
         raise BackupError(f"{str(path)!r} is the database itself")
     if not live.exists() and Path(f"{live}-wal").exists():
         raise BackupError(f"{str(live)!r} is missing but its -wal file is not: move it away first")
-    revision, page_size = _read_sqlite_backup(path)
+    revision = _read_sqlite_backup(path)
+    _refuse_old_names_live(config, live)
     made = _backup_first(config, _sqlite_holds_tables(config, live), progress)
     with _naming(made):
-        _sqlite_copy_into(config, path, page_size, _stage(progress, "restoring"))
+        restore_own_tables(config, path, _stage(progress, "restoring"))
     return Restored(path, revision, made)
 
 
@@ -160,21 +180,40 @@ def _open_read_only(path: Path) -> sqlite3.Connection:
     return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
 
 
-def _read_sqlite_backup(path: Path) -> tuple[str, int]:
-    """The backup's revision and page size, once it has passed its integrity check."""
+def _read_sqlite_backup(path: Path) -> str:
+    """The backup's revision, once it has passed its integrity check."""
     try:
         conn = _open_read_only(path)
         try:
             problems = [row[0] for row in conn.execute("PRAGMA integrity_check")]
             revision = sqlite_revision(conn)
-            page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
         finally:
             conn.close()
     except sqlite3.Error as exc:
         raise BackupError(f"{str(path)!r} is not a SQLite backup: {exc}") from None
     if problems != ["ok"]:
         raise BackupError(f"{str(path)!r} failed its integrity check: {problems[0]}")
-    return _known_revision(path, revision), page_size
+    return _known_revision(path, revision)
+
+
+def _refuse_old_names_live(config: StoreConfig, live: Path) -> None:
+    """A live database still at a revision before 0005 has llmstore's tables under the old
+    names, which a restore would leave behind: it is upgraded first."""
+    if not live.exists():
+        return
+    try:
+        conn = sqlite3.connect(live, timeout=config.busy_timeout)
+        try:
+            revision = sqlite_revision(conn)
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return  # unreadable: _sqlite_holds_tables says so
+    if revision is not None and revision in _unprefixed_revisions():
+        raise BackupError(
+            f"the database is at revision {revision}, before llmstore's tables got their "
+            "llmstore_ names: run `python -m llmstore upgrade` first; nothing was restored"
+        )
 
 
 def _sqlite_holds_tables(config: StoreConfig, live: Path) -> bool:
@@ -192,49 +231,6 @@ def _sqlite_holds_tables(config: StoreConfig, live: Path) -> bool:
             f"cannot read the current database {str(live)!r}, so nothing was restored: {exc}; "
             "to restore over a damaged database, move it (with its -wal and -shm files) away"
         ) from None
-
-
-def _sqlite_copy_into(
-    config: StoreConfig, path: Path, page_size: int, progress: Progress | None
-) -> None:
-    live = config.sqlite_path or ""
-    ensure_parent(live)
-
-    def report(status: int, remaining: int, total: int) -> None:
-        if progress is not None:
-            progress(total - remaining, total)
-
-    with tempfile.TemporaryDirectory(dir=Path(live).parent, prefix=".llmstore-restore-") as tmp:
-        try:
-            target = sqlite3.connect(live, timeout=config.busy_timeout, isolation_level=None)
-            try:
-                target.execute(f"PRAGMA page_size = {page_size}")  # a new file only
-                target.execute("PRAGMA journal_mode = WAL")
-                source = _open_read_only(path)
-                try:
-                    live_size = int(target.execute("PRAGMA page_size").fetchone()[0])
-                    if live_size != page_size:
-                        resized = Path(tmp) / "resized.db"
-                        source.execute(f"PRAGMA page_size = {live_size}")
-                        source.execute("VACUUM INTO ?", (str(resized),))
-                        source.close()
-                        source = sqlite3.connect(resized)
-                    source.backup(target, pages=PAGES_PER_STEP, progress=report)
-                finally:
-                    source.close()
-                problems = [row[0] for row in target.execute("PRAGMA integrity_check")]
-            finally:
-                target.close()
-        except sqlite3.Error as exc:
-            raise BackupError(
-                f"could not restore {str(path)!r}: {type(exc).__name__}: {exc}; "
-                "the database was left as it was"
-            ) from None
-    if problems != ["ok"]:
-        raise BackupError(
-            f"the database now holds the restored copy, which failed its integrity check: "
-            f"{problems[0]}"
-        )
 
 
 # --- Postgres --------------------------------------------------------------------------------
@@ -262,7 +258,7 @@ def _restore_postgres(
         listing = run_tool([restore, "--list", str(path)], dict(os.environ), "pg_restore")
     except BackupError as exc:
         raise BackupError(f"{str(path)!r} is not a pg_dump custom-format archive: {exc}") from None
-    held = set(re.findall(r"^\d+; \d+ \d+ TABLE (\S+) alembic_version ", listing, re.MULTILINE))
+    held = set(re.findall(rf"^\d+; \d+ \d+ TABLE (\S+) {VERSION_TABLE} ", listing, re.MULTILINE))
     if schema not in held:
         raise BackupError(
             f"{str(path)!r} holds no llmstore tables in schema {schema!r} (it holds "

@@ -7,21 +7,21 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from llmstore import _migrations
+from llmstore import _migration_schema
 
 
 @contextlib.contextmanager
 def scripts_with(tmp_path: Path, revisions: dict[str, str]) -> Iterator[Path]:
     """Point llmstore at a copy of its scripts plus ``revisions`` (file stem: source)."""
     location = tmp_path / "scripts"
-    shutil.copytree(_migrations.script_location(), location)
+    shutil.copytree(_migration_schema.script_location(), location)
     for stem, source in revisions.items():
         (location / "versions" / f"{stem}.py").write_text(source)
-    original = _migrations.script_location
-    _migrations.scripts.cache_clear()
-    _migrations.script_location = lambda: location  # type: ignore[assignment]
+    original = _migration_schema.script_location
+    _migration_schema.scripts.cache_clear()
+    _migration_schema.script_location = lambda: location  # type: ignore[assignment]
     try:
         yield location
     finally:
-        _migrations.script_location = original  # type: ignore[assignment]
-        _migrations.scripts.cache_clear()
+        _migration_schema.script_location = original  # type: ignore[assignment]
+        _migration_schema.scripts.cache_clear()

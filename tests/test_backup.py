@@ -30,7 +30,7 @@ from llmstore import (
 from llmstore._backup import archive_revision, backup_database, backup_prefix, prune
 from llmstore._cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
 from llmstore._migrations import head_revision, migrate, upgrade
-from llmstore._schema import metadata
+from llmstore._schema import VERSION_TABLE, metadata
 from llmstore.pytest_plugin import drop_schema, fresh_schema_name
 
 from .conftest import require_postgres
@@ -89,9 +89,9 @@ depends_on = None
 
 def upgrade() -> None:
     op.create_table("half_done", sa.Column("id", sa.Integer, primary_key=True))
-    op.execute("UPDATE projects SET name = 'changed by a failing revision'")
-    op.execute("DELETE FROM usage_receipts")
-    op.execute("DELETE FROM usage_logs")
+    op.execute("UPDATE llmstore_projects SET name = 'changed by a failing revision'")
+    op.execute("DELETE FROM llmstore_usage_receipts")
+    op.execute("DELETE FROM llmstore_usage_logs")
     op.execute("SELECT * FROM no_such_table_so_this_revision_fails")
 
 
@@ -116,12 +116,12 @@ async def test_a_failing_revision_leaves_every_row_as_it_was(
         await migrate(db_config, "head", downgrading=False, backup=True)
     message = str(raised.value)
     assert "failed at revision 0099_fails" in message
-    assert "still at 0004_usage_logs_receipts" in message
+    assert f"still at {head_revision()}" in message
     assert "the backup taken before it is " in message
     backup = Path(message.rsplit("the backup taken before it is ", 1)[1])
     assert backup.is_file()
     assert await snapshot(db_config) == before
-    assert await _migrations.current(db_config) == "0004_usage_logs_receipts"
+    assert await _migrations.current(db_config) == head_revision()
 
 
 async def test_a_failure_after_several_revisions_undoes_them_all(
@@ -135,7 +135,7 @@ async def test_a_failure_after_several_revisions_undoes_them_all(
         await migrate(db_config, "head", downgrading=False, backup=False)
     assert await _migrations.current(db_config) == FIRST
     tables = set((await snapshot(db_config)).keys())
-    assert "api_keys" not in tables and "usage_logs" not in tables and "half_done" not in tables
+    assert not {"api_keys", "usage_logs", "llmstore_usage_logs", "half_done"} & tables
 
 
 # --- SQLite backups --------------------------------------------------------------------------
@@ -163,7 +163,7 @@ async def test_sqlite_upgrade_backs_up_first_into_the_backups_folder(
         assert copy.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         assert copy.execute("PRAGMA journal_mode").fetchone() == ("delete",)
         assert copy.execute("SELECT name FROM projects").fetchall() == [("kept in the backup",)]
-        assert copy.execute("SELECT version_num FROM alembic_version").fetchone() == (FIRST,)
+        assert copy.execute(f"SELECT version_num FROM {VERSION_TABLE}").fetchone() == (FIRST,)
     finally:
         copy.close()
     # At head already: nothing to do, so no backup.

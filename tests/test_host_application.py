@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
 from llmstore import MigrationError, Store, generate_key, migrations
+from llmstore._cli import EXIT_OK, main
 from llmstore._migrations import head_revision
 from llmstore._schema import LEGACY_VERSION_TABLE, VERSION_TABLE
 
@@ -256,3 +257,61 @@ def test_a_downgrade_below_0005_is_refused_while_the_host_holds_an_old_name(url:
     assert asyncio.run(migrations.current(url)) == head_revision()
     assert asyncio.run(migrations.check(url)) == []
     assert query(url, "SELECT id, user_id, label FROM api_keys") == [(7, 1, "host key")]
+
+
+def _host_state(url: str) -> dict[str, Any]:
+    """Every row of the host's tables and view, and the names of all its objects."""
+    if url.startswith("sqlite"):
+        names = query(url, "SELECT type, name FROM sqlite_master WHERE name NOT LIKE 'llmstore%'")
+    else:
+        names = query(
+            url,
+            "SELECT c.relkind::text, c.relname FROM pg_class c JOIN pg_namespace n "
+            "ON n.oid = c.relnamespace WHERE n.nspname = 'public' "
+            "AND c.relname NOT LIKE 'llmstore%'",
+        )
+    state: dict[str, Any] = {"objects": sorted(names)}
+    for table in ("users", "api_keys", LEGACY_VERSION_TABLE, "user_emails"):
+        state[table] = sorted(query(url, f"SELECT * FROM {table}"))
+    return state
+
+
+def test_backup_restore_and_rotate_keys_leave_the_hosts_rows_alone(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old_key, new_key = generate_key(), generate_key()
+    monkeypatch.setenv("LLMSTORE_ENCRYPTION_KEYS", old_key)
+    monkeypatch.setenv("LLMSTORE_BACKUP_DIR", str(tmp_path / "backups"))
+    host_upgrade(url)
+    query(url, "CREATE VIEW user_emails AS SELECT email FROM users")
+    query(url, "CREATE INDEX ix_users_email_id ON users (email, id)")
+    query(url, "INSERT INTO users (id, email) VALUES (1, 'a@example.com')")
+    query(url, "INSERT INTO api_keys (id, user_id, label) VALUES (7, 1, 'host key')")
+    asyncio.run(migrations.upgrade(url, backup=False))
+
+    async def projects(*create: str) -> list[str]:
+        async with Store.from_url(url, encryption_keys=old_key) as store:
+            for name in create:
+                await store.projects.create(name, api_key=f"sk-{name}")
+            return sorted(p.name for p in await store.projects.list())
+
+    assert asyncio.run(projects("backed up")) == ["backed up"]
+    saved = tmp_path / "saved.backup"
+    assert main(["backup", "--out", str(saved), "--url", url]) == EXIT_OK
+
+    query(url, "UPDATE users SET email = 'changed@example.com' WHERE id = 1")
+    query(url, "INSERT INTO api_keys (id, user_id, label) VALUES (8, 1, 'made since')")
+    assert asyncio.run(projects("made since")) == ["backed up", "made since"]
+    host = _host_state(url)
+    assert host["api_keys"] == [(7, 1, "host key"), (8, 1, "made since")]
+
+    assert main(["restore", str(saved), "--url", url]) == EXIT_OK
+    assert _host_state(url) == host  # the host's rows as they were just before, not restored
+    assert asyncio.run(projects()) == ["backed up"]
+
+    monkeypatch.setenv("LLMSTORE_ENCRYPTION_KEYS", f"{new_key},{old_key}")
+    assert main(["rotate-keys", "--url", url]) == EXIT_OK
+    assert _host_state(url) == host
+    assert asyncio.run(migrations.check(url)) == []
+    alembic.command.upgrade(host_config(url), "head")  # the host's history is still whole
+    assert query(url, f"SELECT version_num FROM {LEGACY_VERSION_TABLE}") == [(HOST_HEAD,)]

@@ -20,9 +20,9 @@ from sqlalchemy.pool import NullPool
 from llmstore import BackupError, Store, StoreConfig, _migrations, _restore, generate_key
 from llmstore._backup import backup_database, backup_prefix
 from llmstore._cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
-from llmstore._migrations import head_revision, migrate, upgrade
+from llmstore._migrations import head_revision, upgrade
 from llmstore._restore import restore_database
-from llmstore._schema import metadata
+from llmstore._schema import VERSION_TABLE, metadata
 from llmstore.pytest_plugin import drop_schema, fresh_schema_name
 
 from .conftest import require_postgres
@@ -121,16 +121,15 @@ async def test_restore_brings_back_every_row_and_backs_up_first(
     saved, archive = await _seeded_backup(config, tmp_path)
     assert all(saved[name] for name in metadata.tables), "a table was left empty"
     await _change_rows(config)
-    await migrate(config, SECOND, downgrading=True, backup=False)
     changed = await snapshot(config)
-    assert changed != saved and "api_keys" not in changed
+    assert changed != saved
 
     steps: list[tuple[str, int, int | None]] = []
     done = await _restore_file(config, archive, progress=lambda *step: steps.append(step))
     assert done.path == archive and done.revision == head_revision()
     assert await snapshot(config) == saved
     assert await _migrations.current(config) == head_revision()
-    assert done.backup is not None and done.backup.revision == SECOND
+    assert done.backup is not None and done.backup.revision == head_revision()
     assert _backups_taken(config) == [done.backup.path]  # a default name: retention applies
     stages = [stage for stage, _, _ in steps]
     assert "backing up" in stages and stages[-1] == "restoring"
@@ -138,7 +137,7 @@ async def test_restore_brings_back_every_row_and_backs_up_first(
 
     # The backup taken first holds the database as it was: restoring it brings that back.
     undone = await _restore_file(config, done.backup.path)
-    assert undone.revision == SECOND
+    assert undone.revision == head_revision()
     assert await snapshot(config) == changed
 
 
@@ -148,9 +147,9 @@ async def test_refusals_change_nothing_and_take_no_backup(
     await upgrade(config)
     await seed(config)
     good = await _backup_to(config, tmp_path / "good.backup")
-    await _execute(config, "UPDATE alembic_version SET version_num = 'ffff'")
+    await _execute(config, f"UPDATE {VERSION_TABLE} SET version_num = 'ffff'")
     newer = await _backup_to(config, tmp_path / "newer.backup")
-    await _execute(config, f"UPDATE alembic_version SET version_num = '{head_revision()}'")
+    await _execute(config, f"UPDATE {VERSION_TABLE} SET version_num = '{head_revision()}'")
     await _change_rows(config)
     before = await snapshot(config)
 
@@ -188,14 +187,16 @@ async def test_the_cli_restores_guards_prod_and_says_what_to_do_next(
     saved = tmp_path / "saved.backup"
     assert await asyncio.to_thread(main, ["upgrade", *args]) == EXIT_OK
     assert await asyncio.to_thread(main, ["backup", "--out", str(saved), *args]) == EXIT_OK
-    assert await asyncio.to_thread(main, ["downgrade", SECOND, *args]) == EXIT_OK
+    async with Store(config) as store:
+        await store.projects.create("made after the backup")
     printed = capsys.readouterr()
 
     restore = ["restore", str(saved), *args]
     assert await asyncio.to_thread(main, [*restore, "--env", "prod"]) == EXIT_USAGE
     refused = capsys.readouterr()
     assert "needs --yes" in refused.err
-    assert await _migrations.current(config) == SECOND
+    async with Store(config) as store:
+        assert [p.name for p in await store.projects.list()] == ["made after the backup"]
 
     assert await asyncio.to_thread(main, [*restore, "--env", "prod", "--yes"]) == EXIT_OK
     restored = capsys.readouterr()
@@ -208,8 +209,21 @@ async def test_the_cli_restores_guards_prod_and_says_what_to_do_next(
 
     assert await asyncio.to_thread(main, ["restore", str(previous), *args]) == EXIT_OK
     behind = capsys.readouterr()
-    assert f"restored revision {SECOND} from {previous} " in behind.out
-    assert f"behind head {head_revision()}: run `upgrade` next" in behind.out
+    assert f"restored revision {head_revision()} from {previous} " in behind.out
+    async with Store(config) as store:
+        assert [p.name for p in await store.projects.list()] == ["made after the backup"]
+
+    # Before revision 0005 the tables had the bare names a host's may have: such a backup
+    # is refused, and so is restoring into a database still at such a revision.
+    old = tmp_path / "old.backup"
+    assert await asyncio.to_thread(main, ["downgrade", SECOND, *args]) == EXIT_OK
+    assert await asyncio.to_thread(main, ["backup", "--out", str(old), *args]) == EXIT_OK
+    capsys.readouterr()
+    assert await asyncio.to_thread(main, ["restore", str(old), *args]) == EXIT_FAILED
+    assert "made before llmstore's tables got their llmstore_ names" in capsys.readouterr().err
+    assert await asyncio.to_thread(main, ["restore", str(saved), *args]) == EXIT_FAILED
+    assert "run `python -m llmstore upgrade` first" in capsys.readouterr().err
+    assert await _migrations.current(config) == SECOND
 
     junk = tmp_path / "junk.backup"
     junk.write_text("junk")
@@ -256,7 +270,7 @@ async def test_sqlite_restore_into_a_new_file_and_under_an_open_store(
     assert _journal_mode(sqlite_config) == "wal"
     copy = sqlite3.connect(done.backup.path)
     try:
-        names = {row[0] for row in copy.execute("SELECT name FROM projects")}
+        names = {row[0] for row in copy.execute("SELECT name FROM llmstore_projects")}
     finally:
         copy.close()
     assert names == {"seeded", "made while open"}
@@ -282,7 +296,6 @@ async def test_sqlite_restore_of_another_page_size_keeps_the_live_one(
         assert live.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     finally:
         live.close()
-    assert not list((tmp_path / "live").glob(".llmstore-restore-*"))
 
 
 async def test_sqlite_refuses_memory_itself_and_an_unmigrated_file(
@@ -408,7 +421,9 @@ async def test_postgres_public_schema_restores_only_llmstore_tables(
     assert restored == saved
 
     # A host object that depends on llmstore's tables stops the restore; nothing changes.
-    await _execute(config, "ALTER TABLE host_notes ADD COLUMN project_id uuid REFERENCES projects")
+    await _execute(
+        config, "ALTER TABLE host_notes ADD COLUMN project_id uuid REFERENCES llmstore_projects"
+    )
     await _change_rows(config)
     before = await snapshot(config)
     with pytest.raises(BackupError, match=r"psql failed: .*depend"):
@@ -442,7 +457,7 @@ async def test_a_postgres_restore_keeps_the_schema_its_grants_and_what_depends_o
         await _execute(
             pg_config,
             f'CREATE SCHEMA "{elsewhere}"',
-            f'CREATE VIEW "{elsewhere}".names AS SELECT name FROM "{schema}".projects',
+            f'CREATE VIEW "{elsewhere}".names AS SELECT name FROM "{schema}".llmstore_projects',
         )
         before = await snapshot(pg_config)
         with pytest.raises(BackupError, match="depend"):
