@@ -429,8 +429,16 @@ class ApiKeys:
         )
 
     async def authenticate(self, secret: str) -> ApiKey:
-        """The key, or ``ApiKeyRejectedError`` (``.reason``: unknown, expired)."""
-        digest = self._digester.digest(check_api_key_secret(secret))
+        """The key, or ``ApiKeyRejectedError`` (``.reason``: unknown, expired).
+
+        Anything not shaped like a key (another provider's ``sk-...``, not a string) is
+        ``unknown`` too, not a ``ValidationError``: one error per outcome for a proxy.
+        """
+        try:
+            text = check_api_key_secret(secret)
+        except ValidationError:
+            raise ApiKeyRejectedError("unknown") from None
+        digest = self._digester.digest(text)
         now = utcnow()
         return await self._runner.read(
             lambda conn: self._keys(conn).authenticate(digest, now), single=True

@@ -31,7 +31,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import sqlalchemy.exc
 
@@ -40,7 +40,21 @@ if TYPE_CHECKING:
 
 
 class LlmstoreError(Exception):
-    """Base class of every error llmstore raises."""
+    """Base class of every error llmstore raises.
+
+    ``http_status`` is the status a web framework answers it with, and ``public_message``
+    a text safe to show the client: a fixed text per class (and reason), never the
+    message itself, which may name a table, quote a driver or echo an argument.
+    """
+
+    #: The HTTP status that answers this error (500 unless a subclass says otherwise).
+    http_status: int = 500
+    _public: ClassVar[str] = "internal error"
+
+    @property
+    def public_message(self) -> str:
+        """Text safe to show a client: never a secret, a digest, SQL or a driver message."""
+        return self._public
 
 
 class ConfigError(LlmstoreError):
@@ -50,9 +64,15 @@ class ConfigError(LlmstoreError):
 class ValidationError(LlmstoreError):
     """An argument was refused before anything was written."""
 
+    http_status = 400
+    _public = "invalid request"
+
 
 class NotFoundError(LlmstoreError):
     """No row exists with the given id or name."""
+
+    http_status = 404
+    _public = "not found"
 
 
 TokenRejectionReason = Literal[
@@ -66,9 +86,17 @@ class TokenRejectedError(LlmstoreError):
     The message never quotes the secret.
     """
 
+    http_status = 401
+
     def __init__(self, reason: TokenRejectionReason, message: str | None = None) -> None:
         super().__init__(message or f"token rejected: {reason.replace('_', ' ')}")
         self.reason: TokenRejectionReason = reason
+        if reason == "quota_exhausted":
+            self.http_status = 429  # the token is good: it has used up its requests
+
+    @property
+    def public_message(self) -> str:
+        return _TOKEN_REJECTIONS[self.reason]
 
 
 ApiKeyRejectionReason = Literal["unknown", "expired"]
@@ -77,13 +105,22 @@ ApiKeyRejectionReason = Literal["unknown", "expired"]
 class ApiKeyRejectedError(LlmstoreError):
     """``api_keys.authenticate()`` refused the key; ``reason`` is ``unknown`` or ``expired``."""
 
+    http_status = 401
+
     def __init__(self, reason: ApiKeyRejectionReason) -> None:
         super().__init__(f"API key rejected: {reason}")
         self.reason: ApiKeyRejectionReason = reason
 
+    @property
+    def public_message(self) -> str:
+        return "API key expired" if self.reason == "expired" else "invalid API key"
+
 
 class InsufficientBalanceError(LlmstoreError):
     """The key's available balance (``balance - reserved``) is less than requested."""
+
+    http_status = 402
+    _public = "insufficient balance"
 
     def __init__(self, available: int, requested: int) -> None:
         super().__init__(f"insufficient balance: {available} available, {requested} requested")
@@ -94,9 +131,14 @@ class InsufficientBalanceError(LlmstoreError):
 class ConflictError(LlmstoreError):
     """The change conflicts with existing data, for example a duplicate name."""
 
+    http_status = 409
+    _public = "conflict with existing data"
+
 
 class IdempotencyConflictError(ConflictError):
     """An idempotency key was used again with different parameters."""
+
+    _public = "idempotency key already used with other parameters"
 
 
 class StoreClosedError(LlmstoreError):
@@ -162,6 +204,18 @@ class DatabaseError(LlmstoreError):
 
 class DatabaseUnavailableError(DatabaseError):
     """The database could not be reached, or stayed locked past the busy timeout."""
+
+    http_status = 503
+    _public = "service unavailable"
+
+
+_TOKEN_REJECTIONS: dict[str, str] = {
+    "unknown": "invalid token",
+    "inactive": "token inactive",
+    "project_inactive": "project inactive",
+    "expired": "token expired",
+    "quota_exhausted": "token quota exhausted",
+}
 
 
 # SQLSTATE codes (Postgres) and extended result names (SQLite) of integrity failures.

@@ -347,10 +347,14 @@ class Tokens:
         """Spend one request of the token (or count a cache hit) and return it, updated.
 
         Raises ``TokenRejectedError`` (``.reason``: unknown, inactive, project_inactive,
-        expired, quota_exhausted), or ``ValidationError`` for a string that is not shaped
-        like a token secret.
+        expired, quota_exhausted); anything not shaped like a token secret is ``unknown``,
+        not a ``ValidationError``: one error per outcome for a proxy.
         """
-        digest = self._digester.digest(check_token_secret(secret))
+        try:
+            text = check_token_secret(secret)
+        except ValidationError:
+            raise TokenRejectedError("unknown") from None
+        digest = self._digester.digest(text)
         if not isinstance(cache_hit, bool):
             raise ValidationError(
                 f"cache_hit must be True or False, not {type(cache_hit).__name__}"

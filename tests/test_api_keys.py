@@ -244,8 +244,9 @@ async def test_authenticate_refusals(store: Store) -> None:
         42,
         live.secret.encode(),
     ]:
+        # Not shaped like a key: a rejection like any unknown key (one error per outcome).
         await _refused(
-            ValidationError, lambda m=malformed: store.api_keys.authenticate(m), malformed
+            ApiKeyRejectedError, lambda m=malformed: store.api_keys.authenticate(m), malformed
         )
 
 

@@ -614,12 +614,13 @@ MALFORMED_SECRETS = [
 ]
 
 
-async def test_malformed_secrets_are_validation_errors(store: Store) -> None:
+async def test_malformed_secrets_are_rejected_as_unknown(store: Store) -> None:
+    # A proxy catches one error per outcome: a string of the wrong shape is no token.
     issued = await store.tokens.create((await _project(store)).id)
     for secret in MALFORMED_SECRETS:
         for cache_hit in (False, True):
             message = await _refused(
-                ValidationError,
+                TokenRejectedError,
                 lambda s=secret, c=cache_hit: store.tokens.use(s, cache_hit=c),
                 secret,
             )
@@ -628,10 +629,10 @@ async def test_malformed_secrets_are_validation_errors(store: Store) -> None:
     assert await store.tokens.get(issued.token.id) == issued.token
 
 
-async def test_non_string_secrets_are_validation_errors(store: Store) -> None:
+async def test_non_string_secrets_are_rejected_as_unknown(store: Store) -> None:
     for secret in (None, 123, ["lst_" + "A" * 43], b"lst_" + b"A" * 43, bytearray(b"lst_")):
         message = await _refused(
-            ValidationError,
+            TokenRejectedError,
             lambda s=secret: store.tokens.use(s),  # type: ignore[arg-type]
             secret,
         )
@@ -644,12 +645,13 @@ async def test_issued_secret_is_never_quoted(store: Store) -> None:
     issued = await store.tokens.create((await _project(store)).id)
     # A real secret with a wrong prefix: the message must not leak the rest of it.
     wrong = "lsx_" + issued.secret[4:]
-    with pytest.raises(ValidationError) as info:
+    with pytest.raises(TokenRejectedError) as info:
         await store.tokens.use(wrong)
-    assert issued.secret[4:] not in str(info.value)
-    with pytest.raises(ValidationError) as info:
+    assert info.value.reason == "unknown"
+    assert issued.secret[4:] not in str(info.value) + info.value.public_message
+    with pytest.raises(TokenRejectedError) as info:
         await store.tokens.use(issued.secret.encode())  # type: ignore[arg-type]
-    assert issued.secret[4:] not in str(info.value)
+    assert issued.secret[4:] not in str(info.value) + info.value.public_message
 
 
 async def test_cache_hit_must_be_a_boolean(store: Store) -> None:
