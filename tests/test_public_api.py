@@ -27,7 +27,7 @@ def test_all_is_sorted_and_complete() -> None:
     assert public == set(llmstore.__all__)
 
 
-PUBLIC_MODULES = {"migrations", "pytest_plugin"}
+PUBLIC_MODULES = {"extract", "migrations", "pytest_plugin"}
 
 
 def test_modules_are_private_except_the_public_ones() -> None:
@@ -39,7 +39,9 @@ def test_modules_are_private_except_the_public_ones() -> None:
     assert inner == {"ops"}
 
 
-@pytest.mark.parametrize("name", ["llmstore.migrations", "llmstore.migrations.ops"])
+@pytest.mark.parametrize(
+    "name", ["llmstore.extract", "llmstore.migrations", "llmstore.migrations.ops"]
+)
 def test_public_submodules_have_a_sorted_complete_all(name: str) -> None:
     module = importlib.import_module(name)
     assert module.__all__ == sorted(module.__all__)
