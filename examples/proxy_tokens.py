@@ -9,20 +9,19 @@ from __future__ import annotations
 
 import asyncio
 
-from llmstore import Store, TokenRejectedError, ValidationError, generate_key
+from llmstore import Store, TokenRejectedError, generate_key
 
 
 async def handle_request(store: Store, bearer: str, client_ip: str) -> int:
     """The HTTP status a proxy would answer with."""
     try:
         token = await store.tokens.use(bearer)
-    except (TokenRejectedError, ValidationError) as exc:
-        reason = exc.reason if isinstance(exc, TokenRejectedError) else "malformed"
+    except TokenRejectedError as exc:  # a string of the wrong shape too: reason "unknown"
         await store.audit.record(
-            "token.use", "proxy", "denied", client_ip=client_ip, metadata={"reason": reason}
+            "token.use", "proxy", "denied", client_ip=client_ip, metadata={"reason": exc.reason}
         )
-        print(f"  401/429: {reason}")
-        return 429 if reason == "quota_exhausted" else 401
+        print(f"  {exc.http_status}: {exc.reason} ({exc.public_message})")
+        return exc.http_status
     upstream = await store.providers.resolve(token.project_id)
     print(
         f"  200: call {upstream.provider}/{upstream.model}, "

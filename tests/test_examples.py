@@ -53,8 +53,8 @@ def test_proxy_tokens_example(tmp_path: Path) -> None:
     result = _run([sys.executable, str(ROOT / "examples" / "proxy_tokens.py")], tmp_path, env)
     assert result.returncode == 0, result.stderr
     assert "200: call openai/gpt-4o-mini, 1 request(s) left" in result.stdout
-    assert "401/429: quota_exhausted" in result.stdout
-    assert "401/429: malformed" in result.stdout
+    assert "429: quota_exhausted (token quota exhausted)" in result.stdout
+    assert "401: unknown (invalid token)" in result.stdout
     assert "chain intact: True" in result.stdout
     assert "lst_" in result.stdout  # the display prefix, never the whole secret
 

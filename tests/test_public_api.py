@@ -5,6 +5,8 @@ from __future__ import annotations
 import builtins
 import importlib
 import pkgutil
+import subprocess
+import sys
 import types
 from typing import Any
 
@@ -89,3 +91,17 @@ async def test_plugin_postgres_factory_fixture(llmstore_postgres_factory: Any) -
     assert await second.projects.list() == []
     assert first.driver == "postgresql"
     assert first.config.schema_name != second.config.schema_name
+
+
+def test_importing_llmstore_pulls_in_no_web_framework() -> None:
+    # FastAPI and httpx are for the example and the tests only (the dev extra).
+    code = (
+        "import sys, llmstore, llmstore.extract, llmstore.migrations, llmstore.migrations.ops; "
+        "import llmstore._cli, llmstore._backup, llmstore._restore; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "{'fastapi', 'starlette', 'httpx', 'anyio'}))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.strip() == "[]"
