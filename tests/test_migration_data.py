@@ -31,7 +31,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
-from llmstore import StoreConfig
+from llmstore import Store, StoreConfig, UsageRecord
 from llmstore._migrations import current, downgrade, head_revision, scripts, upgrade
 from llmstore._schema import VERSION_TABLE, metadata
 
@@ -841,3 +841,112 @@ async def test_rows_seeded_at_a_revision_survive_up_to_head_and_back(
         await assert_rows_intact(db_config, seeded, step)
     # Back where it started: exactly the seeds, as written.
     assert await current(db_config) == revision
+
+
+# --- revision 0005: names and ids ----------------------------------------------------------
+
+_RENAMING = "0005_llmstore_prefix"
+_BEFORE_RENAMING = "0004_usage_logs_receipts"
+_OLD_USAGE = sa.table(
+    "usage_logs",
+    sa.column("id", sa.BigInteger()),
+    sa.column("created_at", sa.DateTime(timezone=True)),
+    sa.column("is_streaming", sa.Boolean()),
+    sa.column("success", sa.Boolean()),
+    sa.column("prompt_tokens", sa.BigInteger()),
+    sa.column("completion_tokens", sa.BigInteger()),
+    sa.column("cached_tokens", sa.BigInteger()),
+    sa.column("total_tokens", sa.BigInteger()),
+    sa.column("cost", sa.BigInteger()),
+)
+
+
+def _insert_and_purge_the_newest(conn: Connection) -> int:
+    """Three usage rows at 0004, ids from the table's own counter; the newest is purged."""
+    row = {
+        "created_at": NOW,
+        "is_streaming": False,
+        "success": True,
+        "prompt_tokens": 1,
+        "completion_tokens": 1,
+        "cached_tokens": 0,
+        "total_tokens": 2,
+        "cost": 1,
+    }
+    ids = [
+        conn.execute(sa.insert(_OLD_USAGE).values(row).returning(_OLD_USAGE.c.id)).scalar_one()
+        for _ in range(3)
+    ]
+    conn.execute(sa.delete(_OLD_USAGE).where(_OLD_USAGE.c.id == max(ids)))
+    return max(ids)
+
+
+async def test_ids_go_on_counting_through_the_rename_and_back(db_config: StoreConfig) -> None:
+    """SQLite's AUTOINCREMENT mark and Postgres's sequence survive 0004 -> 0005 -> 0004
+    -> 0005: the id of a purged row never comes back (a receipt may name it)."""
+    await upgrade(db_config, _BEFORE_RENAMING)
+    purged = await on_database(db_config, _insert_and_purge_the_newest)
+    await upgrade(db_config)
+    async with Store(db_config) as store:
+        first = (await store.usage.record(UsageRecord(cost=1))).ids[0]
+    assert first > purged
+    await downgrade(db_config, _BEFORE_RENAMING)
+    again = await on_database(db_config, _insert_and_purge_the_newest)
+    assert again > first
+    await upgrade(db_config)
+    async with Store(db_config) as store:
+        assert (await store.usage.record(UsageRecord(cost=1))).ids[0] > again
+
+
+def _object_names(conn: Connection, schema: str | None) -> dict[str, list[str]]:
+    if conn.dialect.name == "sqlite":
+        rows = conn.exec_driver_sql(
+            "SELECT type, name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'"
+        )
+        names: dict[str, list[str]] = {}
+        for kind, name in rows:
+            names.setdefault(kind, []).append(name)
+        inspector = sa.inspect(conn)
+        for table in inspector.get_table_names():
+            constraints = [
+                inspector.get_pk_constraint(table)["name"],
+                *(c["name"] for c in inspector.get_unique_constraints(table)),
+                *(c["name"] for c in inspector.get_foreign_keys(table)),
+                *(c["name"] for c in inspector.get_check_constraints(table)),
+            ]
+            names.setdefault("constraint", []).extend(c for c in constraints if c)
+        return names
+    rows = conn.execute(
+        sa.text(
+            "SELECT CASE c.relkind WHEN 'r' THEN 'table' WHEN 'i' THEN 'index' "
+            "WHEN 'S' THEN 'sequence' ELSE c.relkind::text END, c.relname FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = current_schema() "
+            "UNION ALL SELECT 'constraint', k.conname FROM pg_constraint k "
+            "JOIN pg_namespace n ON n.oid = k.connamespace WHERE n.nspname = current_schema()"
+        )
+    )
+    names = {}
+    for kind, name in rows:
+        names.setdefault(kind, []).append(name)
+    return names
+
+
+@pytest.mark.parametrize("way", ["from empty", "through the revisions"])
+async def test_every_object_is_named_llmstore_(db_config: StoreConfig, way: str) -> None:
+    if way == "through the revisions":
+        await upgrade(db_config, _BEFORE_RENAMING)
+    await upgrade(db_config)
+    names = await on_database(db_config, lambda conn: _object_names(conn, db_config.schema_name))
+    assert {"table", "index", "constraint"} <= set(names)
+    if db_config.driver == "postgresql":
+        assert sorted(names["sequence"]) == [
+            "llmstore_ledger_entries_id_seq",
+            "llmstore_usage_logs_id_seq",
+        ]
+    unprefixed = {
+        kind: [name for name in found if not name.startswith("llmstore_")]
+        for kind, found in names.items()
+    }
+    assert all(not found for found in unprefixed.values()), unprefixed
+    # Both ways give the same objects.
+    assert set(names["table"]) == set(metadata.tables) | {VERSION_TABLE}
