@@ -16,7 +16,7 @@ import sqlalchemy as sa
 import sqlalchemy.ext.asyncio
 from sqlalchemy.engine import Connection
 
-from llmstore import MigrationError, StoreConfig, UsageRecord, _migrations
+from llmstore import MigrationError, StoreConfig, UsageRecord, _migration_schema, _migrations
 from llmstore._migration_ops import DEFAULT_LOCK_TIMEOUT
 from llmstore._migrations import head_revision, migrate, upgrade
 from llmstore._schema import metadata
@@ -74,7 +74,7 @@ def _check_function(function: ast.FunctionDef, where: str) -> list[str]:
         if any(item.arg == "postgresql_concurrently" for item in call.keywords):
             problems.append(f"{where}: use create_index_concurrently or drop_index_concurrently")
         if name == "autocommit_block":
-            problems.append(f"{where}: autocommit_block only through llmstore._migration_ops")
+            problems.append(f"{where}: autocommit_block only through llmstore.migrations.ops")
         if name == "create_index" and _table_argument(call, 1, "table_name") not in created:
             problems.append(f"{where}: an index on an existing table: create_index_concurrently")
         if name == "drop_index" and _table_argument(call, 1, "table_name") not in dropped:
@@ -131,18 +131,18 @@ def test_the_grandfathered_revisions_would_not_pass_so_the_check_reads_them() ->
 _GOOD = '''
 from alembic import op
 import sqlalchemy as sa
-from llmstore._migration_ops import (
+from llmstore.migrations.ops import (
     create_index_concurrently, drop_index_concurrently, set_lock_timeout,
 )
 
 def upgrade() -> None:
     """Index usage by status."""
     set_lock_timeout("5s")
-    create_index_concurrently("ix_usage_logs_status_code", "usage_logs", ["status_code"])
+    create_index_concurrently("ix_usage_logs_status_code", "llmstore_usage_logs", ["status_code"])
 
 def downgrade() -> None:
     set_lock_timeout()
-    drop_index_concurrently("ix_usage_logs_status_code", "usage_logs")
+    drop_index_concurrently("ix_usage_logs_status_code", "llmstore_usage_logs")
 '''
 
 _NEW_TABLE = """
@@ -169,20 +169,22 @@ _BAD = {
         "0005 upgrade() must begin with set_lock_timeout()",
     ),
     "plain-index-on-existing-table": (
-        _NEW_TABLE.replace('"ix_notes_id", "notes"', '"ix_usage_model", "usage_logs"'),
+        _NEW_TABLE.replace('"ix_notes_id", "notes"', '"ix_usage_model", "llmstore_usage_logs"'),
         "0005 upgrade(): an index on an existing table: create_index_concurrently",
     ),
     "plain-drop-on-kept-table": (
         _GOOD.replace(
-            'drop_index_concurrently("ix_usage_logs_status_code", "usage_logs")',
-            'op.drop_index("ix_usage_logs_status_code", table_name="usage_logs")',
+            'drop_index_concurrently("ix_usage_logs_status_code", "llmstore_usage_logs")',
+            'op.drop_index("ix_usage_logs_status_code", table_name="llmstore_usage_logs")',
         ),
         "0005 downgrade(): an index of a table kept: drop_index_concurrently",
     ),
     "concurrent-by-hand": (
         _GOOD.replace(
-            'create_index_concurrently("ix_usage_logs_status_code", "usage_logs", ["status_code"])',
-            'op.create_index("ix_s", "usage_logs", ["status_code"], postgresql_concurrently=True)',
+            'create_index_concurrently("ix_usage_logs_status_code", "llmstore_usage_logs", '
+            '["status_code"])',
+            'op.create_index("ix_s", "llmstore_usage_logs", ["status_code"], '
+            "postgresql_concurrently=True)",
         ),
         "0005 upgrade(): use create_index_concurrently or drop_index_concurrently",
     ),
@@ -190,14 +192,14 @@ _BAD = {
         _GOOD.replace(
             '    set_lock_timeout("5s")\n',
             '    set_lock_timeout("5s")\n    with op.get_context().autocommit_block():\n'
-            '        op.execute("VACUUM usage_logs")\n',
+            '        op.execute("VACUUM llmstore_usage_logs")\n',
         ),
-        "0005 upgrade(): autocommit_block only through llmstore._migration_ops",
+        "0005 upgrade(): autocommit_block only through llmstore.migrations.ops",
     ),
     "concurrent-index-mixed-with-other-work": (
         _GOOD.replace(
             '    create_index_concurrently("ix_usage_logs_status_code"',
-            '    op.add_column("usage_logs", sa.Column("note", sa.Text()))\n'
+            '    op.add_column("llmstore_usage_logs", sa.Column("note", sa.Text()))\n'
             '    create_index_concurrently("ix_usage_logs_status_code"',
         ),
         "0005 upgrade(): a concurrent index build commits what came before it, so its "
@@ -219,15 +221,15 @@ def test_a_revision_that_breaks_a_rule_fails(case: str) -> None:
 # --- the concurrent index build, run ---------------------------------------------------------
 
 _INDEX = "ux_usage_logs_origin"
-_BEFORE = "0004_usage_logs_receipts"
+_BEFORE = head_revision()
 _COMMITTED_ALONE = "a revision that builds or drops an index concurrently is committed on its own"
-_REVISION = "0005_index_usage_origin"
+_REVISION = "0006_index_usage_origin"
 
 
 def _index_revision(revision: str = _REVISION, down: str | None = None) -> str:
     return f'''"""A unique index on a table that exists: built concurrently."""
 
-from llmstore._migration_ops import (
+from llmstore.migrations.ops import (
     create_index_concurrently, drop_index_concurrently, set_lock_timeout,
 )
 
@@ -239,12 +241,12 @@ depends_on = None
 
 def upgrade() -> None:
     set_lock_timeout("10s")
-    create_index_concurrently("{_INDEX}", "usage_logs", ["origin"], unique=True)
+    create_index_concurrently("{_INDEX}", "llmstore_usage_logs", ["origin"], unique=True)
 
 
 def downgrade() -> None:
     set_lock_timeout()
-    drop_index_concurrently("{_INDEX}", "usage_logs")
+    drop_index_concurrently("{_INDEX}", "llmstore_usage_logs")
 '''
 
 
@@ -256,12 +258,12 @@ def index_scripts(
     models = sa.MetaData()
     for table in metadata.sorted_tables:
         table.to_metadata(models)
-    sa.Index(_INDEX, models.tables["usage_logs"].c.origin, unique=True)
+    sa.Index(_INDEX, models.tables["llmstore_usage_logs"].c.origin, unique=True)
     with (
         monkeypatch.context() as patch,
         scripts_with(tmp_path, revisions or {_REVISION: _index_revision()}),
     ):
-        patch.setattr(_migrations, "metadata", models)
+        patch.setattr(_migration_schema, "metadata", models)
         yield
 
 
@@ -285,7 +287,7 @@ async def _index_state(config: StoreConfig) -> bool | None:
 
     def read(conn: Connection) -> bool | None:
         if conn.dialect.name == "sqlite":
-            names = {index["name"] for index in sa.inspect(conn).get_indexes("usage_logs")}
+            names = {index["name"] for index in sa.inspect(conn).get_indexes("llmstore_usage_logs")}
             return True if _INDEX in names else None
         value = conn.execute(
             sa.text(
@@ -350,7 +352,7 @@ async def test_an_invalid_index_left_by_a_crash_is_reported_and_rebuilt(
             with pytest.raises(sa.exc.IntegrityError):
                 await conn.exec_driver_sql(
                     f"CREATE UNIQUE INDEX CONCURRENTLY {_INDEX} ON "
-                    f'"{postgres_config.schema_name}".usage_logs (origin)'
+                    f'"{postgres_config.schema_name}".llmstore_usage_logs (origin)'
                 )
     finally:
         await engine.dispose()
@@ -372,7 +374,7 @@ async def _delete_one_duplicate(config: StoreConfig) -> None:
     schema = config.schema_name
 
     def delete(conn: Connection) -> None:
-        table = sa.table("usage_logs", sa.column("id"), sa.column("origin"), schema=schema)
+        table = sa.table("llmstore_usage_logs", sa.column("id"), sa.column("origin"), schema=schema)
         first = conn.execute(sa.select(sa.func.min(table.c.id)).where(table.c.origin == "same"))
         conn.execute(sa.delete(table).where(table.c.id == first.scalar_one()))
 
@@ -406,12 +408,12 @@ async def test_a_concurrent_index_revision_commits_as_soon_as_it_is_stamped(
     await upgrade(db_config, "0003_api_keys_ledger")
     scripts = {
         _REVISION: _index_revision(),
-        "0006_fails": _failing("0006_fails", _REVISION, failing_up=True),
+        "0007_fails": _failing("0007_fails", _REVISION, failing_up=True),
     }
     with index_scripts(tmp_path, monkeypatch, scripts), pytest.raises(MigrationError) as raised:
         await migrate(db_config, "head", downgrading=False, backup=False)
     message = str(raised.value)
-    assert "failed at revision 0006_fails" in message
+    assert "failed at revision 0007_fails" in message
     if db_config.driver == "postgresql":
         assert f"now at {_REVISION}: {_COMMITTED_ALONE}" in message
         assert await _migrations.current(db_config) == _REVISION
@@ -428,8 +430,8 @@ async def test_a_failed_downgrade_after_a_concurrent_drop_leaves_a_whole_revisio
     index, which no later upgrade would put back."""
     await upgrade(db_config)
     scripts = {
-        "0005_fails_down": _failing("0005_fails_down", _BEFORE, failing_up=False),
-        "0006_index": _index_revision("0006_index", "0005_fails_down"),
+        "0006_fails_down": _failing("0006_fails_down", _BEFORE, failing_up=False),
+        "0007_index": _index_revision("0007_index", "0006_fails_down"),
     }
     with index_scripts(tmp_path, monkeypatch, scripts):
         await migrate(db_config, "head", downgrading=False, backup=False)
@@ -437,14 +439,14 @@ async def test_a_failed_downgrade_after_a_concurrent_drop_leaves_a_whole_revisio
         with pytest.raises(MigrationError) as raised:
             await migrate(db_config, _BEFORE, downgrading=True, backup=False)
         message = str(raised.value)
-        assert "downgrade failed at revision 0005_fails_down" in message
+        assert "downgrade failed at revision 0006_fails_down" in message
         if db_config.driver == "postgresql":
-            assert f"now at 0005_fails_down: {_COMMITTED_ALONE}" in message
-            assert await _migrations.current(db_config) == "0005_fails_down"
+            assert f"now at 0006_fails_down: {_COMMITTED_ALONE}" in message
+            assert await _migrations.current(db_config) == "0006_fails_down"
             assert await _index_state(db_config) is None
         else:
-            assert "still at 0006_index" in message
-            assert await _migrations.current(db_config) == "0006_index"
+            assert "still at 0007_index" in message
+            assert await _migrations.current(db_config) == "0007_index"
             assert await _index_state(db_config) is True
 
 
@@ -477,14 +479,14 @@ async def test_a_revision_waiting_for_a_lock_gives_up_after_its_timeout(
 ) -> None:
     await upgrade(postgres_config)
     alter = _revision(
-        '    set_lock_timeout("300ms")\n    op.add_column("projects", sa.Column("note", sa.Text()))'
+        '    set_lock_timeout("300ms")\n    op.add_column("llmstore_projects", sa.Column("note", sa.Text()))'
     )
     blocker = sa.ext.asyncio.create_async_engine(postgres_config.url.get_secret_value())
     try:
         async with blocker.connect() as conn:
             # An open read holds projects' ACCESS SHARE lock; ALTER TABLE needs ACCESS EXCLUSIVE.
             schema = postgres_config.schema_name
-            await conn.exec_driver_sql(f'SELECT count(*) FROM "{schema}".projects')
+            await conn.exec_driver_sql(f'SELECT count(*) FROM "{schema}".llmstore_projects')
             with (
                 scripts_with(tmp_path, {_REVISION: alter}),
                 pytest.raises(MigrationError, match="lock timeout") as raised,
