@@ -5,8 +5,8 @@ Run ``python -m benchmarks.run --help``; ``benchmarks/README.md`` explains the o
 Each operation is measured three ways in one process, on the same database:
 
 * ``llmstore``: the public ``Store`` API, on the tables that the migrations create
-  (``projects``, ``tokens``, ``api_keys``, ``ledger_entries``, ``reservations``,
-  ``usage_logs``);
+  (``llmstore_projects``, ``llmstore_tokens``, ``llmstore_api_keys``,
+  ``llmstore_ledger_entries``, ``llmstore_reservations``, ``llmstore_usage_logs``);
 * ``raw``: the bare driver (stdlib ``sqlite3`` behind a one-thread executor, or ``asyncpg``)
   sending the same statements as llmstore (a multi-statement unit in one transaction: one
   thread hop on SQLite, BEGIN ... COMMIT on Postgres), on ``raw_*`` tables with the same DDL;
@@ -420,7 +420,7 @@ USAGE_COLUMN_NAMES: Final = tuple(name for name, _, _, _ in USAGE_COLUMNS)
 
 
 def raw_usage_ddl(driver: Driver) -> tuple[str, ...]:
-    """``raw_usage_logs``: usage_logs's columns, keys and indexes, under other names."""
+    """``raw_usage_logs``: llmstore_usage_logs's columns, keys and indexes, other names."""
     id_type = "INTEGER" if driver == "sqlite" else "BIGSERIAL"
     columns = [f"id {id_type} NOT NULL"] + [
         f"{name} {sqlite if driver == 'sqlite' else postgres}{' NOT NULL' if required else ''}"

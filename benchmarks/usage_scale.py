@@ -34,6 +34,7 @@ from sqlalchemy.engine import make_url
 import llmstore
 from llmstore import Store, StoreConfig, UsageRecord
 from llmstore._migrations import upgrade
+from llmstore._schema import usage_logs
 
 from .run import DRIVERS, Driver, masked, positive, postgres_reachable, postgres_url
 from .usage_data import UsageRows
@@ -84,7 +85,7 @@ async def fresh_store(
         async def analyze_postgres() -> None:
             conn = await asyncpg.connect(dsn)
             try:
-                await conn.execute(f'ANALYZE "{schema}".usage_logs')
+                await conn.execute(f'ANALYZE "{schema}".{usage_logs.name}')
             finally:
                 await conn.close()
 

@@ -7,9 +7,13 @@ integrity_check``, switched to a rollback journal (one self-contained file), fsy
 only then given its name: a file named ``*.backup`` is always complete.
 
 Postgres: ``pg_dump`` in custom format, of the configured schema when there is one, else of
-llmstore's own tables in ``public`` (``llmstore_*``: a host's tables there are not llmstore's).
-The password reaches it through ``PGPASSWORD``, never the command line. The archive is
-checked by listing it with ``pg_restore --list``.
+llmstore's own tables in ``public`` (``llmstore_*``, with their sequences and the version
+table: a host's tables, views and sequences there are not llmstore's). A database still at
+a revision before 0005 has llmstore's tables under their bare names: those of its revision
+(``UNPREFIXED_TABLES``) and the version table holding llmstore's row are dumped instead, so
+the backup taken before the upgrade to 0005 is whole. The password reaches ``pg_dump``
+through ``PGPASSWORD``, never the command line. The archive is checked by listing it with
+``pg_restore --list``.
 
 Default names sort by time: ``<name>.YYYYMMDD_HHMMSS_mmm.backup``, in ``backups/`` beside
 the SQLite file, or in ``LLMSTORE_BACKUP_DIR`` (default ``./backups``) for Postgres. After
@@ -43,6 +47,18 @@ SUFFIX = ".backup"
 Progress = Callable[[int, int | None], object]
 PAGES_PER_STEP = 1024
 _PARTIAL = ".partial"
+
+#: llmstore's tables at each revision before 0005, when they had bare names that a host's
+#: tables may share. Fixed: those revisions never change.
+_AT_0001 = ("projects",)
+_AT_0002 = (*_AT_0001, "tokens", "audit_events", "audit_chain", "provider_credentials")
+_AT_0003 = (*_AT_0002, "api_keys", "ledger_entries", "reservations", "withdrawals")
+UNPREFIXED_TABLES: dict[str, tuple[str, ...]] = {
+    "0001_projects": _AT_0001,
+    "0002_tokens_audit_providers": _AT_0002,
+    "0003_api_keys_ledger": _AT_0003,
+    "0004_usage_logs_receipts": (*_AT_0003, "usage_logs", "usage_receipts"),
+}
 
 
 @dataclass(frozen=True)
@@ -250,17 +266,64 @@ def _pg_dump(config: StoreConfig, partial: Path, progress: Progress | None) -> s
     if config.schema_name:
         command.insert(-1, f"--schema={config.schema_name}")
     else:
-        # public is shared with the host: llmstore's tables, their sequences and version
-        # table only (a pattern of pg_dump's own, never a shell's).
-        command.insert(-1, f"--table=public.{TABLE_PREFIX}*")
+        # public is shared with the host: llmstore's tables only (pg_dump adds the
+        # sequences they own). Patterns of pg_dump's own, never a shell's.
+        command[-1:-1] = [f"--table=public.{name}" for name in _public_tables(config)]
     if progress is not None:
         progress(0, None)
-    run_tool(command, environ, "pg_dump")
+    try:
+        run_tool(command, environ, "pg_dump")
+    except BackupError as exc:
+        if config.schema_name is None and "no matching tables" in str(exc):
+            raise BackupError(
+                "public holds no llmstore tables: there is nothing to back up"
+            ) from None
+        raise
     listed = run_tool([pg_tool("pg_restore"), "--list", str(partial)], environ, "pg_restore")
     size = partial.stat().st_size
     if progress is not None:
         progress(size, size)
     return archive_revision(partial, listing=listed)
+
+
+def pg_revision(config: StoreConfig) -> tuple[str | None, str | None]:
+    """llmstore's revision in the live Postgres database (its schema, else ``public``) and
+    the version table holding it, read through ``psql``; (None, None) if it has none."""
+    schema = config.schema_name or "public"  # letters, digits and underscores (StoreConfig)
+    tables = ", ".join(f"'{name}'" for name in (VERSION_TABLE, LEGACY_VERSION_TABLE))
+    present = _psql(
+        config,
+        "SELECT c.relname FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n "
+        f"ON n.oid = c.relnamespace WHERE n.nspname = '{schema}' AND c.relkind IN ('r', 'p') "
+        f"AND c.relname IN ({tables})",
+    )
+    rows = {
+        table: _psql(config, f'SELECT version_num FROM "{schema}"."{table}"')
+        for table in (VERSION_TABLE, LEGACY_VERSION_TABLE)
+        if table in present
+    }
+    revision = _own_revision(rows)
+    if revision is None:
+        return None, None
+    return revision, VERSION_TABLE if rows.get(VERSION_TABLE) else LEGACY_VERSION_TABLE
+
+
+def _public_tables(config: StoreConfig) -> list[str]:
+    """What ``pg_dump`` takes from ``public``: llmstore's tables at the live revision."""
+    revision, version_table = pg_revision(config)
+    if revision in UNPREFIXED_TABLES and version_table is not None:
+        # Exact names: at these revisions a host may have tables of the other bare names.
+        return [*UNPREFIXED_TABLES[revision], version_table]
+    return [f"{TABLE_PREFIX}*"]
+
+
+def _psql(config: StoreConfig, query: str) -> list[str]:
+    target, environ = libpq_target(config)
+    psql = [pg_tool("psql"), "--no-psqlrc", "--quiet", "--tuples-only", "--no-align"]
+    output = run_tool(
+        [*psql, "--set=ON_ERROR_STOP=1", f"--command={query}", target], environ, "psql"
+    )
+    return [line for line in output.splitlines() if line]
 
 
 def archive_revision(

@@ -6,21 +6,32 @@ revision this code knows:
 * SQLite: a database that passes ``PRAGMA integrity_check``. Postgres: a custom-format
   archive that ``pg_restore --list`` reads, holding llmstore's tables in the configured
   schema (``public`` without one), and read through once to the end.
-* Its version table names a revision of this code. A file without one (a database
-  never migrated, or not llmstore's) is refused, and so is an unknown revision (a backup
-  made by a newer llmstore): it could not be used, or even downgraded, by this code. So is
-  a backup from before revision 0005, whose bare table names (``api_keys``, ...) may be a
-  host's own, and a live database still before 0005.
+* llmstore's revision, read from its version table (or its row in a host's
+  ``alembic_version``, never the host's rows), names a revision of this code. A file
+  without one (a database never migrated, or not llmstore's) is refused, and so is an
+  unknown revision (a backup made by a newer llmstore): it could not be used, or even
+  downgraded, by this code.
+* Backups before revision 0005 (``UNPREFIXED_TABLES``) are refused: their tables have
+  bare names (``projects``, ``api_keys``, ...) that a host's tables may have, in the live
+  database or inside the backup (an older llmstore dumped the whole database), and a
+  restore cannot tell them apart without guessing. Such a backup goes back by hand into a
+  database of its own, is upgraded there, and that database's backup is restored. A live
+  database still before 0005 is refused too: llmstore's tables there have the bare names a
+  restore would leave behind; ``upgrade`` first.
 
 Then the current database is backed up (``backup_database``, default name, so retention
 applies), unless it holds no table; if that fails, nothing is restored. Then:
 
-* SQLite: llmstore's tables only are replaced, in one write transaction checked before
-  COMMIT (``_restore_sqlite``); a host's tables, views, indexes and triggers in the same
-  file are left as they are.
+* SQLite: llmstore's tables only (with their indexes, triggers and AUTOINCREMENT marks) are
+  replaced, in one write transaction checked before COMMIT (``_restore_sqlite``); a host's
+  tables, views, indexes, triggers and rows in the same file are left as they are, and so
+  is the file's page size.
 * Postgres: one ``psql`` transaction drops llmstore's own tables (never the schema, which
   keeps its owner and grants; never with CASCADE, so what depends on them stops it) and
-  loads ``pg_restore``'s script. COMMIT is sent only after pg_restore has finished: psql's own
+  loads ``pg_restore``'s script. Without a configured schema only the archive's entries
+  that belong to llmstore's tables are loaded (``_own_entries``): a host's tables, views,
+  sequences and indexes in ``public``, even in an archive that holds them, are neither
+  dropped nor loaded. COMMIT is sent only after pg_restore has finished: psql's own
   ``--single-transaction`` commits whatever it has read when its input ends, even a
   script cut short, so it is not used. Any failure, of either program or of this
   process, leaves the database as it was.
@@ -41,11 +52,13 @@ from typing import IO
 
 from . import _migrations
 from ._backup import (
+    UNPREFIXED_TABLES,
     BackupFile,
     Progress,
     archive_revision,
     backup_database,
     libpq_target,
+    pg_revision,
     pg_tool,
     run_tool,
     sqlite_revision,
@@ -101,13 +114,13 @@ def _known_revision(path: Path, revision: str | None) -> str:
             f"{str(path)!r} holds no llmstore schema revision (a database never migrated, "
             "or not an llmstore backup); nothing was restored"
         )
-    if revision in _unprefixed_revisions():
+    if revision in UNPREFIXED_TABLES:
         raise BackupError(
             f"{str(path)!r} is at revision {revision}, made before llmstore's tables got "
             "their llmstore_ names (revision 0005), so its tables could be taken for your "
             "application's: put it back by hand into a database of its own (copy the SQLite "
-            "file; pg_restore the archive into an empty database), then run `python -m "
-            "llmstore upgrade` there; nothing was restored"
+            "file; pg_restore the archive into an empty database), run `python -m llmstore "
+            "upgrade` there, back that up and restore the new backup; nothing was restored"
         )
     if not _migrations.is_known(revision):
         raise BackupError(
@@ -118,15 +131,14 @@ def _known_revision(path: Path, revision: str | None) -> str:
     return revision
 
 
-#: The first revision whose tables are named ``llmstore_*``.
-FIRST_PREFIXED = "0005_llmstore_prefix"
-
-
-def _unprefixed_revisions() -> set[str]:
-    """The revisions before ``FIRST_PREFIXED``: llmstore's tables had the bare names then."""
-    before = _migrations.scripts().get_revision(FIRST_PREFIXED).down_revision
-    assert isinstance(before, str)
-    return {script.revision for script in _migrations.scripts().iterate_revisions(before, "base")}
+def _refuse_unprefixed_live(revision: str | None) -> None:
+    """A live database still before 0005 has llmstore's tables under the bare names, which
+    a restore of prefixed ones would leave behind beside them: it is upgraded first."""
+    if revision in UNPREFIXED_TABLES:
+        raise BackupError(
+            f"the database is at revision {revision}, before llmstore's tables got their "
+            "llmstore_ names: run `python -m llmstore upgrade` first; nothing was restored"
+        )
 
 
 def _stage(progress: RestoreProgress | None, stage: str) -> Progress | None:
@@ -169,7 +181,7 @@ def _restore_sqlite(config: StoreConfig, path: Path, progress: RestoreProgress |
     if not live.exists() and Path(f"{live}-wal").exists():
         raise BackupError(f"{str(live)!r} is missing but its -wal file is not: move it away first")
     revision = _read_sqlite_backup(path)
-    _refuse_old_names_live(config, live)
+    _refuse_unprefixed_live(_live_sqlite_revision(config, live))
     made = _backup_first(config, _sqlite_holds_tables(config, live), progress)
     with _naming(made):
         restore_own_tables(config, path, _stage(progress, "restoring"))
@@ -196,24 +208,17 @@ def _read_sqlite_backup(path: Path) -> str:
     return _known_revision(path, revision)
 
 
-def _refuse_old_names_live(config: StoreConfig, live: Path) -> None:
-    """A live database still at a revision before 0005 has llmstore's tables under the old
-    names, which a restore would leave behind: it is upgraded first."""
+def _live_sqlite_revision(config: StoreConfig, live: Path) -> str | None:
     if not live.exists():
-        return
+        return None
     try:
         conn = sqlite3.connect(live, timeout=config.busy_timeout)
         try:
-            revision = sqlite_revision(conn)
+            return sqlite_revision(conn)
         finally:
             conn.close()
     except sqlite3.Error:
-        return  # unreadable: _sqlite_holds_tables says so
-    if revision is not None and revision in _unprefixed_revisions():
-        raise BackupError(
-            f"the database is at revision {revision}, before llmstore's tables got their "
-            "llmstore_ names: run `python -m llmstore upgrade` first; nothing was restored"
-        )
+        return None  # unreadable: _sqlite_holds_tables says so
 
 
 def _sqlite_holds_tables(config: StoreConfig, live: Path) -> bool:
@@ -260,11 +265,16 @@ def _restore_postgres(
         raise BackupError(f"{str(path)!r} is not a pg_dump custom-format archive: {exc}") from None
     held = set(re.findall(rf"^\d+; \d+ \d+ TABLE (\S+) {VERSION_TABLE} ", listing, re.MULTILINE))
     if schema not in held:
+        # An archive of an older llmstore has its revision in alembic_version: say that.
+        old = archive_revision(path, listing=listing, schema=schema)
+        if old in UNPREFIXED_TABLES:
+            _known_revision(path, old)  # raises, saying so
         raise BackupError(
             f"{str(path)!r} holds no llmstore tables in schema {schema!r} (it holds "
             f"{', '.join(sorted(held)) or 'none'}): restoring it would write elsewhere"
         )
     revision = _known_revision(path, archive_revision(path, schema=schema))
+    _refuse_unprefixed_live(pg_revision(config)[0])
     with tempfile.TemporaryDirectory(prefix="llmstore-restore-") as tmp:
         command = [restore, "--no-owner", f"--schema={schema}", "--file=-"]
         if config.schema_name is None:

@@ -6,15 +6,20 @@ everything that is not llmstore's, and inside one ``BEGIN IMMEDIATE`` transactio
 
 * llmstore's tables (``llmstore_*`` and its version table) are dropped, children first;
 * they are created again from the backup's own statements, parents first, their rows
-  copied from the backup (attached read-only), then their indexes;
+  copied from the backup (attached read-only), then their indexes and triggers;
 * their ``sqlite_sequence`` entries (the AUTOINCREMENT high-water marks) come from the
   backup too;
-* ``PRAGMA foreign_key_check`` and ``PRAGMA integrity_check`` run before COMMIT.
+* ``PRAGMA foreign_key_check`` (of the references to and from llmstore's tables: a host's
+  own dangling rows elsewhere are not this restore's business) and ``PRAGMA
+  integrity_check`` run before COMMIT.
 
 Any failure rolls it all back: the live file is as it was. Other connections read the old
 rows until COMMIT and the restored ones after; writers wait for it up to the busy timeout.
 Foreign keys are off on this connection (SQLite's default), so that tables can be dropped
-and refilled in any state.
+and refilled in any state. No page is copied, so the backup's page size does not matter:
+the live file keeps its own (a WAL file could not change it anyway). A host's view or
+trigger that names one of llmstore's tables keeps working: SQLite resolves the name when
+it runs, and the table is back under it by COMMIT.
 """
 
 from __future__ import annotations
@@ -68,11 +73,18 @@ def restore_own_tables(
                 raise BackupError(
                     f"the restored tables failed their integrity check: {problems[0]}"
                 )
-            if conn.execute("PRAGMA main.foreign_key_check").fetchone() is not None:
-                raise BackupError("the restored tables break a foreign key reference")
+            broken = _broken_references(conn)
+            if broken:
+                table, parent = broken[0]
+                raise BackupError(
+                    f"the restored tables break a foreign key reference ({table} to {parent})"
+                )
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            # SQLite may have rolled back already (a full disk, an interrupt): then there is
+            # nothing left to undo, and a second ROLLBACK would hide the first error.
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
     except sqlite3.Error as exc:
         raise BackupError(
@@ -96,17 +108,47 @@ def _replace(conn: sqlite3.Connection, progress: TableProgress | None) -> None:
     if VERSION_TABLE not in tables:
         raise BackupError("the backup holds no llmstore version table")
     indexes = objects("backup", "index")
+    triggers = objects("backup", "trigger")
     for name in reversed(_order(set(objects("main", "table")))):
-        conn.execute(f'DROP TABLE main."{name}"')  # its indexes and triggers go with it
+        conn.execute(f"DROP TABLE main.{_quoted(name)}")  # its indexes and triggers go with it
     order = _order(set(tables))
     for done, name in enumerate(order, start=1):
         conn.execute(tables[name][1])
-        conn.execute(f'INSERT INTO main."{name}" SELECT * FROM backup."{name}"')
+        conn.execute(f"INSERT INTO main.{_quoted(name)} SELECT * FROM backup.{_quoted(name)}")
         if progress is not None:
             progress(done, len(order))
-    for _, sql in indexes.values():
+    for _, sql in [*indexes.values(), *triggers.values()]:
         conn.execute(sql)
     _copy_sequences(conn, set(tables))
+
+
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _broken_references(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+    """(child, parent) of each row whose foreign key to or from llmstore's tables dangles.
+
+    Checked table by table, llmstore's and those of the host that refer to them only: the
+    rest of the file, its dangling rows or foreign keys SQLite cannot check, is the host's.
+    """
+    names = [
+        row[0] for row in conn.execute("SELECT name FROM main.sqlite_master WHERE type = 'table'")
+    ]
+    checked = [
+        name
+        for name in names
+        if is_own(name)
+        or any(
+            is_own(key[2]) for key in conn.execute(f"PRAGMA main.foreign_key_list({_quoted(name)})")
+        )
+    ]
+    return [
+        (table, parent)
+        for name in checked
+        for table, _, parent, _ in conn.execute(f"PRAGMA main.foreign_key_check({_quoted(name)})")
+        if is_own(table) or is_own(parent)
+    ]
 
 
 def _copy_sequences(conn: sqlite3.Connection, tables: set[str]) -> None:

@@ -27,10 +27,17 @@ from llmstore import (
     ValidationError,
     _migrations,
 )
-from llmstore._backup import archive_revision, backup_database, backup_prefix, prune
+from llmstore._backup import (
+    UNPREFIXED_TABLES,
+    archive_revision,
+    backup_database,
+    backup_prefix,
+    prune,
+    sqlite_revision,
+)
 from llmstore._cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
 from llmstore._migrations import head_revision, migrate, upgrade
-from llmstore._schema import VERSION_TABLE, metadata
+from llmstore._schema import LEGACY_VERSION_TABLE, VERSION_TABLE, metadata
 from llmstore.pytest_plugin import drop_schema, fresh_schema_name
 
 from .conftest import require_postgres
@@ -136,6 +143,43 @@ async def test_a_failure_after_several_revisions_undoes_them_all(
     assert await _migrations.current(db_config) == FIRST
     tables = set((await snapshot(db_config)).keys())
     assert not {"api_keys", "usage_logs", "llmstore_usage_logs", "half_done"} & tables
+
+
+# --- llmstore's revision and tables beside a host's --------------------------------------------
+
+
+async def test_the_bare_table_names_of_each_revision_before_0005(tmp_path: Path) -> None:
+    # UNPREFIXED_TABLES says which bare names were llmstore's: checked against the revisions.
+    config = StoreConfig.from_url(f"sqlite:///{tmp_path / 'old.db'}")
+    assert all(_migrations.is_known(revision) for revision in UNPREFIXED_TABLES)
+    for revision, tables in UNPREFIXED_TABLES.items():
+        await upgrade(config, revision)
+        conn = sqlite3.connect(config.sqlite_path or "")
+        try:
+            names = {
+                row[0]
+                for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            }
+        finally:
+            conn.close()
+        assert names - {VERSION_TABLE, "sqlite_sequence"} == set(tables), revision
+    await upgrade(config)
+    assert head_revision() not in UNPREFIXED_TABLES
+
+
+def test_sqlite_revision_never_takes_a_hosts_row_for_llmstores(tmp_path: Path) -> None:
+    conn = sqlite3.connect(tmp_path / "shared.db")
+    try:
+        conn.execute(f"CREATE TABLE {LEGACY_VERSION_TABLE} (version_num TEXT PRIMARY KEY)")
+        conn.execute(f"INSERT INTO {LEGACY_VERSION_TABLE} VALUES ('a1b2c3d4e5f6')")
+        assert sqlite_revision(conn) is None  # the host's history only
+        conn.execute(f"INSERT INTO {LEGACY_VERSION_TABLE} VALUES ('0003_api_keys_ledger')")
+        assert sqlite_revision(conn) == "0003_api_keys_ledger"  # stamped by an older llmstore
+        conn.execute(f"CREATE TABLE {VERSION_TABLE} (version_num TEXT PRIMARY KEY)")
+        conn.execute(f"INSERT INTO {VERSION_TABLE} VALUES ('{head_revision()}')")
+        assert sqlite_revision(conn) == head_revision()  # its own table comes first
+    finally:
+        conn.close()
 
 
 # --- SQLite backups --------------------------------------------------------------------------
@@ -316,7 +360,8 @@ async def test_postgres_upgrade_dumps_the_schema_first(pg_config: StoreConfig) -
     assert done.backup is not None
     path = done.backup.path
     assert path.parent == Path(pg_config.backup_dir or "")
-    assert path.name.startswith(f"test.{pg_config.schema_name}.") and STAMP.search(path.name)
+    database = sa.make_url(pg_config.url.get_secret_value()).database
+    assert path.name.startswith(f"{database}.{pg_config.schema_name}.") and STAMP.search(path.name)
     assert done.backup.revision == FIRST == archive_revision(path)
     restore = ["pg_restore", "--data-only", "--table=projects", "--file=-", str(path)]
     done_restore = await asyncio.to_thread(

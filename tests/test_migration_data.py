@@ -23,6 +23,7 @@ import json
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -34,6 +35,9 @@ from sqlalchemy.pool import NullPool
 from llmstore import Store, StoreConfig, UsageRecord
 from llmstore._migrations import current, downgrade, head_revision, scripts, upgrade
 from llmstore._schema import VERSION_TABLE, metadata
+from llmstore.pytest_plugin import drop_schema, fresh_schema_name
+
+from .conftest import require_postgres
 
 T = TypeVar("T")
 Row = dict[str, Any]
@@ -842,6 +846,15 @@ async def test_rows_seeded_at_a_revision_survive_up_to_head_and_back(
     # Back where it started: exactly the seeds, as written.
     assert await current(db_config) == revision
 
+    # And up once more: each upgrade meets the rows its own downgrade left (rows seeded at
+    # 0004 go 0004 -> 0005 -> 0004 -> 0005). Seeded at head: down one revision and up.
+    if revision == head:
+        below = revisions()[-2]
+        await downgrade(db_config, below)
+        await assert_rows_intact(db_config, seeded, below)
+    assert await upgrade(db_config) == (revisions()[-2] if revision == head else revision, head)
+    await assert_rows_intact(db_config, seeded, head)
+
 
 # --- revision 0005: names and ids ----------------------------------------------------------
 
@@ -898,6 +911,115 @@ async def test_ids_go_on_counting_through_the_rename_and_back(db_config: StoreCo
         assert (await store.usage.record(UsageRecord(cost=1))).ids[0] > again
 
 
+_OLD_KEYS = sa.table(
+    "api_keys",
+    *(
+        sa.column(name, metadata.tables["llmstore_api_keys"].c[name].type)
+        for name in SEEDS["0003_api_keys_ledger"]["api_keys"][1]
+    ),
+)
+_OLD_LEDGER = sa.table(
+    "ledger_entries",
+    sa.column("id", sa.BigInteger()),
+    sa.column("api_key_id", sa.Uuid()),
+    sa.column("kind", sa.String()),
+    sa.column("amount", sa.BigInteger()),
+    sa.column("balance_after", sa.BigInteger()),
+    sa.column("description", sa.String()),
+    sa.column("shortfall", sa.BigInteger()),
+    sa.column("created_at", sa.DateTime(timezone=True)),
+)
+
+
+def _insert_and_purge_the_newest_entry(conn: Connection) -> int:
+    """Three ledger entries at 0004, ids from the sequence; the newest is deleted."""
+    row = {
+        "api_key_id": K2,
+        "kind": "deposit",
+        "amount": 1,
+        "balance_after": 0,
+        "description": "",
+        "shortfall": 0,
+        "created_at": NOW,
+    }
+    ids = [
+        conn.execute(sa.insert(_OLD_LEDGER).values(row).returning(_OLD_LEDGER.c.id)).scalar_one()
+        for _ in range(3)
+    ]
+    conn.execute(sa.delete(_OLD_LEDGER).where(_OLD_LEDGER.c.id == max(ids)))
+    return max(ids)
+
+
+def _serial_sequences(conn: Connection) -> dict[str, tuple[str, int]]:
+    """By table: its id column's sequence (pg_get_serial_sequence, without the schema) and
+    that sequence's last value."""
+    out = {}
+    for table in ("ledger_entries", "usage_logs"):
+        name = next(n for n in (f"llmstore_{table}", table) if sa.inspect(conn).has_table(n))
+        qualified = conn.execute(
+            sa.text("SELECT pg_get_serial_sequence(:table, 'id')"), {"table": name}
+        ).scalar_one()
+        sequence = qualified.rsplit(".", 1)[-1]
+        last = conn.execute(
+            sa.text(
+                "SELECT last_value FROM pg_sequences "
+                "WHERE schemaname = current_schema() AND sequencename = :name"
+            ),
+            {"name": sequence},
+        ).scalar_one()
+        out[name] = (sequence, last)
+    return out
+
+
+@pytest.mark.postgres
+async def test_postgres_sequences_are_renamed_with_their_tables_and_go_on() -> None:
+    """Both id sequences follow their tables through 0004 -> 0005 -> 0004 -> 0005, still
+    owned by the id column and at the value they had: no ledger entry or usage row gets
+    the id of one deleted before the migration."""
+    url, schema = require_postgres(), fresh_schema_name()
+    config = StoreConfig.from_url(url, schema_name=schema)
+    try:
+        await upgrade(config, _BEFORE_RENAMING)
+        await on_database(
+            config,
+            lambda conn: conn.execute(
+                sa.insert(_OLD_KEYS), SEEDS["0003_api_keys_ledger"]["api_keys"][1]
+            ),
+        )
+        entry = await on_database(config, _insert_and_purge_the_newest_entry)
+        usage = await on_database(config, _insert_and_purge_the_newest)
+        old = {
+            "ledger_entries": ("ledger_entries_id_seq", entry),
+            "usage_logs": ("usage_logs_id_seq", usage),
+        }
+        assert await on_database(config, _serial_sequences) == old
+
+        await upgrade(config)
+        new = {f"llmstore_{table}": (f"llmstore_{seq}", last) for table, (seq, last) in old.items()}
+        assert await on_database(config, _serial_sequences) == new
+        async with Store(config) as store:
+            deposited = await store.api_keys.deposit(K2, 1)
+            recorded = (await store.usage.record(UsageRecord(cost=1))).ids[0]
+        assert (deposited.id, recorded) == (entry + 1, usage + 1)
+
+        await downgrade(config, _BEFORE_RENAMING)
+        again = {
+            "ledger_entries": ("ledger_entries_id_seq", deposited.id),
+            "usage_logs": ("usage_logs_id_seq", recorded),
+        }
+        assert await on_database(config, _serial_sequences) == again
+        entry = await on_database(config, _insert_and_purge_the_newest_entry)
+        usage = await on_database(config, _insert_and_purge_the_newest)
+        assert (entry, usage) == (deposited.id + 3, recorded + 3)
+
+        await upgrade(config)
+        async with Store(config) as store:
+            assert (await store.api_keys.deposit(K2, 1)).id == entry + 1
+            assert (await store.usage.record(UsageRecord(cost=1))).ids[0] == usage + 1
+    finally:
+        await drop_schema(url, schema)
+
+
 def _object_names(conn: Connection, schema: str | None) -> dict[str, list[str]]:
     if conn.dialect.name == "sqlite":
         rows = conn.exec_driver_sql(
@@ -950,3 +1072,92 @@ async def test_every_object_is_named_llmstore_(db_config: StoreConfig, way: str)
     assert all(not found for found in unprefixed.values()), unprefixed
     # Both ways give the same objects.
     assert set(names["table"]) == set(metadata.tables) | {VERSION_TABLE}
+
+
+def _described(conn: Connection, schema: str | None) -> dict[str, Any]:
+    """Every table of the database as reflected, with what each object is named and what
+    it covers: columns (and their defaults, so a sequence's name), keys, foreign keys,
+    checks and indexes; Postgres's sequences, SQLite's AUTOINCREMENT tables."""
+    inspector = sa.inspect(conn)
+
+    def plain(value: Any) -> Any:
+        """A reflected default or WHERE as text, its schema left out (the two differ)."""
+        text = str(value) if isinstance(value, sa.TextClause) else value
+        return text.replace(f'"{schema}".', "") if schema and isinstance(text, str) else text
+
+    out: dict[str, Any] = {}
+    for table in sorted(inspector.get_table_names(schema=schema)):
+        out[table] = {
+            "columns": [
+                (c["name"], str(c["type"]), c["nullable"], plain(c.get("default")))
+                for c in inspector.get_columns(table, schema=schema)
+            ],
+            "primary key": inspector.get_pk_constraint(table, schema=schema),
+            "unique": sorted(
+                (u["name"], tuple(u["column_names"]))
+                for u in inspector.get_unique_constraints(table, schema=schema)
+            ),
+            "foreign keys": sorted(
+                (
+                    f["name"],
+                    tuple(f["constrained_columns"]),
+                    f["referred_table"],
+                    tuple(f["referred_columns"]),
+                    sorted(f["options"].items()),
+                )
+                for f in inspector.get_foreign_keys(table, schema=schema)
+            ),
+            "checks": sorted(
+                (c["name"], c["sqltext"])
+                for c in inspector.get_check_constraints(table, schema=schema)
+            ),
+            "indexes": sorted(
+                (
+                    i["name"],
+                    tuple(i["column_names"]),
+                    i["unique"],
+                    sorted((k, plain(v)) for k, v in i.get("dialect_options", {}).items()),
+                )
+                for i in inspector.get_indexes(table, schema=schema)
+            ),
+        }
+    if conn.dialect.name == "sqlite":
+        autoincrement = conn.exec_driver_sql(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND sql LIKE '%AUTOINCREMENT%'"
+        )
+        out["(the database)"] = {"AUTOINCREMENT tables": sorted(autoincrement.scalars())}
+    else:
+        out["(the database)"] = {"sequences": sorted(inspector.get_sequence_names(schema=schema))}
+    return out
+
+
+async def test_through_the_revisions_gives_the_objects_the_models_give(
+    db_config: StoreConfig, tmp_path: Path
+) -> None:
+    """A database upgraded from 0004 through 0005 has the objects, by name and by what they
+    cover, of one created at head from the models: a later revision that names one finds
+    it whichever way the database came."""
+    await upgrade(db_config, _BEFORE_RENAMING)
+    await upgrade(db_config)
+    schema = None if db_config.driver == "sqlite" else fresh_schema_name()
+    models = (
+        StoreConfig.from_url(f"sqlite:///{tmp_path / 'from-the-models.db'}")
+        if schema is None
+        else StoreConfig.from_url(require_postgres(), schema_name=schema)
+    )
+    try:
+        await upgrade(models)
+        through = await on_database(db_config, lambda c: _described(c, db_config.schema_name))
+        made = await on_database(models, lambda c: _described(c, schema))
+    finally:
+        if schema is not None:
+            await drop_schema(require_postgres(), schema)
+    assert set(through) == set(made) and set(metadata.tables) <= set(through)
+    different = [
+        f"{table} {part}: {through[table][part]!r} through the revisions, "
+        f"{made[table][part]!r} from the models"
+        for table in sorted(made)
+        for part in made[table]
+        if through[table][part] != made[table][part]
+    ]
+    assert not different, "\n".join(different)

@@ -479,7 +479,8 @@ async def test_a_revision_waiting_for_a_lock_gives_up_after_its_timeout(
 ) -> None:
     await upgrade(postgres_config)
     alter = _revision(
-        '    set_lock_timeout("300ms")\n    op.add_column("llmstore_projects", sa.Column("note", sa.Text()))'
+        '    set_lock_timeout("300ms")\n'
+        '    op.add_column("llmstore_projects", sa.Column("note", sa.Text()))'
     )
     blocker = sa.ext.asyncio.create_async_engine(postgres_config.url.get_secret_value())
     try:

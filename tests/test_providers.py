@@ -215,7 +215,7 @@ async def test_activate_switches_atomically(store: Store) -> None:
 async def _waiting_on_locks(store: Store) -> int:
     """Postgres sessions waiting for a lock in a statement on this test's schema (or for
     an advisory lock, which names no table)."""
-    schema = store.config.schema_name or "provider_credentials"
+    schema = store.config.schema_name or table.name
 
     def count(conn: Any) -> int:
         return int(
