@@ -68,9 +68,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, joinedload, mapped_column, r
 
 import llmstore
 from llmstore import Store, StoreConfig, UsageRecord
-from llmstore._ids import new_id, utcnow
-from llmstore._migrations import upgrade
-from llmstore._schema import NAMING_CONVENTION
+from llmstore._core.ids import new_id, utcnow
+from llmstore._db.schema import NAMING_CONVENTION
+from llmstore.migrations._commands import upgrade
 
 from .usage_data import UsageRows
 

@@ -33,8 +33,8 @@ from sqlalchemy.engine import make_url
 
 import llmstore
 from llmstore import Store, StoreConfig, UsageRecord
-from llmstore._migrations import upgrade
-from llmstore._schema import usage_logs
+from llmstore._db.schema import usage_logs
+from llmstore.migrations._commands import upgrade
 
 from .run import DRIVERS, Driver, masked, positive, postgres_reachable, postgres_url
 from .usage_data import UsageRows

@@ -3,10 +3,15 @@
 Everything public is importable from here; the modules beginning with ``_`` are private.
 """
 
-from ._api_keys import ApiKey, ApiKeys, IssuedApiKey, LedgerMismatch, LedgerReport
-from ._audit import Audit, AuditEvent, AuditVerification, Outcome
-from ._config import StoreConfig
-from ._errors import (
+from ._access.audit import Audit, AuditEvent, AuditVerification, Outcome
+from ._access.projects import Project, Projects
+from ._access.providers import ProviderCredential, Providers
+from ._access.tokens import IssuedToken, Token, Tokens
+from ._billing.holds import Reservation, Withdrawal
+from ._billing.keys import ApiKey, ApiKeys, IssuedApiKey, LedgerMismatch, LedgerReport
+from ._billing.ledger import LedgerEntry
+from ._core.config import StoreConfig
+from ._core.errors import (
     ApiKeyRejectedError,
     ApiKeyRejectionReason,
     BackupError,
@@ -32,18 +37,14 @@ from ._errors import (
     ValidationError,
     WriterClosedError,
 )
-from ._holds import Reservation, Withdrawal
-from ._ledger import LedgerEntry
-from ._projects import UNSET, Project, Projects, Unset
-from ._providers import ProviderCredential, Providers
-from ._receipts import Receipt, verify_receipt
-from ._secrets import generate_key
+from ._core.secrets import generate_key
+from ._core.unset import UNSET, Unset
 from ._store import HealthStatus, Store, Transaction
-from ._tokens import IssuedToken, Token, Tokens
-from ._usage import Usage
-from ._usage_metrics import UsageMetrics
-from ._usage_records import RecordResult, UsageLog, UsageRecord
-from ._usage_writer import UsageWriter, WriterStats
+from ._usage.metrics import UsageMetrics
+from ._usage.receipts import Receipt, verify_receipt
+from ._usage.records import RecordResult, UsageLog, UsageRecord
+from ._usage.usage import Usage
+from ._usage.writer import UsageWriter, WriterStats
 
 __version__ = "0.1.0.dev0"
 

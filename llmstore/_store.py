@@ -15,28 +15,28 @@ from pydantic import BaseModel, ConfigDict
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from . import _migrations
-from ._api_keys import ApiKeys
-from ._audit import Audit
-from ._config import Driver, StoreConfig
-from ._engines import postgres_engine, sqlite_engine, with_schema
-from ._errors import (
+from ._access.audit import Audit
+from ._access.projects import Projects
+from ._access.providers import Providers
+from ._access.tokens import Tokens
+from ._billing.keys import ApiKeys
+from ._core.config import Driver, StoreConfig
+from ._core.errors import (
     ConfigError,
     SchemaOutOfDateError,
     StoreClosedError,
     UnknownRevisionError,
-    translated,
 )
-from ._lean import PostgresLane
-from ._projects import Projects
-from ._providers import Providers
-from ._receipts import ReceiptSigner
-from ._rotation import Progress as RotationProgress
-from ._rotation import rotate_keys
-from ._runner import AsyncEngineRunner, Runner, SQLiteRunner
-from ._secrets import SecretBox, SecretDigester
-from ._tokens import Tokens
-from ._usage import Usage
+from ._core.secrets import SecretBox, SecretDigester
+from ._db.engines import postgres_engine, sqlite_engine, with_schema
+from ._db.lean import PostgresLane
+from ._db.runner import AsyncEngineRunner, Runner, SQLiteRunner
+from ._db.translate import translated
+from ._ops.rotation import Progress as RotationProgress
+from ._ops.rotation import rotate_keys
+from ._usage.receipts import ReceiptSigner
+from ._usage.usage import Usage
+from .migrations import _commands as _migrations
 
 _MAX_SQLITE_READERS = 8
 # Postgres connections held for the lean path (tokens.use): at most half the pool.

@@ -30,8 +30,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ._errors import ValidationError
-from ._validate import MAX_INT64, describe
+from ._core.errors import ValidationError
+from ._core.validate import MAX_INT64, describe
 
 __all__ = ["usage_from_response", "usage_from_stream_chunk"]
 

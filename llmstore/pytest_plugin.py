@@ -21,10 +21,10 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
-from ._config import StoreConfig
-from ._migrations import upgrade
-from ._secrets import generate_key
+from ._core.config import StoreConfig
+from ._core.secrets import generate_key
 from ._store import Store
+from .migrations._commands import upgrade
 
 POSTGRES_URL_VARIABLE = "LLMSTORE_TEST_POSTGRES_URL"
 

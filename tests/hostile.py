@@ -27,7 +27,7 @@ from llmstore import Store, UsageRecord
 UTC = dt.UTC
 FUTURE = dt.datetime(2099, 1, 1, tzinfo=UTC)
 PAST = dt.datetime(2000, 1, 1, tzinfo=UTC)
-# The boundary of JSON nesting (llmstore._validate.JSON_MAX_DEPTH) and far beyond it.
+# The boundary of JSON nesting (llmstore._core.validate.JSON_MAX_DEPTH) and far beyond it.
 JSON_DEPTH = 32
 
 

@@ -7,7 +7,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from llmstore import _migration_schema
+from llmstore.migrations import _schema as _migration_schema
 
 
 @contextlib.contextmanager

@@ -10,8 +10,8 @@ from pydantic import SecretStr
 from sqlalchemy.engine import Connection
 
 from llmstore import Store, StoreConfig, UsageRecord, _migrations
-from llmstore._receipts import generate_signing_key
-from llmstore._schema import VERSION_TABLE, metadata
+from llmstore._core.signing import generate_signing_key
+from llmstore._db.schema import VERSION_TABLE, metadata
 
 Snapshot = dict[str, list[tuple[Any, ...]]]
 

@@ -35,9 +35,9 @@ from llmstore import (
     ValidationError,
     Withdrawal,
 )
-from llmstore._cli import EXIT_OK, EXIT_TAMPERED, main
-from llmstore._migrations import upgrade
-from llmstore._schema import api_keys, ledger_entries, reservations, withdrawals
+from llmstore._cli.main import EXIT_OK, EXIT_TAMPERED, main
+from llmstore._db.schema import api_keys, ledger_entries, reservations, withdrawals
+from llmstore.migrations._commands import upgrade
 
 SHAPE = re.compile(r"lsk_[A-Za-z0-9_-]{43}")
 MAX = 2**63 - 1

@@ -27,11 +27,11 @@ from llmstore import (
     StoreConfig,
     ValidationError,
 )
-from llmstore._audit import AuditRepository, event_hash
-from llmstore._cli import EXIT_OK, EXIT_TAMPERED, main
-from llmstore._migrations import upgrade
-from llmstore._schema import audit_chain, audit_events
-from llmstore._validate import JSON_MAX_BYTES as METADATA_MAX_BYTES
+from llmstore._access.audit import AuditRepository, event_hash
+from llmstore._cli.main import EXIT_OK, EXIT_TAMPERED, main
+from llmstore._core.validate import JSON_MAX_BYTES as METADATA_MAX_BYTES
+from llmstore._db.schema import audit_chain, audit_events
+from llmstore.migrations._commands import upgrade
 
 GENESIS = "0" * 64
 UTC_PLUS_5 = dt.timezone(dt.timedelta(hours=5))

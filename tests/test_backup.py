@@ -27,7 +27,9 @@ from llmstore import (
     ValidationError,
     _migrations,
 )
-from llmstore._backup import (
+from llmstore._cli.main import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
+from llmstore._db.schema import LEGACY_VERSION_TABLE, VERSION_TABLE, metadata
+from llmstore._ops.backup import (
     UNPREFIXED_TABLES,
     archive_revision,
     backup_database,
@@ -35,9 +37,7 @@ from llmstore._backup import (
     prune,
     sqlite_revision,
 )
-from llmstore._cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
-from llmstore._migrations import head_revision, migrate, upgrade
-from llmstore._schema import LEGACY_VERSION_TABLE, VERSION_TABLE, metadata
+from llmstore.migrations._commands import head_revision, migrate, upgrade
 from llmstore.pytest_plugin import drop_schema, fresh_schema_name
 
 from .conftest import require_postgres

@@ -14,8 +14,8 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from llmstore import StoreConfig
-from llmstore._cli import EXIT_DRIFT, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, main
-from llmstore._migrations import head_revision
+from llmstore._cli.main import EXIT_DRIFT, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, main
+from llmstore.migrations._commands import head_revision
 
 from .conftest import require_postgres
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from llmstore import ConflictError, Store, StoreConfig
-from llmstore._migrations import upgrade
+from llmstore.migrations._commands import upgrade
 from tests import processes
 
 WORKERS = 4

@@ -34,8 +34,8 @@ from llmstore import (
     StoreConfig,
     generate_key,
 )
-from llmstore._migrations import upgrade
-from llmstore._schema import api_keys, ledger_entries, reservations, withdrawals
+from llmstore._db.schema import api_keys, ledger_entries, reservations, withdrawals
+from llmstore.migrations._commands import upgrade
 from llmstore.pytest_plugin import drop_schema, fresh_schema_name
 from tests import processes
 from tests.conftest import require_postgres

@@ -19,8 +19,8 @@ import pytest
 import sqlalchemy as sa
 
 from llmstore import AuditEvent, Store, StoreConfig, TokenRejectedError
-from llmstore._migrations import upgrade
-from llmstore._schema import provider_credentials
+from llmstore._db.schema import provider_credentials
+from llmstore.migrations._commands import upgrade
 from tests import processes
 
 WORKERS = 4

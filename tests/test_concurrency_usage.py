@@ -10,8 +10,8 @@ import pytest
 import sqlalchemy as sa
 
 from llmstore import Store, StoreConfig, UsageRecord
-from llmstore._migrations import upgrade
-from llmstore._schema import usage_logs
+from llmstore._db.schema import usage_logs
+from llmstore.migrations._commands import upgrade
 from tests import processes
 
 pytestmark = pytest.mark.slow

@@ -14,7 +14,7 @@ from pydantic import SecretStr
 from sqlalchemy.engine import make_url
 
 from llmstore import ConfigError, LlmstoreError, Store, StoreConfig
-from llmstore._config import DEFAULT_SQLITE_PATH, mask_url, normalise_url
+from llmstore._core.config import DEFAULT_SQLITE_PATH, mask_url, normalise_url
 from llmstore.pytest_plugin import drop_schema, fresh_schema_name
 
 from .conftest import require_postgres

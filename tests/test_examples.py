@@ -61,7 +61,7 @@ def test_proxy_tokens_example(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("with_key", [False, True])
 def test_usage_logging_example(tmp_path: Path, with_key: bool) -> None:
-    from llmstore._receipts import generate_signing_key
+    from llmstore._core.signing import generate_signing_key
 
     extra = {"LLMSTORE_RECEIPT_SIGNING_KEY": generate_signing_key()} if with_key else {}
     env = _clean_env(tmp_path, **extra)

@@ -31,7 +31,7 @@ from llmstore import (
     UsageRecord,
     generate_key,
 )
-from llmstore._schema import tokens, usage_logs
+from llmstore._db.schema import tokens, usage_logs
 
 from .conftest import require_postgres
 

@@ -26,9 +26,9 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
 from llmstore import MigrationError, Store, generate_key, migrations
-from llmstore._cli import EXIT_OK, main
-from llmstore._migrations import head_revision
-from llmstore._schema import LEGACY_VERSION_TABLE, VERSION_TABLE
+from llmstore._cli.main import EXIT_OK, main
+from llmstore._db.schema import LEGACY_VERSION_TABLE, VERSION_TABLE
+from llmstore.migrations._commands import head_revision
 
 from .conftest import require_postgres
 from .host_app import models

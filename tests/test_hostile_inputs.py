@@ -41,8 +41,8 @@ from llmstore import (
     generate_key,
     verify_receipt,
 )
-from llmstore._receipts import generate_signing_key, public_key_text
-from llmstore._validate import JSON_MAX_DEPTH
+from llmstore._core.signing import generate_signing_key, public_key_text
+from llmstore._core.validate import JSON_MAX_DEPTH
 from llmstore.pytest_plugin import drop_schema, fresh_schema_name
 
 from .conftest import require_postgres

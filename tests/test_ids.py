@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import uuid
 
-from llmstore._ids import new_id
+from llmstore._core.ids import new_id
 
 
 def test_ids_are_version_7_and_strictly_increasing() -> None:

@@ -33,8 +33,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
 from llmstore import Store, StoreConfig, UsageRecord
-from llmstore._migrations import current, downgrade, head_revision, scripts, upgrade
-from llmstore._schema import VERSION_TABLE, metadata
+from llmstore._db.schema import VERSION_TABLE, metadata
+from llmstore.migrations._commands import current, downgrade, head_revision, scripts, upgrade
 from llmstore.pytest_plugin import drop_schema, fresh_schema_name
 
 from .conftest import require_postgres

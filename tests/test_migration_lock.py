@@ -22,10 +22,10 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
 from llmstore import StoreConfig
-from llmstore._backup import archive_revision
-from llmstore._migration_ops import DEFAULT_LOCK_TIMEOUT
-from llmstore._migrations import MIGRATION_LOCK_ID, check, current, head_revision, upgrade
-from llmstore._schema import VERSION_TABLE
+from llmstore._db.schema import VERSION_TABLE
+from llmstore._ops.backup import archive_revision
+from llmstore.migrations._commands import MIGRATION_LOCK_ID, check, current, head_revision, upgrade
+from llmstore.migrations._ops import DEFAULT_LOCK_TIMEOUT
 
 from .test_migration_data import assert_rows_intact, on_database, seed
 
@@ -43,7 +43,7 @@ BEFORE_HEAD = "0003_api_keys_ledger"
 WORKER = """
 import sys, time
 from pathlib import Path
-from llmstore import _cli, _migrations
+from llmstore._cli.main import main as _cli, _migrations
 _migrations.head_revision()
 go = Path(sys.argv[1])
 print("ready", flush=True)

@@ -1,4 +1,4 @@
-"""Rules for revisions that touch tables which may be large (see ``llmstore._migration_ops``),
+"""Rules for revisions that touch tables which may be large (see ``llmstore.migrations._ops``),
 checked on every revision script, and the concurrent index build on both drivers."""
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import sqlalchemy.ext.asyncio
 from sqlalchemy.engine import Connection
 
 from llmstore import MigrationError, StoreConfig, UsageRecord, _migration_schema, _migrations
-from llmstore._migration_ops import DEFAULT_LOCK_TIMEOUT
-from llmstore._migrations import head_revision, migrate, upgrade
-from llmstore._schema import metadata
+from llmstore._db.schema import metadata
 from llmstore._store import Store
+from llmstore.migrations._commands import head_revision, migrate, upgrade
+from llmstore.migrations._ops import DEFAULT_LOCK_TIMEOUT
 from llmstore.pytest_plugin import drop_schema, fresh_schema_name
 
 from .conftest import require_postgres
@@ -456,7 +456,7 @@ def _revision(upgrade: str) -> str:
 import sqlalchemy as sa
 from alembic import op
 
-from llmstore._migration_ops import set_lock_timeout
+from llmstore.migrations._ops import set_lock_timeout
 
 revision = "{_REVISION}"
 down_revision = "{head_revision()}"

@@ -9,7 +9,8 @@ import sqlalchemy as sa
 from alembic import command
 
 from llmstore import MigrationError, Store, StoreConfig
-from llmstore._migrations import (
+from llmstore._db.schema import VERSION_TABLE, metadata
+from llmstore.migrations._commands import (
     alembic_config,
     check,
     current,
@@ -19,7 +20,6 @@ from llmstore._migrations import (
     upgrade,
     with_migration_connection,
 )
-from llmstore._schema import VERSION_TABLE, metadata
 
 
 def test_single_head() -> None:

@@ -19,8 +19,8 @@ from llmstore import (
     ValidationError,
     migrations,
 )
-from llmstore._migrations import head_revision
-from llmstore._schema import VERSION_TABLE, metadata
+from llmstore._db.schema import VERSION_TABLE, metadata
+from llmstore.migrations._commands import head_revision
 
 FIRST = "0001_projects"
 

@@ -19,7 +19,7 @@ from llmstore import (
     Store,
     ValidationError,
 )
-from llmstore._schema import projects
+from llmstore._db.schema import projects
 
 
 async def _stored_api_key(store: Store, project_id: uuid.UUID) -> str | None:

@@ -22,7 +22,7 @@ from llmstore import (
     TransactionError,
     ValidationError,
 )
-from llmstore._schema import provider_credentials as table
+from llmstore._db.schema import provider_credentials as table
 
 GLOBAL = None
 

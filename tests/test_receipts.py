@@ -34,16 +34,11 @@ from llmstore import (
     ValidationError,
     verify_receipt,
 )
-from llmstore._cli import EXIT_OK, EXIT_USAGE, main
-from llmstore._jcs import CanonicalJSONError, canonical_json, number, parse_strict
-from llmstore._receipts import (
-    VERSION,
-    ReceiptSigner,
-    configured_public_key,
-    encode,
-    generate_signing_key,
-)
-from llmstore._schema import metadata, usage_logs, usage_receipts
+from llmstore._cli.main import EXIT_OK, EXIT_USAGE, main
+from llmstore._core.jcs import CanonicalJSONError, canonical_json, number, parse_strict
+from llmstore._core.signing import encode, generate_signing_key
+from llmstore._db.schema import metadata, usage_logs, usage_receipts
+from llmstore._usage.receipts import VERSION, ReceiptSigner, configured_public_key
 
 KEY_VARIABLE = "LLMSTORE_RECEIPT_SIGNING_KEY"
 MAX = 2**63 - 1

@@ -18,11 +18,11 @@ from cryptography.fernet import Fernet, InvalidToken
 from sqlalchemy.engine import Connection
 
 from llmstore import ConfigError, Store, StoreConfig, ValidationError, _rotation, generate_key
-from llmstore._cli import EXIT_OK, EXIT_USAGE, main
-from llmstore._migrations import upgrade
-from llmstore._progress import CopyProgress
-from llmstore._rotation import ENCRYPTED_COLUMNS, _write_batch
-from llmstore._schema import metadata, projects, provider_credentials, withdrawals
+from llmstore._cli.main import EXIT_OK, EXIT_USAGE, main
+from llmstore._cli.progress import CopyProgress
+from llmstore._db.schema import metadata, projects, provider_credentials, withdrawals
+from llmstore._ops.rotation import ENCRYPTED_COLUMNS, _write_batch
+from llmstore.migrations._commands import upgrade
 
 MINT = "https://mint.example.com/v1"
 # Listed here independently of the module under test.

@@ -34,9 +34,9 @@ from llmstore import (
     StoreConfig,
     TokenRejectedError,
 )
-from llmstore._migrations import upgrade
-from llmstore._schema import metadata
-from llmstore._secrets import SecretDigester
+from llmstore._core.secrets import SecretDigester
+from llmstore._db.schema import metadata
+from llmstore.migrations._commands import upgrade
 
 ACTOR = "admin@example.com"
 

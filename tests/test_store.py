@@ -24,8 +24,8 @@ from llmstore import (
     ValidationError,
     generate_key,
 )
-from llmstore._migrations import downgrade, head_revision, upgrade
-from llmstore._schema import VERSION_TABLE, metadata
+from llmstore._db.schema import VERSION_TABLE, metadata
+from llmstore.migrations._commands import downgrade, head_revision, upgrade
 
 from .conftest import require_postgres
 

@@ -30,7 +30,7 @@ from llmstore import (
     ValidationError,
     generate_key,
 )
-from llmstore._schema import tokens as tokens_table
+from llmstore._db.schema import tokens as tokens_table
 
 SHAPE = re.compile(r"lst_[A-Za-z0-9_-]{43}")
 HYPOTHESIS = settings(

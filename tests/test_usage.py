@@ -19,7 +19,7 @@ from llmstore import (
     UsageRecord,
     ValidationError,
 )
-from llmstore._schema import usage_logs
+from llmstore._db.schema import usage_logs
 
 T0 = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
 
@@ -415,8 +415,8 @@ def test_sqlite_shortcuts_store_what_the_column_types_store(
 ) -> None:
     from sqlalchemy.dialects import sqlite
 
-    from llmstore._usage_records import FIELD_OF_COLUMN
-    from llmstore._usage_repository import _Encoder
+    from llmstore._usage.records import FIELD_OF_COLUMN
+    from llmstore._usage.repository import _Encoder
 
     dialect = sqlite.dialect()
     record = UsageRecord(

@@ -23,7 +23,7 @@ from llmstore import (
     UsageRecord,
     ValidationError,
 )
-from llmstore._usage_metrics import check_metrics_query, metrics_statement
+from llmstore._usage.metrics import check_metrics_query, metrics_statement
 
 T0 = dt.datetime(2024, 5, 1, tzinfo=dt.UTC)
 DAY = dt.timedelta(days=1)

@@ -25,11 +25,11 @@ from llmstore import (
     UsageRecord,
     ValidationError,
 )
-from llmstore._cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
-from llmstore._migrations import upgrade
-from llmstore._progress import PurgeProgress
-from llmstore._schema import usage_logs
-from llmstore._usage_purge import EXPORT_FIELDS, select_batch, select_batch_keys
+from llmstore._cli.main import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
+from llmstore._cli.progress import PurgeProgress
+from llmstore._db.schema import usage_logs
+from llmstore._usage.purge import EXPORT_FIELDS, select_batch, select_batch_keys
+from llmstore.migrations._commands import upgrade
 
 T0 = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
 MINUTE = dt.timedelta(minutes=1)

@@ -35,7 +35,7 @@ from llmstore import (
     WriterStats,
     generate_key,
 )
-from llmstore._schema import usage_logs
+from llmstore._db.schema import usage_logs
 from llmstore.pytest_plugin import drop_schema, fresh_schema_name
 
 from .conftest import require_postgres
@@ -676,7 +676,7 @@ async def test_a_refused_row_does_not_hold_up_back_pressure(store: Store) -> Non
 def test_failures_are_told_apart_by_what_a_retry_can_change(
     error: Exception, expected: str
 ) -> None:
-    from llmstore._usage_writer import _classify
+    from llmstore._usage.writer import _classify
 
     assert _classify(error).value == expected
 

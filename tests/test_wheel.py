@@ -36,10 +36,11 @@ def test_wheel_ships_migrations_and_upgrades_from_any_directory(tmp_path: Path) 
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         archive.extractall(tmp_path / "site")
-    assert "llmstore/_alembic/env.py" in names
+    assert "llmstore/migrations/scripts/env.py" in names
     assert "llmstore/py.typed" in names
-    revisions = {p.name for p in (ROOT / "alembic" / "versions").glob("*.py")}
-    assert {f"llmstore/_alembic/versions/{name}" for name in revisions} <= names
+    scripts = "llmstore/migrations/scripts"
+    revisions = {p.name for p in (ROOT / scripts / "versions").glob("*.py")}
+    assert {f"{scripts}/versions/{name}" for name in revisions} <= names
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

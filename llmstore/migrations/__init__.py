@@ -28,10 +28,10 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from llmstore import _migrations
-from llmstore._config import StoreConfig
-from llmstore._errors import ConfigError, ValidationError
-from llmstore._schema import TABLE_PREFIX
+from llmstore._core.config import StoreConfig
+from llmstore._core.errors import ConfigError, ValidationError
+from llmstore._db.schema import TABLE_PREFIX
+from llmstore.migrations import _commands as _migrations
 
 __all__ = [
     "MigrationResult",

@@ -10,7 +10,7 @@ commits the revisions before it (see the README, "Writing a revision").
 
 from __future__ import annotations
 
-from llmstore._migration_ops import (
+from llmstore.migrations._ops import (
     DEFAULT_LOCK_TIMEOUT,
     create_index_concurrently,
     drop_index_concurrently,

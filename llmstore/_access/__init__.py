@@ -1,0 +1,1 @@
+"""Access: projects, proxy tokens, upstream providers and the audit log."""

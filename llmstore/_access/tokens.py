@@ -1,0 +1,426 @@
+"""Proxy tokens: bearer secrets stored as digests, with expiry and exact request quotas.
+
+``use()`` is one conditional ``UPDATE ... RETURNING``: the row is only changed when the
+token is usable, so concurrent calls from any number of processes never overspend a
+quota (Postgres re-checks the condition on the locked row; SQLite writes one at a time).
+Only a refusal takes a second statement, to say why.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import uuid
+from typing import Any, Final
+
+import sqlalchemy as sa
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.engine import Connection
+
+from llmstore._core.errors import (
+    ConflictError,
+    NotFoundError,
+    TokenRejectedError,
+    TokenRejectionReason,
+    ValidationError,
+)
+from llmstore._core.ids import new_id, utcnow
+from llmstore._core.secrets import (
+    DISPLAY_LENGTH,
+    SecretDigester,
+    check_bearer_secret,
+    new_bearer_secret,
+)
+from llmstore._core.unset import UNSET, Unset
+from llmstore._core.validate import (
+    check_actor,
+    check_aware,
+    check_id,
+    check_limit,
+    check_optional_bool,
+    check_positive_int,
+    check_text,
+)
+from llmstore._db.lean import LeanStatement, Row
+from llmstore._db.runner import Runner
+from llmstore._db.schema import UTCDateTime, projects, tokens
+
+from .audit import AuditRepository
+
+TOKEN_PREFIX: Final = "lst_"
+NAME_MAX = 200
+_USE_ATTEMPTS = 5
+
+
+class Token(BaseModel):
+    """A token as stored: never its secret, only a short display ``prefix``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: uuid.UUID
+    project_id: uuid.UUID
+    name: str | None
+    prefix: str
+    expires_at: dt.datetime | None
+    is_active: bool
+    deactivated_at: dt.datetime | None
+    request_count: int
+    max_requests: int | None
+    cache_hit_count: int
+    created_at: dt.datetime
+    last_used_at: dt.datetime | None
+
+    @property
+    def remaining_requests(self) -> int | None:
+        """Requests left under ``max_requests``; None when unlimited."""
+        if self.max_requests is None:
+            return None
+        return max(self.max_requests - self.request_count, 0)
+
+
+class IssuedToken(BaseModel):
+    """A new token and its secret. The secret is shown here once and never stored."""
+
+    model_config = ConfigDict(frozen=True)
+
+    token: Token
+    secret: str = Field(repr=False)
+
+
+_COLUMNS = (
+    tokens.c.id,
+    tokens.c.project_id,
+    tokens.c.name,
+    tokens.c.prefix,
+    tokens.c.expires_at,
+    tokens.c.is_active,
+    tokens.c.deactivated_at,
+    tokens.c.request_count,
+    tokens.c.max_requests,
+    tokens.c.cache_hit_count,
+    tokens.c.created_at,
+    tokens.c.last_used_at,
+)
+_NAMES = tuple(column.name for column in _COLUMNS)
+_SELECT = sa.select(*_COLUMNS)
+_BY_ID = _SELECT.where(tokens.c.id == sa.bindparam("key"))
+
+
+def _token(row: Row) -> Token:
+    # Values come from the database through the column types: no need to validate again.
+    return Token.model_construct(**dict(zip(_NAMES, row, strict=True)))
+
+
+def _use_statement(*, cache_hit: bool) -> LeanStatement:
+    now = sa.bindparam("now", type_=UTCDateTime())
+    usable = [
+        tokens.c.secret_digest == sa.bindparam("digest", type_=sa.String(64)),
+        tokens.c.is_active == sa.true(),
+        sa.or_(tokens.c.expires_at.is_(None), tokens.c.expires_at > now),
+        sa.exists().where(projects.c.id == tokens.c.project_id, projects.c.is_active == sa.true()),
+    ]
+    if cache_hit:
+        # A cache hit costs the upstream nothing: it is counted, but spends no quota.
+        changes: dict[str, Any] = {"cache_hit_count": tokens.c.cache_hit_count + 1}
+    else:
+        usable.append(
+            sa.or_(tokens.c.max_requests.is_(None), tokens.c.request_count < tokens.c.max_requests)
+        )
+        changes = {"request_count": tokens.c.request_count + 1}
+    statement = (
+        tokens.update().where(*usable).values(last_used_at=now, **changes).returning(*_COLUMNS)
+    )
+    return LeanStatement(statement, _COLUMNS)
+
+
+_USE = _use_statement(cache_hit=False)
+_CACHE_HIT = _use_statement(cache_hit=True)
+_DIAGNOSE = (
+    sa.select(
+        tokens.c.is_active,
+        tokens.c.expires_at,
+        tokens.c.request_count,
+        tokens.c.max_requests,
+        projects.c.is_active.label("project_active"),
+    )
+    .join(projects, projects.c.id == tokens.c.project_id)
+    .where(tokens.c.secret_digest == sa.bindparam("digest"))
+)
+
+
+def check_token_secret(secret: object) -> str:
+    return check_bearer_secret(secret, TOKEN_PREFIX, "a token secret")
+
+
+def rejection_reason(
+    conn: Connection, *, digest: str, now: dt.datetime, cache_hit: bool
+) -> TokenRejectionReason | None:
+    """Why the token with ``digest`` cannot be used at ``now``; None if it now can."""
+    row = conn.execute(_DIAGNOSE, {"digest": digest}).first()
+    if row is None:
+        return "unknown"
+    if not row.is_active:
+        return "inactive"
+    if not row.project_active:
+        return "project_inactive"
+    if row.expires_at is not None and row.expires_at <= now:
+        return "expired"
+    if not cache_hit and row.max_requests is not None and row.request_count >= row.max_requests:
+        return "quota_exhausted"
+    return None
+
+
+def _optional_expiry(value: object) -> dt.datetime | None:
+    return None if value is None else check_aware(value, "expires_at")
+
+
+def _optional_quota(value: object) -> int | None:
+    return None if value is None else check_positive_int(value, "max_requests")
+
+
+def _optional_name(value: object) -> str | None:
+    return None if value is None else check_text(value, "token name", max_length=NAME_MAX)
+
+
+class TokenRepository:
+    """Token operations on one connection; the caller owns the transaction."""
+
+    def __init__(self, conn: Connection, digester: SecretDigester) -> None:
+        self._conn = conn
+        self._digester = digester
+
+    def create(
+        self,
+        project_id: uuid.UUID | str,
+        *,
+        expires_at: dt.datetime | None = None,
+        max_requests: int | None = None,
+        name: str | None = None,
+        actor: str | None = None,
+    ) -> IssuedToken:
+        project = check_id(project_id, "project id")
+        values: dict[str, Any] = {
+            "expires_at": _optional_expiry(expires_at),
+            "max_requests": _optional_quota(max_requests),
+            "name": _optional_name(name),
+        }
+        actor = check_actor(actor)
+        exists = self._conn.execute(sa.select(projects.c.id).where(projects.c.id == project))
+        if exists.first() is None:
+            raise NotFoundError(f"no project with id {project}")
+        secret = new_bearer_secret(TOKEN_PREFIX)
+        values.update(
+            id=new_id(),
+            project_id=project,
+            secret_digest=self._digester.digest(secret),
+            prefix=secret[:DISPLAY_LENGTH],
+            is_active=True,
+            deactivated_at=None,
+            request_count=0,
+            cache_hit_count=0,
+            created_at=utcnow(),
+            last_used_at=None,
+        )
+        row = self._conn.execute(tokens.insert().returning(*_COLUMNS), values).one()
+        token = _token(tuple(row))
+        self._audit(actor, "token.create", token)
+        return IssuedToken(token=token, secret=secret)
+
+    def get(self, token_id: uuid.UUID | str) -> Token:
+        key = check_id(token_id, "token id")
+        row = self._conn.execute(_BY_ID, {"key": key}).first()
+        if row is None:
+            raise NotFoundError(f"no token with id {key}")
+        return _token(tuple(row))
+
+    def list(
+        self,
+        project_id: uuid.UUID | str | None = None,
+        active: bool | None = None,
+        limit: int = 100,
+        after: uuid.UUID | str | None = None,
+    ) -> list[Token]:
+        """Tokens in creation order; pass the last id of a page as ``after`` for the next."""
+        statement = _SELECT.order_by(tokens.c.id).limit(check_limit(limit))
+        if project_id is not None:
+            statement = statement.where(tokens.c.project_id == check_id(project_id, "project id"))
+        if check_optional_bool(active, "active") is not None:
+            statement = statement.where(tokens.c.is_active == active)
+        if after is not None:
+            statement = statement.where(tokens.c.id > check_id(after, "after"))
+        return [_token(tuple(row)) for row in self._conn.execute(statement)]
+
+    def update(
+        self,
+        token_id: uuid.UUID | str,
+        *,
+        expires_at: dt.datetime | Unset | None = UNSET,
+        max_requests: int | Unset | None = UNSET,
+        name: str | Unset | None = UNSET,
+        actor: str | None = None,
+    ) -> Token:
+        """Change expiry, quota or name; ``None`` means never, unlimited, or no name."""
+        key = check_id(token_id, "token id")
+        changes: dict[str, Any] = {}
+        if expires_at is not UNSET:
+            changes["expires_at"] = _optional_expiry(expires_at)
+        if max_requests is not UNSET:
+            changes["max_requests"] = _optional_quota(max_requests)
+        if name is not UNSET:
+            changes["name"] = _optional_name(name)
+        if not changes:
+            raise ValidationError(
+                "update() needs at least one of expires_at=, max_requests=, name="
+            )
+        return self._change(key, check_actor(actor), "token.update", changes)
+
+    def deactivate(self, token_id: uuid.UUID | str, *, actor: str | None = None) -> Token:
+        """Mark the token inactive; an already inactive token keeps its first date."""
+        key = check_id(token_id, "token id")
+        now = utcnow()
+        changes = {
+            "is_active": False,
+            "deactivated_at": sa.func.coalesce(
+                tokens.c.deactivated_at, sa.literal(now, UTCDateTime())
+            ),
+        }
+        return self._change(key, check_actor(actor), "token.deactivate", changes)
+
+    def activate(self, token_id: uuid.UUID | str, *, actor: str | None = None) -> Token:
+        key = check_id(token_id, "token id")
+        changes = {"is_active": True, "deactivated_at": None}
+        return self._change(key, check_actor(actor), "token.activate", changes)
+
+    def delete(self, token_id: uuid.UUID | str, *, actor: str | None = None) -> None:
+        key = check_id(token_id, "token id")
+        actor = check_actor(actor)
+        row = self._conn.execute(
+            tokens.delete().where(tokens.c.id == key).returning(*_COLUMNS)
+        ).first()
+        if row is None:
+            raise NotFoundError(f"no token with id {key}")
+        self._audit(actor, "token.delete", _token(tuple(row)))
+
+    def _change(
+        self, key: uuid.UUID, actor: str | None, action: str, changes: dict[str, Any]
+    ) -> Token:
+        row = self._conn.execute(
+            tokens.update().where(tokens.c.id == key).values(**changes).returning(*_COLUMNS)
+        ).first()
+        if row is None:
+            raise NotFoundError(f"no token with id {key}")
+        token = _token(tuple(row))
+        self._audit(actor, action, token)
+        return token
+
+    def _audit(self, actor: str | None, action: str, token: Token) -> None:
+        if actor is not None:
+            AuditRepository(self._conn).record(
+                action, actor, "success", project_id=token.project_id, token_id=token.id
+            )
+
+
+class Tokens:
+    """``store.tokens`` and ``tx.tokens``: each call is one unit of work.
+
+    Without ``actor=`` a mutation is a single statement; with it, the change and its
+    audit event are written in one transaction.
+    """
+
+    def __init__(self, runner: Runner, digester: SecretDigester) -> None:
+        self._runner = runner
+        self._digester = digester
+
+    def _repo(self, conn: Connection) -> TokenRepository:
+        return TokenRepository(conn, self._digester)
+
+    async def create(
+        self,
+        project_id: uuid.UUID | str,
+        expires_at: dt.datetime | None = None,
+        max_requests: int | None = None,
+        name: str | None = None,
+        *,
+        actor: str | None = None,
+    ) -> IssuedToken:
+        return await self._runner.write(
+            lambda conn: self._repo(conn).create(
+                project_id, expires_at=expires_at, max_requests=max_requests, name=name, actor=actor
+            )
+        )
+
+    async def use(self, secret: str, cache_hit: bool = False) -> Token:
+        """Spend one request of the token (or count a cache hit) and return it, updated.
+
+        Raises ``TokenRejectedError`` (``.reason``: unknown, inactive, project_inactive,
+        expired, quota_exhausted); anything not shaped like a token secret is ``unknown``,
+        not a ``ValidationError``: one error per outcome for a proxy.
+        """
+        try:
+            text = check_token_secret(secret)
+        except ValidationError:
+            raise TokenRejectedError("unknown") from None
+        digest = self._digester.digest(text)
+        if not isinstance(cache_hit, bool):
+            raise ValidationError(
+                f"cache_hit must be True or False, not {type(cache_hit).__name__}"
+            )
+        statement = _CACHE_HIT if cache_hit else _USE
+        for _ in range(_USE_ATTEMPTS):
+            now = utcnow()
+            row = await self._runner.lean_first(statement, {"digest": digest, "now": now})
+            if row is not None:
+                return _token(row)
+            reason = await self._runner.read(
+                functools.partial(rejection_reason, digest=digest, now=now, cache_hit=cache_hit),
+                single=True,
+            )
+            if reason is not None:
+                raise TokenRejectedError(reason)
+        # Refused, then found usable, repeatedly: it is being changed concurrently.
+        raise ConflictError("the token changed while it was being used; try again")
+
+    async def get(self, token_id: uuid.UUID | str) -> Token:
+        return await self._runner.read(lambda conn: self._repo(conn).get(token_id), single=True)
+
+    async def list(
+        self,
+        project_id: uuid.UUID | str | None = None,
+        active: bool | None = None,
+        limit: int = 100,
+        after: uuid.UUID | str | None = None,
+    ) -> list[Token]:
+        return await self._runner.read(
+            lambda conn: self._repo(conn).list(project_id, active, limit, after), single=True
+        )
+
+    async def update(
+        self,
+        token_id: uuid.UUID | str,
+        *,
+        expires_at: dt.datetime | Unset | None = UNSET,
+        max_requests: int | Unset | None = UNSET,
+        name: str | Unset | None = UNSET,
+        actor: str | None = None,
+    ) -> Token:
+        return await self._runner.write(
+            lambda conn: self._repo(conn).update(
+                token_id, expires_at=expires_at, max_requests=max_requests, name=name, actor=actor
+            ),
+            single=actor is None,
+        )
+
+    async def deactivate(self, token_id: uuid.UUID | str, *, actor: str | None = None) -> Token:
+        return await self._runner.write(
+            lambda conn: self._repo(conn).deactivate(token_id, actor=actor), single=actor is None
+        )
+
+    async def activate(self, token_id: uuid.UUID | str, *, actor: str | None = None) -> Token:
+        return await self._runner.write(
+            lambda conn: self._repo(conn).activate(token_id, actor=actor), single=actor is None
+        )
+
+    async def delete(self, token_id: uuid.UUID | str, *, actor: str | None = None) -> None:
+        await self._runner.write(
+            lambda conn: self._repo(conn).delete(token_id, actor=actor), single=actor is None
+        )

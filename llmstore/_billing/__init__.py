@@ -1,0 +1,1 @@
+"""Billing: prepaid API keys, their ledger, holds and withdrawals."""

@@ -1,0 +1,98 @@
+"""Engines as llmstore opens them: SQLite through the stdlib driver, Postgres through asyncpg."""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+import sqlalchemy as sa
+import sqlalchemy.exc
+from sqlalchemy import event
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool, StaticPool
+
+from llmstore._core.config import StoreConfig
+
+
+def sqlite_engine(
+    path: str,
+    *,
+    busy_timeout: float,
+    pool_size: int = 1,
+    foreign_keys: bool = True,
+    creator: Any = None,
+) -> Engine:
+    """A synchronous engine whose connections never begin a transaction by themselves.
+
+    pysqlite's own transaction handling is switched off (``isolation_level=None``) so that
+    llmstore issues ``BEGIN IMMEDIATE`` for writes itself; a deferred transaction that
+    reads and then writes can fail with "database is locked" whatever the busy timeout.
+    """
+    memory = path == ":memory:"
+    options: dict[str, Any] = {
+        "hide_parameters": True,
+        "connect_args": {"check_same_thread": False, "timeout": busy_timeout},
+    }
+    if creator is not None:
+        options["creator"] = creator
+        options["poolclass"] = StaticPool
+    elif memory:
+        options["poolclass"] = StaticPool
+    elif pool_size <= 0:
+        options["poolclass"] = NullPool
+    else:
+        options.update(pool_size=pool_size, max_overflow=0, pool_timeout=busy_timeout)
+    engine = sa.create_engine(sa.URL.create("sqlite", database=path), **options)
+
+    @event.listens_for(engine, "connect")
+    def _configure(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        if not memory:
+            cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+        cursor.close()
+
+    return engine
+
+
+def postgres_engine(config: StoreConfig, *, pooled: bool = True) -> AsyncEngine:
+    options: dict[str, Any] = {"hide_parameters": True}
+    if pooled:
+        options.update(
+            pool_size=config.pool_size,
+            max_overflow=config.max_overflow,
+            pool_recycle=config.conn_max_lifetime,
+        )
+    else:
+        options["poolclass"] = NullPool
+    url = make_url(config.url.get_secret_value())
+    mode = url.query.get("sslmode")
+    if isinstance(mode, str):  # libpq's name (kept for pg_dump); asyncpg calls it ssl
+        url = url.difference_update_query(["sslmode"])
+        if "ssl" not in url.query:
+            options["connect_args"] = {"ssl": mode}
+    engine = create_async_engine(url, **options)
+    event.listen(engine.sync_engine, "checkout", _refuse_closed)
+    return with_schema(engine, config.schema_name)
+
+
+def _refuse_closed(_dbapi_connection: Any, _record: Any, proxy: Any) -> None:
+    """Replace a pooled connection the server has closed before it is used.
+
+    After a restart or a failover every pooled connection is dead; the pool would hand
+    each out once and fail a request with it. asyncpg notes a closed socket without a
+    round trip, so this costs nothing, unlike a ping per checkout.
+    """
+    if proxy.driver_connection.is_closed():
+        raise sqlalchemy.exc.DisconnectionError("the server closed this pooled connection")
+
+
+def with_schema(engine: AsyncEngine, schema: str | None) -> AsyncEngine:
+    """Route every unqualified llmstore table to ``schema`` (compiled into the SQL, cached)."""
+    if schema is None:
+        return engine
+    return engine.execution_options(schema_translate_map={None: schema})

@@ -1,0 +1,182 @@
+"""``store.usage``: usage rows, metrics, retention, receipts and the buffered writer.
+
+Rows are checked (``_usage_records``), written in bulk (``_usage_repository``), summed
+(``_usage_metrics``), purged (``_usage_purge``), signed (``_receipts``) and buffered
+(``_usage_writer``) by modules of their own; this one holds the public facade.
+"""
+
+from __future__ import annotations
+
+import builtins
+import datetime as dt
+import os
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from llmstore._core.errors import ConflictError, ValidationError
+from llmstore._core.validate import (
+    check_aware,
+    check_id,
+    check_limit,
+    check_name,
+    check_optional_bool,
+    check_positive_int,
+)
+from llmstore._db.runner import Runner
+
+from .metrics import UsageMetrics, check_metrics_query, read_metrics
+from .purge import Progress as PurgeProgress
+from .purge import purge_usage
+from .receipts import Receipt, ReceiptRepository, ReceiptSigner
+from .records import RecordResult, UsageLog, UsageRecord, check_records
+from .repository import UsageRepository
+from .writer import UsageWriter
+
+MAX_LIST = 10_000
+_RACE_ATTEMPTS = 3
+
+
+def _optional_aware(value: object, what: str) -> dt.datetime | None:
+    return None if value is None else check_aware(value, what)
+
+
+class Usage:
+    """``store.usage`` and ``tx.usage``: usage rows, metrics, retention and receipts."""
+
+    def __init__(self, runner: Runner, signer: ReceiptSigner) -> None:
+        self._runner = runner
+        self._signer = signer
+
+    async def record(self, record: UsageRecord) -> RecordResult:
+        """Write one row durably before returning (unless its request id is known)."""
+        if not isinstance(record, UsageRecord):
+            raise ValidationError(f"record must be a UsageRecord, not {type(record).__name__}")
+        return await self.record_many([record])
+
+    async def record_many(self, records: Iterable[UsageRecord]) -> RecordResult:
+        """Write a batch in one transaction: all of it, or (on any error) none of it."""
+        checked = check_records(records)
+        if not checked:
+            return RecordResult(written=0, duplicate_request_ids=[], ids=[])
+        for attempt in range(_RACE_ATTEMPTS):
+            try:
+                return await self._runner.write(lambda conn: UsageRepository(conn).insert(checked))
+            except ConflictError:
+                # Another batch wrote one of these request ids first; look again.
+                if attempt == _RACE_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def get(self, usage_id: int) -> UsageLog | None:
+        checked = check_positive_int(usage_id, "usage id")
+        return await self._runner.read(lambda conn: UsageRepository(conn).get(checked), single=True)
+
+    async def list(
+        self,
+        api_key_id: uuid.UUID | str | None = None,
+        project_id: uuid.UUID | str | None = None,
+        model: str | None = None,
+        success: bool | None = None,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+        limit: int = 100,
+        after: int | None = None,
+    ) -> builtins.list[UsageLog]:
+        """Rows newest first; pass the last row's id as ``after`` for the next page."""
+        key = None if api_key_id is None else check_id(api_key_id, "api_key_id")
+        project = None if project_id is None else check_id(project_id, "project_id")
+        if model is not None:
+            model = check_name(model, "model")
+        filters: dict[str, Any] = {
+            "api_key_id": key,
+            "project_id": project,
+            "model": model,
+            "success": check_optional_bool(success, "success"),
+            "since": _optional_aware(since, "since"),
+            "until": _optional_aware(until, "until"),
+            "limit": check_limit(limit, maximum=MAX_LIST),
+            "after": None if after is None else check_positive_int(after, "after"),
+        }
+        return await self._runner.read(
+            lambda conn: UsageRepository(conn).list(**filters), single=True
+        )
+
+    async def metrics(
+        self,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+        group_by: str | Sequence[str] = (),
+        bucket: str | None = None,
+        **filters: Any,
+    ) -> builtins.list[UsageMetrics]:
+        """Requests, tokens, cost and latency per bucket and group, in one statement.
+
+        ``since`` is inclusive and ``until`` exclusive, on ``created_at``. ``group_by``
+        names columns among model, provider, project_id, api_key_id, origin, alias and
+        profile; ``bucket`` is None, "minute", "hour" or "day" (UTC). ``filters`` are
+        equality filters on api_key_id, project_id, token_id, model, provider, origin,
+        alias, profile, success and is_streaming (None: not filtered).
+        """
+        query = check_metrics_query(
+            since=since, until=until, group_by=group_by, bucket=bucket, filters=filters
+        )
+        return await self._runner.read(lambda conn: read_metrics(conn, query), single=True)
+
+    async def purge(
+        self,
+        older_than: dt.datetime | dt.timedelta,
+        batch_size: int = 10_000,
+        export_to: str | os.PathLike[str] | None = None,
+        progress: PurgeProgress | None = None,
+    ) -> int:
+        """Delete the rows created before a cutoff, one short transaction per batch.
+
+        ``older_than`` is the cutoff (an aware datetime) or its age (a timedelta before
+        now); a row created exactly at the cutoff is kept. With ``export_to`` (a new
+        ``.jsonl`` or ``.csv`` file) each batch is written there and fsynced before it is
+        deleted. ``progress(deleted, batches)`` is called after each batch. Returns the
+        number of rows deleted.
+        """
+        return await purge_usage(
+            self._runner,
+            older_than,
+            batch_size=batch_size,
+            export_to=export_to,
+            progress=progress,
+        )
+
+    async def issue_receipt(self, usage_id: int) -> Receipt:
+        """The row's signed receipt: issued and stored now, or the one issued before.
+
+        Raises NotFoundError for an unknown row (unless it had a receipt before it was
+        deleted) and ConfigError when ``LLMSTORE_RECEIPT_SIGNING_KEY`` is not set.
+        """
+        checked = check_positive_int(usage_id, "usage id")
+        signer = self._signer.require()
+        return await self._runner.write(
+            lambda conn: ReceiptRepository(conn).issue(checked, signer, UsageRepository(conn).get)
+        )
+
+    async def get_receipt(self, receipt_id: uuid.UUID | str) -> Receipt | None:
+        """The stored receipt with that id, or None; needs no signing key."""
+        checked = check_id(receipt_id, "receipt id")
+        return await self._runner.read(
+            lambda conn: ReceiptRepository(conn).get(checked), single=True
+        )
+
+    def writer(
+        self, max_batch: int = 500, flush_interval: float = 0.5, max_pending: int = 10_000
+    ) -> UsageWriter:
+        """A buffered writer for logging off the request path: ``async with`` it, ``put`` rows.
+
+        Rows are written in batches of up to ``max_batch``, at least every
+        ``flush_interval`` seconds; ``put`` waits while ``max_pending`` rows are held.
+        Failed batches are retried until written; closing drains. See ``UsageWriter``.
+        """
+        return UsageWriter(
+            self._runner,
+            max_batch=max_batch,
+            flush_interval=flush_interval,
+            max_pending=max_pending,
+        )
