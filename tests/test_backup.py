@@ -25,7 +25,6 @@ from llmstore import (
     MigrationError,
     StoreConfig,
     ValidationError,
-    _migrations,
 )
 from llmstore._cli.main import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
 from llmstore._db.schema import LEGACY_VERSION_TABLE, VERSION_TABLE, metadata
@@ -37,6 +36,7 @@ from llmstore._ops.backup import (
     prune,
     sqlite_revision,
 )
+from llmstore.migrations import _commands as _migrations
 from llmstore.migrations._commands import head_revision, migrate, upgrade
 from llmstore.pytest_plugin import drop_schema, fresh_schema_name
 
