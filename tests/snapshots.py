@@ -9,9 +9,10 @@ import sqlalchemy as sa
 from pydantic import SecretStr
 from sqlalchemy.engine import Connection
 
-from llmstore import Store, StoreConfig, UsageRecord, _migrations
+from llmstore import Store, StoreConfig, UsageRecord
 from llmstore._core.signing import generate_signing_key
 from llmstore._db.schema import VERSION_TABLE, metadata
+from llmstore.migrations import _commands as _migrations
 
 Snapshot = dict[str, list[tuple[Any, ...]]]
 

@@ -16,9 +16,11 @@ import sqlalchemy as sa
 import sqlalchemy.ext.asyncio
 from sqlalchemy.engine import Connection
 
-from llmstore import MigrationError, StoreConfig, UsageRecord, _migration_schema, _migrations
+from llmstore import MigrationError, StoreConfig, UsageRecord
 from llmstore._db.schema import metadata
 from llmstore._store import Store
+from llmstore.migrations import _commands as _migrations
+from llmstore.migrations import _schema as _migration_schema
 from llmstore.migrations._commands import head_revision, migrate, upgrade
 from llmstore.migrations._ops import DEFAULT_LOCK_TIMEOUT
 from llmstore.pytest_plugin import drop_schema, fresh_schema_name

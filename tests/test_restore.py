@@ -19,11 +19,13 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
-from llmstore import BackupError, Store, StoreConfig, _migrations, _restore, generate_key
+from llmstore import BackupError, Store, StoreConfig, generate_key
 from llmstore._cli.main import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
 from llmstore._db.schema import VERSION_TABLE, metadata
+from llmstore._ops import restore as _restore
 from llmstore._ops.backup import backup_database, backup_prefix
 from llmstore._ops.restore import restore_database
+from llmstore.migrations import _commands as _migrations
 from llmstore.migrations._commands import head_revision, upgrade
 from llmstore.pytest_plugin import drop_schema, fresh_schema_name
 

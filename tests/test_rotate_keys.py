@@ -17,10 +17,11 @@ import sqlalchemy as sa
 from cryptography.fernet import Fernet, InvalidToken
 from sqlalchemy.engine import Connection
 
-from llmstore import ConfigError, Store, StoreConfig, ValidationError, _rotation, generate_key
+from llmstore import ConfigError, Store, StoreConfig, ValidationError, generate_key
 from llmstore._cli.main import EXIT_OK, EXIT_USAGE, main
 from llmstore._cli.progress import CopyProgress
 from llmstore._db.schema import metadata, projects, provider_credentials, withdrawals
+from llmstore._ops import rotation as _rotation
 from llmstore._ops.rotation import ENCRYPTED_COLUMNS, _write_batch
 from llmstore.migrations._commands import upgrade
 
