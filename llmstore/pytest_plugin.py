@@ -5,6 +5,8 @@
 * ``llmstore_postgres_factory``: ``await factory(**options)`` opens a store in a fresh
   schema of the database at ``LLMSTORE_TEST_POSTGRES_URL``, migrated to head; every schema
   is dropped at teardown. Tests using it are skipped when the variable is not set.
+* ``run_sql(store, fn)``: run ``fn(connection)`` on the store's own database, for a test
+  that looks at or changes rows directly.
 
 Both need pytest-asyncio (``pip install 'llmstore[pytest]'``).
 """
@@ -14,10 +16,11 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
@@ -29,6 +32,22 @@ from .migrations._commands import upgrade
 POSTGRES_URL_VARIABLE = "LLMSTORE_TEST_POSTGRES_URL"
 
 StoreFactory = Callable[..., Awaitable[Store]]
+T = TypeVar("T")
+
+
+async def run_sql(
+    store: Store, fn: Callable[[Connection], T], *, write: bool = False, single: bool = False
+) -> T:
+    """Run ``fn`` with a SQLAlchemy ``Connection`` of the open ``store``, as one unit.
+
+    ``write``: the unit may write; it is committed when ``fn`` returns and rolled back if
+    it raises (SQLite: under the write lock). ``single``: ``fn`` runs one statement, in
+    autocommit. The connection is the store's own, with its schema; ``fn`` must not commit.
+    """
+    runner = store._require_open()
+    if write:
+        return await runner.write(fn, single=single)
+    return await runner.read(fn, single=single)
 
 
 def postgres_test_url() -> str | None:

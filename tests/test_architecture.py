@@ -7,7 +7,9 @@
   modules and another domain's package, never another domain's modules; never a driver
   (``sqlite3``, ``asyncpg``) nor a concrete runner; never ``_ops``, ``_cli``, ``_store`` or
   ``migrations``, which sit above it;
-* nothing but the package's ``__init__`` and ``__main__`` imports the command line.
+* nothing but the package's ``__init__`` and ``__main__`` imports the command line;
+* a domain never asks which database it is on (no ``"postgresql"`` or ``"sqlite"``
+  compared, no ``dialect.name``): it asks its runner's capabilities, or calls ``_db``.
 
 Each rule is also shown to fail on a module that breaks it.
 """
@@ -117,6 +119,30 @@ def violations(name: str, source: str, *, is_package: bool = False) -> list[str]
     return broken
 
 
+DIALECT_NAMES = ("postgresql", "sqlite")
+
+
+def dialect_checks(name: str, source: str) -> list[str]:
+    """Where a domain module asks which database it is on."""
+    if _layer(name) not in DOMAINS:
+        return []
+    found: list[str] = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            if any(isinstance(o, ast.Constant) and o.value in DIALECT_NAMES for o in operands):
+                found.append(f"{name}:{node.lineno} compares a dialect name")
+        elif isinstance(node, ast.Attribute) and node.attr == "name":
+            value = node.value
+            if isinstance(value, ast.Attribute) and value.attr == "dialect":
+                found.append(f"{name}:{node.lineno} reads dialect.name")
+        elif isinstance(node, ast.Call) and any(
+            isinstance(a, ast.Constant) and a.value in DIALECT_NAMES for a in node.args
+        ):
+            found.append(f"{name}:{node.lineno} names a dialect")
+    return found
+
+
 def package_modules() -> list[Path]:
     return sorted(p for p in PACKAGE.rglob("*.py") if "scripts" not in p.parts)
 
@@ -130,6 +156,29 @@ def test_every_module_keeps_the_import_rules() -> None:
         )
     ]
     assert broken == []
+
+
+def test_no_domain_asks_which_database_it_is_on() -> None:
+    found = [
+        line
+        for path in package_modules()
+        for line in dialect_checks(module_name(path), path.read_text())
+    ]
+    assert found == []
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        'if conn.dialect.name == "postgresql":\n    pass\n',
+        'postgres = runner.driver != "sqlite"\n',
+        'x = "sqlite" in names\n',
+        "@compiles(Thing, 'sqlite')\ndef f(): ...\n",
+    ],
+)
+def test_a_dialect_check_in_a_domain_is_reported(source: str) -> None:
+    assert dialect_checks("llmstore._usage.writer", source) != []
+    assert dialect_checks("llmstore._db.dialects", source) == []
 
 
 def test_the_rules_see_every_module() -> None:

@@ -27,7 +27,7 @@ from llmstore import (
     StoreConfig,
     ValidationError,
 )
-from llmstore._access.audit import AuditRepository, event_hash
+from llmstore._access.audit import event_hash
 from llmstore._cli.main import EXIT_OK, EXIT_TAMPERED, main
 from llmstore._core.validate import JSON_MAX_BYTES as METADATA_MAX_BYTES
 from llmstore._db.schema import audit_chain, audit_events
@@ -569,11 +569,8 @@ async def test_deleted_last_events_are_detected(store: Store, deleted: tuple[int
 async def test_verify_crosses_batches(store: Store) -> None:
     """More events than verify() reads in one batch (1000): tampering beyond it is found."""
 
-    def many(conn: Connection) -> list[AuditEvent]:
-        repository = AuditRepository(conn)
-        return [repository.record("bulk", "loader", "success") for _ in range(1203)]
-
-    events = await store._require_open().write(many)
+    async with store.transaction() as tx:
+        events = [await tx.audit.record("bulk", "loader", "success") for _ in range(1203)]
     report = await store.audit.verify()
     assert report.ok and report.events_checked == 1203
     assert [e.seq for e in await store.audit.list(limit=3)] == [1203, 1202, 1201]

@@ -43,7 +43,8 @@ BEFORE_HEAD = "0003_api_keys_ledger"
 WORKER = """
 import sys, time
 from pathlib import Path
-from llmstore._cli.main import main as _cli, _migrations
+from llmstore._cli import main as _cli
+from llmstore.migrations import _commands as _migrations
 _migrations.head_revision()
 go = Path(sys.argv[1])
 print("ready", flush=True)

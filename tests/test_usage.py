@@ -416,13 +416,13 @@ def test_sqlite_shortcuts_store_what_the_column_types_store(
     from sqlalchemy.dialects import sqlite
 
     from llmstore._usage.records import FIELD_OF_COLUMN
-    from llmstore._usage.repository import _Encoder
+    from llmstore._usage.repository import BULK
 
     dialect = sqlite.dialect()
     record = UsageRecord(
         created_at=moment, api_key_id=ident, is_streaming=flag, tokens_per_second=rate
     )
-    fast = _Encoder(dialect).rows([record], [1])[0]
+    fast = BULK.encoder(dialect).rows([record], [1])[0]
     columns = ["id", *(c.name for c in usage_logs.c if c.name != "id")]
     for index, name in enumerate(columns[1:], start=1):
         process = usage_logs.c[name].type.dialect_impl(dialect).bind_processor(dialect)

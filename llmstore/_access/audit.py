@@ -9,6 +9,7 @@ anchor the remaining chain is verified from.
 
 from __future__ import annotations
 
+import builtins
 import datetime as dt
 import hashlib
 import ipaddress
@@ -33,7 +34,7 @@ from llmstore._core.validate import (
     describe,
     plain_text,
 )
-from llmstore._db.runner import Runner
+from llmstore._db.operations import Repository, reads, writes
 from llmstore._db.schema import audit_chain, audit_events
 
 Outcome = Literal["success", "failure", "denied"]
@@ -173,63 +174,53 @@ def _event(row: Any) -> AuditEvent:
     return _event_from(row._mapping)
 
 
-class AuditRepository:
-    """Audit operations on one connection; the caller owns the transaction."""
+class Audit(Repository):
+    """``store.audit`` and ``tx.audit``: a hash-chained, append-only log of who did what.
 
-    def __init__(self, conn: Connection) -> None:
-        self._conn = conn
+    Each event links to its predecessor's hash and the chain's head is kept apart, so an
+    altered, inserted or deleted event is found by :meth:`verify`; a purge moves the
+    chain's anchor, so what remains stays verifiable.
+    """
 
+    @writes()
     def record(
         self,
+        conn: Connection,
         action: str,
         actor: str,
         outcome: str,
-        *,
         project_id: uuid.UUID | str | None = None,
         token_id: uuid.UUID | str | None = None,
         request_id: str | None = None,
         client_ip: str | None = None,
         metadata: Mapping[str, Any] | None = None,
     ) -> AuditEvent:
-        values: dict[str, Any] = {
-            "action": check_text(action, "action", max_length=100),
-            "actor": check_text(actor, "actor", max_length=200),
-            "outcome": _check_outcome(outcome),
-            "project_id": _optional_id(project_id, "project id"),
-            "token_id": _optional_id(token_id, "token id"),
-            "request_id": _optional_text(request_id, "request_id", 200),
-            "client_ip": _check_ip(client_ip),
-            "event_metadata": check_json_mapping(metadata, "metadata"),
-        }
-        return self.append(values)
-
-    def append(self, values: dict[str, Any]) -> AuditEvent:
-        """Append checked ``values`` at the head of the chain (locks the head until commit)."""
-        head = self._conn.execute(_HEAD_FOR_UPDATE).one()
-        # Taken under the lock, so time order and chain order agree (purge relies on it).
-        now = utcnow()
-        if head.head_timestamp is not None and now < head.head_timestamp:
-            now = head.head_timestamp
-        values = {**values, "id": new_id(), "seq": head.head_seq + 1, "timestamp": now}
-        values["prev_hash"] = head.head_hash
-        values["hash"] = event_hash(values)
-        self._conn.execute(_INSERT, values)
-        self._conn.execute(
-            _ADVANCE,
-            {"head_seq": values["seq"], "head_hash": values["hash"], "head_timestamp": now},
+        """Append an event (``outcome``: success, failure or denied) at the chain's head."""
+        return record_event(
+            conn,
+            action,
+            actor,
+            outcome,
+            project_id=project_id,
+            token_id=token_id,
+            request_id=request_id,
+            client_ip=client_ip,
+            metadata=metadata,
         )
-        return _event_from(values)
 
-    def get(self, event_id: uuid.UUID | str) -> AuditEvent:
+    @reads()
+    def get(self, conn: Connection, event_id: uuid.UUID | str) -> AuditEvent:
+        """The event with this id; NotFoundError if there is none."""
         key = check_id(event_id, "event id")
-        row = self._conn.execute(_SELECT.where(audit_events.c.id == key)).first()
+        row = conn.execute(_SELECT.where(audit_events.c.id == key)).first()
         if row is None:
             raise NotFoundError(f"no audit event with id {key}")
         return _event(row)
 
+    @reads(single=False)
     def list(
         self,
-        *,
+        conn: Connection,
         action: str | None = None,
         actor: str | None = None,
         project_id: uuid.UUID | str | None = None,
@@ -238,7 +229,7 @@ class AuditRepository:
         until: dt.datetime | None = None,
         limit: int = 100,
         after: uuid.UUID | str | None = None,
-    ) -> list[AuditEvent]:
+    ) -> builtins.list[AuditEvent]:
         """Events newest first; pass the last id of a page as ``after`` for the next."""
         statement = _SELECT.order_by(audit_events.c.seq.desc()).limit(check_limit(limit))
         if action is not None:
@@ -261,187 +252,162 @@ class AuditRepository:
             statement = statement.where(audit_events.c.timestamp < check_aware(until, "until"))
         if after is not None:
             key = check_id(after, "after")
-            seq = self._conn.execute(
+            seq = conn.execute(
                 sa.select(audit_events.c.seq).where(audit_events.c.id == key)
             ).scalar()
             if seq is None:
                 raise NotFoundError(f"after: no audit event with id {key}")
             statement = statement.where(audit_events.c.seq < seq)
-        return [_event(row) for row in self._conn.execute(statement)]
+        return [_event(row) for row in conn.execute(statement)]
 
-    def purge(self, older_than: dt.datetime) -> int:
-        """Delete the events before ``older_than``; the rest stays verifiable. Returns how many."""
-        cutoff = check_aware(older_than, "older_than")
-        head = self._conn.execute(_HEAD_FOR_UPDATE).one()
-        first_kept = self._conn.execute(
-            sa.select(audit_events.c.seq, audit_events.c.prev_hash)
-            .where(audit_events.c.timestamp >= cutoff)
-            .order_by(audit_events.c.seq)
-            .limit(1)
-        ).first()
-        if first_kept is None:
-            anchor_seq, anchor_hash = head.head_seq, head.head_hash
-        else:
-            anchor_seq, anchor_hash = first_kept.seq - 1, first_kept.prev_hash
-        deleted = self._conn.execute(
-            audit_events.delete().where(audit_events.c.seq <= anchor_seq)
-        ).rowcount
-        if deleted:
-            self._conn.execute(
-                _ADVANCE,
-                {"anchor_seq": anchor_seq, "anchor_hash": anchor_hash, "purged_at": utcnow()},
-            )
-        return int(deleted)
-
-    def verify(self) -> AuditVerification:
-        chain = self._conn.execute(sa.select(audit_chain).where(audit_chain.c.id == 1)).one()
-        expected_seq = chain.anchor_seq + 1
-        expected_prev = chain.anchor_hash
-        checked = 0
-
-        def failed(row: Any, reason: Any, message: str) -> AuditVerification:
-            return AuditVerification(
-                ok=False,
-                events_checked=checked,
-                anchor_seq=chain.anchor_seq,
-                head_seq=chain.head_seq,
-                failed_event_id=None if row is None else row.id,
-                failed_seq=expected_seq if row is None else row.seq,
-                reason=reason,
-                message=message,
-            )
-
-        last_seq = chain.anchor_seq
-        last_row = None
-        while True:
-            rows = self._conn.execute(
-                _SELECT.where(audit_events.c.seq > last_seq, audit_events.c.seq <= chain.head_seq)
-                .order_by(audit_events.c.seq)
-                .limit(_VERIFY_BATCH)
-            ).all()
-            for row in rows:
-                if row.seq != expected_seq:
-                    return failed(
-                        row, "events_missing", f"events {expected_seq} to {row.seq - 1} are missing"
-                    )
-                if row.prev_hash != expected_prev:
-                    return failed(
-                        row, "link_broken", f"event {row.seq} does not link to its predecessor"
-                    )
-                if event_hash(dict(row._mapping)) != row.hash:
-                    return failed(row, "content_altered", f"event {row.seq} was altered")
-                expected_prev = row.hash
-                expected_seq += 1
-                checked += 1
-                last_row = row
-            if len(rows) < _VERIFY_BATCH:
-                break
-            last_seq = rows[-1].seq
-        if expected_seq != chain.head_seq + 1:
-            return failed(
-                None,
-                "events_missing",
-                f"the chain ends at event {expected_seq - 1}, its head is {chain.head_seq}",
-            )
-        if expected_prev != chain.head_hash:
-            # The newest event has no successor to link to it: the head records its hash.
-            return failed(
-                last_row,
-                "content_altered",
-                f"event {expected_seq - 1} was rewritten: it does not match the chain head",
-            )
-        return AuditVerification(
-            ok=True, events_checked=checked, anchor_seq=chain.anchor_seq, head_seq=chain.head_seq
-        )
-
-
-class Audit:
-    """``store.audit`` and ``tx.audit``: each call is one unit of work."""
-
-    def __init__(self, runner: Runner) -> None:
-        self._runner = runner
-
-    async def record(
-        self,
-        action: str,
-        actor: str,
-        outcome: str,
-        project_id: uuid.UUID | str | None = None,
-        token_id: uuid.UUID | str | None = None,
-        request_id: str | None = None,
-        client_ip: str | None = None,
-        metadata: Mapping[str, Any] | None = None,
-    ) -> AuditEvent:
-        return await self._runner.write(
-            lambda conn: AuditRepository(conn).record(
-                action,
-                actor,
-                outcome,
-                project_id=project_id,
-                token_id=token_id,
-                request_id=request_id,
-                client_ip=client_ip,
-                metadata=metadata,
-            )
-        )
-
-    async def get(self, event_id: uuid.UUID | str) -> AuditEvent:
-        return await self._runner.read(
-            lambda conn: AuditRepository(conn).get(event_id), single=True
-        )
-
-    async def list(
-        self,
-        action: str | None = None,
-        actor: str | None = None,
-        project_id: uuid.UUID | str | None = None,
-        outcome: str | None = None,
-        since: dt.datetime | None = None,
-        until: dt.datetime | None = None,
-        limit: int = 100,
-        after: uuid.UUID | str | None = None,
-    ) -> list[AuditEvent]:
-        return await self._runner.read(
-            lambda conn: AuditRepository(conn).list(
-                action=action,
-                actor=actor,
-                project_id=project_id,
-                outcome=outcome,
-                since=since,
-                until=until,
-                limit=limit,
-                after=after,
-            )
-        )
-
-    async def purge(self, older_than: dt.datetime, actor: str | None = None) -> int:
+    @writes()
+    def purge(self, conn: Connection, older_than: dt.datetime, actor: str | None = None) -> int:
         """Delete events older than ``older_than``; with ``actor``, audit the purge itself."""
         cutoff = check_aware(older_than, "older_than")
         if actor is not None:
             actor = check_text(actor, "actor", max_length=200)
+        deleted = _purge(conn, cutoff)
+        if actor is not None:
+            record_event(
+                conn,
+                "audit.purge",
+                actor,
+                "success",
+                metadata={"deleted": deleted, "older_than": cutoff.isoformat()},
+            )
+        return deleted
 
-        def purge(conn: Connection) -> int:
-            repository = AuditRepository(conn)
-            deleted = repository.purge(cutoff)
-            if actor is not None:
-                repository.record(
-                    "audit.purge",
-                    actor,
-                    "success",
-                    metadata={"deleted": deleted, "older_than": cutoff.isoformat()},
-                )
-            return deleted
-
-        return await self._runner.write(purge)
-
-    async def verify(self) -> AuditVerification:
+    # One snapshot, so that appends and purges meanwhile cannot look like tampering.
+    @reads(single=False, snapshot=True)
+    def verify(self, conn: Connection) -> AuditVerification:
         """Recompute the chain from its anchor; reports the first altered or missing event."""
+        return _verify(conn)
 
-        def verify(conn: Connection) -> AuditVerification:
-            # Postgres reads at READ COMMITTED: when verify() owns its transaction it asks
-            # for one snapshot, so appends and purges meanwhile cannot look like tampering.
-            if self._runner.autocommit_dialect == "postgresql":
-                conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            return AuditRepository(conn).verify()
 
-        return await self._runner.read(verify)
+def record_event(
+    conn: Connection,
+    action: str,
+    actor: str,
+    outcome: str,
+    *,
+    project_id: uuid.UUID | str | None = None,
+    token_id: uuid.UUID | str | None = None,
+    request_id: str | None = None,
+    client_ip: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> AuditEvent:
+    """Append one event to the chain on ``conn`` (inside the caller's unit)."""
+    values: dict[str, Any] = {
+        "action": check_text(action, "action", max_length=100),
+        "actor": check_text(actor, "actor", max_length=200),
+        "outcome": _check_outcome(outcome),
+        "project_id": _optional_id(project_id, "project id"),
+        "token_id": _optional_id(token_id, "token id"),
+        "request_id": _optional_text(request_id, "request_id", 200),
+        "client_ip": _check_ip(client_ip),
+        "event_metadata": check_json_mapping(metadata, "metadata"),
+    }
+    return _append(conn, values)
+
+
+def _append(conn: Connection, values: dict[str, Any]) -> AuditEvent:
+    """Append checked ``values`` at the head of the chain (locks the head until commit)."""
+    head = conn.execute(_HEAD_FOR_UPDATE).one()
+    # Taken under the lock, so time order and chain order agree (purge relies on it).
+    now = utcnow()
+    if head.head_timestamp is not None and now < head.head_timestamp:
+        now = head.head_timestamp
+    values = {**values, "id": new_id(), "seq": head.head_seq + 1, "timestamp": now}
+    values["prev_hash"] = head.head_hash
+    values["hash"] = event_hash(values)
+    conn.execute(_INSERT, values)
+    conn.execute(
+        _ADVANCE,
+        {"head_seq": values["seq"], "head_hash": values["hash"], "head_timestamp": now},
+    )
+    return _event_from(values)
+
+
+def _purge(conn: Connection, older_than: dt.datetime) -> int:
+    """Delete the events before ``older_than``; the rest stays verifiable. Returns how many."""
+    cutoff = check_aware(older_than, "older_than")
+    head = conn.execute(_HEAD_FOR_UPDATE).one()
+    first_kept = conn.execute(
+        sa.select(audit_events.c.seq, audit_events.c.prev_hash)
+        .where(audit_events.c.timestamp >= cutoff)
+        .order_by(audit_events.c.seq)
+        .limit(1)
+    ).first()
+    if first_kept is None:
+        anchor_seq, anchor_hash = head.head_seq, head.head_hash
+    else:
+        anchor_seq, anchor_hash = first_kept.seq - 1, first_kept.prev_hash
+    deleted = conn.execute(audit_events.delete().where(audit_events.c.seq <= anchor_seq)).rowcount
+    if deleted:
+        conn.execute(
+            _ADVANCE,
+            {"anchor_seq": anchor_seq, "anchor_hash": anchor_hash, "purged_at": utcnow()},
+        )
+    return int(deleted)
+
+
+def _verify(conn: Connection) -> AuditVerification:
+    chain = conn.execute(sa.select(audit_chain).where(audit_chain.c.id == 1)).one()
+    expected_seq = chain.anchor_seq + 1
+    expected_prev = chain.anchor_hash
+    checked = 0
+
+    def failed(row: Any, reason: Any, message: str) -> AuditVerification:
+        return AuditVerification(
+            ok=False,
+            events_checked=checked,
+            anchor_seq=chain.anchor_seq,
+            head_seq=chain.head_seq,
+            failed_event_id=None if row is None else row.id,
+            failed_seq=expected_seq if row is None else row.seq,
+            reason=reason,
+            message=message,
+        )
+
+    last_seq = chain.anchor_seq
+    last_row = None
+    while True:
+        rows = conn.execute(
+            _SELECT.where(audit_events.c.seq > last_seq, audit_events.c.seq <= chain.head_seq)
+            .order_by(audit_events.c.seq)
+            .limit(_VERIFY_BATCH)
+        ).all()
+        for row in rows:
+            if row.seq != expected_seq:
+                return failed(
+                    row, "events_missing", f"events {expected_seq} to {row.seq - 1} are missing"
+                )
+            if row.prev_hash != expected_prev:
+                return failed(
+                    row, "link_broken", f"event {row.seq} does not link to its predecessor"
+                )
+            if event_hash(dict(row._mapping)) != row.hash:
+                return failed(row, "content_altered", f"event {row.seq} was altered")
+            expected_prev = row.hash
+            expected_seq += 1
+            checked += 1
+            last_row = row
+        if len(rows) < _VERIFY_BATCH:
+            break
+        last_seq = rows[-1].seq
+    if expected_seq != chain.head_seq + 1:
+        return failed(
+            None,
+            "events_missing",
+            f"the chain ends at event {expected_seq - 1}, its head is {chain.head_seq}",
+        )
+    if expected_prev != chain.head_hash:
+        # The newest event has no successor to link to it: the head records its hash.
+        return failed(
+            last_row,
+            "content_altered",
+            f"event {expected_seq - 1} was rewritten: it does not match the chain head",
+        )
+    return AuditVerification(
+        ok=True, events_checked=checked, anchor_seq=chain.anchor_seq, head_seq=chain.head_seq
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import datetime as dt
 import uuid
 from typing import Any
@@ -22,10 +23,11 @@ from llmstore._core.validate import (
     check_secret,
     check_text,
 )
+from llmstore._db.operations import Repository, reads, writes
 from llmstore._db.runner import Runner
 from llmstore._db.schema import UTCDateTime, projects
 
-from .audit import AuditRepository
+from .audit import record_event
 
 NAME_MAX = 200
 
@@ -76,14 +78,22 @@ def _record(row: Any) -> Project:
     )
 
 
-class ProjectRepository:
-    """Project operations on one connection; the caller owns the transaction."""
+class Projects(Repository):
+    """``store.projects`` and ``tx.projects``: each call is one unit of work.
 
-    def __init__(self, conn: Connection, secrets: SecretBox) -> None:
-        self._conn = conn
+    Every project operation is a single statement; with ``actor=``, the change and its
+    audit event are written in one transaction.
+    """
+
+    def __init__(self, runner: Runner, secrets: SecretBox) -> None:
+        super().__init__(runner)
         self._secrets = secrets
 
-    def create(self, name: str, api_key: str | None = None, *, actor: str | None = None) -> Project:
+    @writes(single="unless_audited")
+    def create(
+        self, conn: Connection, name: str, api_key: str | None = None, *, actor: str | None = None
+    ) -> Project:
+        """Create an active project; ``api_key`` (its upstream key) is stored encrypted."""
         name = check_text(name, "project name", max_length=NAME_MAX)
         actor = check_actor(actor)
         encrypted = None
@@ -99,40 +109,47 @@ class ProjectRepository:
             "updated_at": now,
             "deactivated_at": None,
         }
-        return self._audited(
-            actor, "project.create", _record(self._conn.execute(_INSERT, values).one())
-        )
+        project = _record(conn.execute(_INSERT, values).one())
+        return _audited(conn, actor, "project.create", project)
 
-    def get(self, project_id: uuid.UUID | str) -> Project:
+    @reads()
+    def get(self, conn: Connection, project_id: uuid.UUID | str) -> Project:
+        """The project with this id; NotFoundError if there is none."""
         key = check_id(project_id, "project id")
-        row = self._conn.execute(_BY_ID, {"key": key}).first()
+        row = conn.execute(_BY_ID, {"key": key}).first()
         if row is None:
             raise NotFoundError(f"no project with id {key}")
         return _record(row)
 
-    def get_by_name(self, name: str) -> Project:
+    @reads()
+    def get_by_name(self, conn: Connection, name: str) -> Project:
+        """The project with this name; NotFoundError if there is none."""
         name = check_text(name, "project name", max_length=NAME_MAX)
-        row = self._conn.execute(_BY_NAME, {"name": name}).first()
+        row = conn.execute(_BY_NAME, {"name": name}).first()
         if row is None:
             raise NotFoundError(f"no project named {name!r}")
         return _record(row)
 
+    @reads()
     def list(
         self,
+        conn: Connection,
         active: bool | None = None,
         limit: int = 100,
         after: uuid.UUID | str | None = None,
-    ) -> list[Project]:
+    ) -> builtins.list[Project]:
         """Projects in creation order; pass the last id of a page as ``after`` for the next."""
         statement = _SELECT.order_by(projects.c.id).limit(check_limit(limit))
         if check_optional_bool(active, "active") is not None:
             statement = statement.where(projects.c.is_active == active)
         if after is not None:
             statement = statement.where(projects.c.id > check_id(after, "after"))
-        return [_record(row) for row in self._conn.execute(statement)]
+        return [_record(row) for row in conn.execute(statement)]
 
+    @writes(single="unless_audited")
     def update(
         self,
+        conn: Connection,
         project_id: uuid.UUID | str,
         *,
         name: str | Unset = UNSET,
@@ -151,16 +168,19 @@ class ProjectRepository:
             )
         if not changes:
             raise ValidationError("update() needs at least one of name= or api_key=")
-        return self._audited(
-            actor, "project.update", self._change(key, updated_at=utcnow(), **changes)
-        )
+        project = _change(conn, key, updated_at=utcnow(), **changes)
+        return _audited(conn, actor, "project.update", project)
 
-    def deactivate(self, project_id: uuid.UUID | str, *, actor: str | None = None) -> Project:
+    @writes(single="unless_audited")
+    def deactivate(
+        self, conn: Connection, project_id: uuid.UUID | str, *, actor: str | None = None
+    ) -> Project:
         """Mark the project inactive; an already inactive project keeps its first date."""
         key = check_id(project_id, "project id")
         actor = check_actor(actor)
         now = utcnow()
-        project = self._change(
+        project = _change(
+            conn,
             key,
             is_active=False,
             updated_at=now,
@@ -168,29 +188,37 @@ class ProjectRepository:
                 projects.c.deactivated_at, sa.literal(now, UTCDateTime())
             ),
         )
-        return self._audited(actor, "project.deactivate", project)
+        return _audited(conn, actor, "project.deactivate", project)
 
-    def activate(self, project_id: uuid.UUID | str, *, actor: str | None = None) -> Project:
+    @writes(single="unless_audited")
+    def activate(
+        self, conn: Connection, project_id: uuid.UUID | str, *, actor: str | None = None
+    ) -> Project:
+        """Mark the project active again."""
         key = check_id(project_id, "project id")
         actor = check_actor(actor)
-        project = self._change(key, is_active=True, updated_at=utcnow(), deactivated_at=None)
-        return self._audited(actor, "project.activate", project)
+        project = _change(conn, key, is_active=True, updated_at=utcnow(), deactivated_at=None)
+        return _audited(conn, actor, "project.activate", project)
 
-    def delete(self, project_id: uuid.UUID | str, *, actor: str | None = None) -> None:
+    @writes(single="unless_audited")
+    def delete(
+        self, conn: Connection, project_id: uuid.UUID | str, *, actor: str | None = None
+    ) -> None:
         """Delete the project with its tokens and provider credentials."""
         key = check_id(project_id, "project id")
         actor = check_actor(actor)
-        row = self._conn.execute(
+        row = conn.execute(
             projects.delete().where(projects.c.id == key).returning(*_RETURNED)
         ).first()
         if row is None:
             raise NotFoundError(f"no project with id {key}")
-        self._audited(actor, "project.delete", _record(row))
+        _audited(conn, actor, "project.delete", _record(row))
 
-    def reveal_api_key(self, project_id: uuid.UUID | str) -> str | None:
+    @reads()
+    def reveal_api_key(self, conn: Connection, project_id: uuid.UUID | str) -> str | None:
         """The decrypted upstream key, or None when the project has none."""
         key = check_id(project_id, "project id")
-        row = self._conn.execute(
+        row = conn.execute(
             sa.select(projects.c.api_key_encrypted).where(projects.c.id == key)
         ).first()
         if row is None:
@@ -199,88 +227,17 @@ class ProjectRepository:
             None if row.api_key_encrypted is None else self._secrets.decrypt(row.api_key_encrypted)
         )
 
-    def _audited(self, actor: str | None, action: str, project: Project) -> Project:
-        if actor is not None:
-            AuditRepository(self._conn).record(action, actor, "success", project_id=project.id)
-        return project
 
-    def _change(self, key: uuid.UUID, **values: Any) -> Project:
-        row = self._conn.execute(
-            projects.update().where(projects.c.id == key).values(**values).returning(*_RETURNED)
-        ).first()
-        if row is None:
-            raise NotFoundError(f"no project with id {key}")
-        return _record(row)
+def _audited(conn: Connection, actor: str | None, action: str, project: Project) -> Project:
+    if actor is not None:
+        record_event(conn, action, actor, "success", project_id=project.id)
+    return project
 
 
-class Projects:
-    """``store.projects`` and ``tx.projects``: each call is one unit of work.
-
-    Every project operation is a single statement; with ``actor=``, the change and its
-    audit event are written in one transaction.
-    """
-
-    def __init__(self, runner: Runner, secrets: SecretBox) -> None:
-        self._runner = runner
-        self._secrets = secrets
-
-    def _repo(self, conn: Connection) -> ProjectRepository:
-        return ProjectRepository(conn, self._secrets)
-
-    async def create(
-        self, name: str, api_key: str | None = None, *, actor: str | None = None
-    ) -> Project:
-        return await self._runner.write(
-            lambda conn: self._repo(conn).create(name, api_key, actor=actor), single=actor is None
-        )
-
-    async def get(self, project_id: uuid.UUID | str) -> Project:
-        return await self._runner.read(lambda conn: self._repo(conn).get(project_id), single=True)
-
-    async def get_by_name(self, name: str) -> Project:
-        return await self._runner.read(lambda conn: self._repo(conn).get_by_name(name), single=True)
-
-    async def list(
-        self,
-        active: bool | None = None,
-        limit: int = 100,
-        after: uuid.UUID | str | None = None,
-    ) -> list[Project]:
-        return await self._runner.read(
-            lambda conn: self._repo(conn).list(active, limit, after), single=True
-        )
-
-    async def update(
-        self,
-        project_id: uuid.UUID | str,
-        *,
-        name: str | Unset = UNSET,
-        api_key: str | Unset | None = UNSET,
-        actor: str | None = None,
-    ) -> Project:
-        return await self._runner.write(
-            lambda conn: self._repo(conn).update(
-                project_id, name=name, api_key=api_key, actor=actor
-            ),
-            single=actor is None,
-        )
-
-    async def deactivate(self, project_id: uuid.UUID | str, *, actor: str | None = None) -> Project:
-        return await self._runner.write(
-            lambda conn: self._repo(conn).deactivate(project_id, actor=actor), single=actor is None
-        )
-
-    async def activate(self, project_id: uuid.UUID | str, *, actor: str | None = None) -> Project:
-        return await self._runner.write(
-            lambda conn: self._repo(conn).activate(project_id, actor=actor), single=actor is None
-        )
-
-    async def delete(self, project_id: uuid.UUID | str, *, actor: str | None = None) -> None:
-        await self._runner.write(
-            lambda conn: self._repo(conn).delete(project_id, actor=actor), single=actor is None
-        )
-
-    async def reveal_api_key(self, project_id: uuid.UUID | str) -> str | None:
-        return await self._runner.read(
-            lambda conn: self._repo(conn).reveal_api_key(project_id), single=True
-        )
+def _change(conn: Connection, key: uuid.UUID, **values: Any) -> Project:
+    row = conn.execute(
+        projects.update().where(projects.c.id == key).values(**values).returning(*_RETURNED)
+    ).first()
+    if row is None:
+        raise NotFoundError(f"no project with id {key}")
+    return _record(row)

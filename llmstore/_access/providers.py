@@ -11,10 +11,10 @@ orders them instead.
 
 from __future__ import annotations
 
+import builtins
 import datetime as dt
 import re
 import uuid
-from collections.abc import Callable
 from typing import Any, Final, TypeVar
 
 import sqlalchemy as sa
@@ -34,10 +34,12 @@ from llmstore._core.validate import (
     check_text,
     describe,
 )
+from llmstore._db.dialects import lock_until_commit
+from llmstore._db.operations import Repository, reads, writes
 from llmstore._db.runner import Runner
 from llmstore._db.schema import projects, provider_credentials
 
-from .audit import AuditRepository
+from .audit import record_event
 
 T = TypeVar("T")
 GLOBAL_SCOPE: Final = "global"
@@ -115,25 +117,31 @@ def _check_base_url(value: object) -> str | None:
     return check_http_url(value, "base_url")
 
 
-class ProviderRepository:
-    """Provider credential operations on one connection; the caller owns the transaction."""
+class Providers(Repository):
+    """``store.providers`` and ``tx.providers``: each call is one unit of work.
 
-    def __init__(self, conn: Connection, secrets: SecretBox) -> None:
-        self._conn = conn
+    A scope (one project, or the global default) has at most one active credential; the
+    switches within a scope are serialised, so two replicas never leave two active.
+    """
+
+    def __init__(self, runner: Runner, secrets: SecretBox) -> None:
+        super().__init__(runner)
         self._secrets = secrets
 
     def _encrypt(self, api_key: object) -> str | None:
         return None if api_key is None else self._secrets.encrypt(check_secret(api_key, "api_key"))
 
+    @writes()
     def create(
         self,
+        conn: Connection,
         provider: str,
         model: str,
-        *,
         project_id: uuid.UUID | str | None = None,
         base_url: str | None = None,
         api_key: str | None = None,
         active: bool | None = None,
+        *,
         actor: str | None = None,
     ) -> ProviderCredential:
         """A new credential; ``active=None`` makes it active only if its scope has none."""
@@ -155,38 +163,44 @@ class ProviderRepository:
         }
         actor = check_actor(actor)
         if project is not None:
-            found = self._conn.execute(sa.select(projects.c.id).where(projects.c.id == project))
+            found = conn.execute(sa.select(projects.c.id).where(projects.c.id == project))
             if found.first() is None:
                 raise NotFoundError(f"no project with id {project}")
         if active is not False:
-            self._lock_scope(scope)
+            self._lock_scope(conn, scope)
         if active is None:
-            active = self._active_in(scope) is None
+            active = self._active_in(conn, scope) is None
         elif active:
-            self._deactivate_scope(scope, now)
+            self._deactivate_scope(conn, scope, now)
         values["is_active"] = active
-        row = self._conn.execute(_TABLE.insert().returning(*_COLUMNS), values).one()
-        return self._audited(actor, "provider.create", _credential(row))
+        row = conn.execute(_TABLE.insert().returning(*_COLUMNS), values).one()
+        return self._audited(conn, actor, "provider.create", _credential(row))
 
-    def get(self, credential_id: uuid.UUID | str) -> ProviderCredential:
-        return _credential(self._row(check_id(credential_id, "credential id")))
+    @reads()
+    def get(self, conn: Connection, credential_id: uuid.UUID | str) -> ProviderCredential:
+        """The credential with this id (never its key); NotFoundError if there is none."""
+        return _credential(self._row(conn, check_id(credential_id, "credential id")))
 
+    @reads()
     def list(
         self,
+        conn: Connection,
         project_id: uuid.UUID | str | None = None,
         limit: int = 100,
         after: uuid.UUID | str | None = None,
-    ) -> list[ProviderCredential]:
+    ) -> builtins.list[ProviderCredential]:
         """Credentials in creation order: all of them, or one project's."""
         statement = _SELECT.order_by(_TABLE.c.id).limit(check_limit(limit))
         if project_id is not None:
             statement = statement.where(_TABLE.c.project_id == check_id(project_id, "project id"))
         if after is not None:
             statement = statement.where(_TABLE.c.id > check_id(after, "after"))
-        return [_credential(row) for row in self._conn.execute(statement)]
+        return [_credential(row) for row in conn.execute(statement)]
 
+    @writes(single="unless_audited")
     def update(
         self,
+        conn: Connection,
         credential_id: uuid.UUID | str,
         *,
         provider: str | Unset = UNSET,
@@ -195,6 +209,7 @@ class ProviderRepository:
         api_key: str | Unset | None = UNSET,
         actor: str | None = None,
     ) -> ProviderCredential:
+        """Change the provider, model, base URL or key (``None`` removes the last two)."""
         key = check_id(credential_id, "credential id")
         changes: dict[str, Any] = {}
         if provider is not UNSET:
@@ -210,50 +225,58 @@ class ProviderRepository:
                 "update() needs at least one of provider=, model=, base_url=, api_key="
             )
         actor = check_actor(actor)
-        credential = self._change(key, updated_at=utcnow(), **changes)
-        return self._audited(actor, "provider.update", credential)
+        credential = self._change(conn, key, updated_at=utcnow(), **changes)
+        return self._audited(conn, actor, "provider.update", credential)
 
+    @writes()
     def activate(
-        self, credential_id: uuid.UUID | str, *, actor: str | None = None
+        self, conn: Connection, credential_id: uuid.UUID | str, *, actor: str | None = None
     ) -> ProviderCredential:
         """Make this the active credential of its scope, deactivating the previous one."""
         key = check_id(credential_id, "credential id")
         actor = check_actor(actor)
         # The scope never changes; its state is read again under the lock.
-        scope = _scope(self._row(key).project_id)
-        self._lock_scope(scope)
+        scope = _scope(self._row(conn, key).project_id)
+        self._lock_scope(conn, scope)
         now = utcnow()
-        self._deactivate_scope(scope, now, keep=key)
-        credential = self._change(key, is_active=True, updated_at=now)
-        return self._audited(actor, "provider.activate", credential)
+        self._deactivate_scope(conn, scope, now, keep=key)
+        credential = self._change(conn, key, is_active=True, updated_at=now)
+        return self._audited(conn, actor, "provider.activate", credential)
 
+    @writes(single="unless_audited")
     def deactivate(
-        self, credential_id: uuid.UUID | str, *, actor: str | None = None
+        self, conn: Connection, credential_id: uuid.UUID | str, *, actor: str | None = None
     ) -> ProviderCredential:
+        """Mark the credential inactive; its scope may then have none active."""
         key = check_id(credential_id, "credential id")
         actor = check_actor(actor)
-        credential = self._change(key, is_active=False, updated_at=utcnow())
-        return self._audited(actor, "provider.deactivate", credential)
+        credential = self._change(conn, key, is_active=False, updated_at=utcnow())
+        return self._audited(conn, actor, "provider.deactivate", credential)
 
-    def delete(self, credential_id: uuid.UUID | str, *, actor: str | None = None) -> None:
+    @writes(single="unless_audited")
+    def delete(
+        self, conn: Connection, credential_id: uuid.UUID | str, *, actor: str | None = None
+    ) -> None:
+        """Delete the credential."""
         key = check_id(credential_id, "credential id")
         actor = check_actor(actor)
-        row = self._conn.execute(
-            _TABLE.delete().where(_TABLE.c.id == key).returning(*_COLUMNS)
-        ).first()
+        row = conn.execute(_TABLE.delete().where(_TABLE.c.id == key).returning(*_COLUMNS)).first()
         if row is None:
             raise NotFoundError(f"no provider credential with id {key}")
-        self._audited(actor, "provider.delete", _credential(row))
+        self._audited(conn, actor, "provider.delete", _credential(row))
 
-    def reveal_api_key(self, credential_id: uuid.UUID | str) -> str | None:
-        row = self._row(check_id(credential_id, "credential id"))
+    @reads()
+    def reveal_api_key(self, conn: Connection, credential_id: uuid.UUID | str) -> str | None:
+        """The decrypted upstream key, or None when the credential has none."""
+        row = self._row(conn, check_id(credential_id, "credential id"))
         encrypted = row.api_key_encrypted
         return None if encrypted is None else self._secrets.decrypt(encrypted)
 
-    def resolve(self, project_id: uuid.UUID | str) -> ProviderCredential:
+    @reads()
+    def resolve(self, conn: Connection, project_id: uuid.UUID | str) -> ProviderCredential:
         """The project's active credential, else the active global one."""
         project = check_id(project_id, "project id")
-        row = self._conn.execute(
+        row = conn.execute(
             _SELECT.where(
                 _TABLE.c.is_active == sa.true(),
                 _TABLE.c.scope.in_([str(project), GLOBAL_SCOPE]),
@@ -267,12 +290,14 @@ class ProviderRepository:
             )
         return _credential(row)
 
+    @writes()
     def ensure_default(
         self,
+        conn: Connection,
         provider: str,
         model: str,
-        *,
         api_key: str | None = None,
+        *,
         base_url: str | None = None,
         actor: str | None = None,
     ) -> ProviderCredential:
@@ -283,8 +308,8 @@ class ProviderRepository:
         if api_key is not None:
             check_secret(api_key, "api_key")
         actor = check_actor(actor)
-        self._lock_scope(GLOBAL_SCOPE)
-        row = self._conn.execute(
+        self._lock_scope(conn, GLOBAL_SCOPE)
+        row = conn.execute(
             _SELECT.where(
                 _TABLE.c.scope == GLOBAL_SCOPE,
                 _TABLE.c.provider == provider,
@@ -295,8 +320,15 @@ class ProviderRepository:
         ).first()
         now = utcnow()
         if row is None:
-            return self.create(
-                provider, model, base_url=base_url, api_key=api_key, active=True, actor=actor
+            return Providers.create.run_in(
+                self,
+                conn,
+                provider,
+                model,
+                base_url=base_url,
+                api_key=api_key,
+                active=True,
+                actor=actor,
             )
         changes: dict[str, Any] = {}
         if base_url is not None and base_url != row.base_url:
@@ -306,43 +338,38 @@ class ProviderRepository:
         ):
             changes["api_key_encrypted"] = self._encrypt(api_key)
         if not row.is_active:
-            self._deactivate_scope(GLOBAL_SCOPE, now)
+            self._deactivate_scope(conn, GLOBAL_SCOPE, now)
             changes["is_active"] = True
         if not changes:
             return _credential(row)
-        credential = self._change(row.id, updated_at=now, **changes)
-        return self._audited(actor, "provider.ensure_default", credential)
+        credential = self._change(conn, row.id, updated_at=now, **changes)
+        return self._audited(conn, actor, "provider.ensure_default", credential)
 
-    def _lock_scope(self, scope: str) -> None:
-        """Serialise switches in ``scope`` until the transaction ends (Postgres only)."""
-        if self._conn.dialect.name == "postgresql":
-            self._conn.execute(
-                sa.select(
-                    sa.func.pg_advisory_xact_lock(_SCOPE_LOCK_NAMESPACE, sa.func.hashtext(scope))
-                )
-            )
+    def _lock_scope(self, conn: Connection, scope: str) -> None:
+        """Serialise switches in ``scope`` until the transaction ends."""
+        lock_until_commit(conn, _SCOPE_LOCK_NAMESPACE, scope)
 
-    def _active_in(self, scope: str) -> Any:
-        return self._conn.execute(
+    def _active_in(self, conn: Connection, scope: str) -> Any:
+        return conn.execute(
             sa.select(_TABLE.c.id).where(_TABLE.c.scope == scope, _TABLE.c.is_active == sa.true())
         ).first()
 
     def _deactivate_scope(
-        self, scope: str, now: dt.datetime, keep: uuid.UUID | None = None
+        self, conn: Connection, scope: str, now: dt.datetime, keep: uuid.UUID | None = None
     ) -> None:
         statement = _TABLE.update().where(_TABLE.c.scope == scope, _TABLE.c.is_active == sa.true())
         if keep is not None:
             statement = statement.where(_TABLE.c.id != keep)
-        self._conn.execute(statement.values(is_active=False, updated_at=now))
+        conn.execute(statement.values(is_active=False, updated_at=now))
 
-    def _row(self, key: uuid.UUID) -> Any:
-        row = self._conn.execute(_SELECT.where(_TABLE.c.id == key)).first()
+    def _row(self, conn: Connection, key: uuid.UUID) -> Any:
+        row = conn.execute(_SELECT.where(_TABLE.c.id == key)).first()
         if row is None:
             raise NotFoundError(f"no provider credential with id {key}")
         return row
 
-    def _change(self, key: uuid.UUID, **values: Any) -> ProviderCredential:
-        row = self._conn.execute(
+    def _change(self, conn: Connection, key: uuid.UUID, **values: Any) -> ProviderCredential:
+        row = conn.execute(
             _TABLE.update().where(_TABLE.c.id == key).values(**values).returning(*_COLUMNS)
         ).first()
         if row is None:
@@ -350,10 +377,11 @@ class ProviderRepository:
         return _credential(row)
 
     def _audited(
-        self, actor: str | None, action: str, credential: ProviderCredential
+        self, conn: Connection, actor: str | None, action: str, credential: ProviderCredential
     ) -> ProviderCredential:
         if actor is not None:
-            AuditRepository(self._conn).record(
+            record_event(
+                conn,
                 action,
                 actor,
                 "success",
@@ -365,121 +393,3 @@ class ProviderRepository:
                 },
             )
         return credential
-
-
-class Providers:
-    """``store.providers`` and ``tx.providers``: each call is one unit of work."""
-
-    def __init__(self, runner: Runner, secrets: SecretBox) -> None:
-        self._runner = runner
-        self._secrets = secrets
-
-    def _repo(self, conn: Connection) -> ProviderRepository:
-        return ProviderRepository(conn, self._secrets)
-
-    async def _write(self, fn: Callable[[ProviderRepository], T]) -> T:
-        return await self._runner.write(lambda conn: fn(self._repo(conn)))
-
-    async def create(
-        self,
-        provider: str,
-        model: str,
-        project_id: uuid.UUID | str | None = None,
-        base_url: str | None = None,
-        api_key: str | None = None,
-        active: bool | None = None,
-        *,
-        actor: str | None = None,
-    ) -> ProviderCredential:
-        return await self._write(
-            lambda repo: repo.create(
-                provider,
-                model,
-                project_id=project_id,
-                base_url=base_url,
-                api_key=api_key,
-                active=active,
-                actor=actor,
-            )
-        )
-
-    async def get(self, credential_id: uuid.UUID | str) -> ProviderCredential:
-        return await self._runner.read(
-            lambda conn: self._repo(conn).get(credential_id), single=True
-        )
-
-    async def list(
-        self,
-        project_id: uuid.UUID | str | None = None,
-        limit: int = 100,
-        after: uuid.UUID | str | None = None,
-    ) -> list[ProviderCredential]:
-        return await self._runner.read(
-            lambda conn: self._repo(conn).list(project_id, limit, after), single=True
-        )
-
-    async def update(
-        self,
-        credential_id: uuid.UUID | str,
-        *,
-        provider: str | Unset = UNSET,
-        model: str | Unset = UNSET,
-        base_url: str | Unset | None = UNSET,
-        api_key: str | Unset | None = UNSET,
-        actor: str | None = None,
-    ) -> ProviderCredential:
-        return await self._runner.write(
-            lambda conn: self._repo(conn).update(
-                credential_id,
-                provider=provider,
-                model=model,
-                base_url=base_url,
-                api_key=api_key,
-                actor=actor,
-            ),
-            single=actor is None,
-        )
-
-    async def activate(
-        self, credential_id: uuid.UUID | str, *, actor: str | None = None
-    ) -> ProviderCredential:
-        return await self._write(lambda repo: repo.activate(credential_id, actor=actor))
-
-    async def deactivate(
-        self, credential_id: uuid.UUID | str, *, actor: str | None = None
-    ) -> ProviderCredential:
-        return await self._runner.write(
-            lambda conn: self._repo(conn).deactivate(credential_id, actor=actor),
-            single=actor is None,
-        )
-
-    async def delete(self, credential_id: uuid.UUID | str, *, actor: str | None = None) -> None:
-        await self._runner.write(
-            lambda conn: self._repo(conn).delete(credential_id, actor=actor),
-            single=actor is None,
-        )
-
-    async def reveal_api_key(self, credential_id: uuid.UUID | str) -> str | None:
-        return await self._runner.read(
-            lambda conn: self._repo(conn).reveal_api_key(credential_id), single=True
-        )
-
-    async def resolve(self, project_id: uuid.UUID | str) -> ProviderCredential:
-        return await self._runner.read(
-            lambda conn: self._repo(conn).resolve(project_id), single=True
-        )
-
-    async def ensure_default(
-        self,
-        provider: str,
-        model: str,
-        api_key: str | None = None,
-        *,
-        base_url: str | None = None,
-        actor: str | None = None,
-    ) -> ProviderCredential:
-        return await self._write(
-            lambda repo: repo.ensure_default(
-                provider, model, api_key=api_key, base_url=base_url, actor=actor
-            )
-        )

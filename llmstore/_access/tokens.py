@@ -8,6 +8,7 @@ Only a refusal takes a second statement, to say why.
 
 from __future__ import annotations
 
+import builtins
 import datetime as dt
 import functools
 import uuid
@@ -42,10 +43,11 @@ from llmstore._core.validate import (
     check_text,
 )
 from llmstore._db.lean import LeanStatement, Row
+from llmstore._db.operations import Repository, reads, writes
 from llmstore._db.runner import Runner
 from llmstore._db.schema import UTCDateTime, projects, tokens
 
-from .audit import AuditRepository
+from .audit import record_event
 
 TOKEN_PREFIX: Final = "lst_"
 NAME_MAX = 200
@@ -182,22 +184,33 @@ def _optional_name(value: object) -> str | None:
     return None if value is None else check_text(value, "token name", max_length=NAME_MAX)
 
 
-class TokenRepository:
-    """Token operations on one connection; the caller owns the transaction."""
+class Tokens(Repository):
+    """``store.tokens`` and ``tx.tokens``: each call is one unit of work.
 
-    def __init__(self, conn: Connection, digester: SecretDigester) -> None:
-        self._conn = conn
+    Without ``actor=`` a mutation is a single statement; with it, the change and its
+    audit event are written in one transaction.
+    """
+
+    def __init__(self, runner: Runner, digester: SecretDigester) -> None:
+        super().__init__(runner)
         self._digester = digester
 
+    @writes()
     def create(
         self,
+        conn: Connection,
         project_id: uuid.UUID | str,
-        *,
         expires_at: dt.datetime | None = None,
         max_requests: int | None = None,
         name: str | None = None,
+        *,
         actor: str | None = None,
     ) -> IssuedToken:
+        """Issue a token of the project; its secret is in the result and nowhere else.
+
+        ``expires_at`` (timezone-aware) and ``max_requests`` (a positive quota) are None
+        for never and unlimited.
+        """
         project = check_id(project_id, "project id")
         values: dict[str, Any] = {
             "expires_at": _optional_expiry(expires_at),
@@ -205,7 +218,7 @@ class TokenRepository:
             "name": _optional_name(name),
         }
         actor = check_actor(actor)
-        exists = self._conn.execute(sa.select(projects.c.id).where(projects.c.id == project))
+        exists = conn.execute(sa.select(projects.c.id).where(projects.c.id == project))
         if exists.first() is None:
             raise NotFoundError(f"no project with id {project}")
         secret = new_bearer_secret(TOKEN_PREFIX)
@@ -221,133 +234,10 @@ class TokenRepository:
             created_at=utcnow(),
             last_used_at=None,
         )
-        row = self._conn.execute(tokens.insert().returning(*_COLUMNS), values).one()
+        row = conn.execute(tokens.insert().returning(*_COLUMNS), values).one()
         token = _token(tuple(row))
-        self._audit(actor, "token.create", token)
+        _audit(conn, actor, "token.create", token)
         return IssuedToken(token=token, secret=secret)
-
-    def get(self, token_id: uuid.UUID | str) -> Token:
-        key = check_id(token_id, "token id")
-        row = self._conn.execute(_BY_ID, {"key": key}).first()
-        if row is None:
-            raise NotFoundError(f"no token with id {key}")
-        return _token(tuple(row))
-
-    def list(
-        self,
-        project_id: uuid.UUID | str | None = None,
-        active: bool | None = None,
-        limit: int = 100,
-        after: uuid.UUID | str | None = None,
-    ) -> list[Token]:
-        """Tokens in creation order; pass the last id of a page as ``after`` for the next."""
-        statement = _SELECT.order_by(tokens.c.id).limit(check_limit(limit))
-        if project_id is not None:
-            statement = statement.where(tokens.c.project_id == check_id(project_id, "project id"))
-        if check_optional_bool(active, "active") is not None:
-            statement = statement.where(tokens.c.is_active == active)
-        if after is not None:
-            statement = statement.where(tokens.c.id > check_id(after, "after"))
-        return [_token(tuple(row)) for row in self._conn.execute(statement)]
-
-    def update(
-        self,
-        token_id: uuid.UUID | str,
-        *,
-        expires_at: dt.datetime | Unset | None = UNSET,
-        max_requests: int | Unset | None = UNSET,
-        name: str | Unset | None = UNSET,
-        actor: str | None = None,
-    ) -> Token:
-        """Change expiry, quota or name; ``None`` means never, unlimited, or no name."""
-        key = check_id(token_id, "token id")
-        changes: dict[str, Any] = {}
-        if expires_at is not UNSET:
-            changes["expires_at"] = _optional_expiry(expires_at)
-        if max_requests is not UNSET:
-            changes["max_requests"] = _optional_quota(max_requests)
-        if name is not UNSET:
-            changes["name"] = _optional_name(name)
-        if not changes:
-            raise ValidationError(
-                "update() needs at least one of expires_at=, max_requests=, name="
-            )
-        return self._change(key, check_actor(actor), "token.update", changes)
-
-    def deactivate(self, token_id: uuid.UUID | str, *, actor: str | None = None) -> Token:
-        """Mark the token inactive; an already inactive token keeps its first date."""
-        key = check_id(token_id, "token id")
-        now = utcnow()
-        changes = {
-            "is_active": False,
-            "deactivated_at": sa.func.coalesce(
-                tokens.c.deactivated_at, sa.literal(now, UTCDateTime())
-            ),
-        }
-        return self._change(key, check_actor(actor), "token.deactivate", changes)
-
-    def activate(self, token_id: uuid.UUID | str, *, actor: str | None = None) -> Token:
-        key = check_id(token_id, "token id")
-        changes = {"is_active": True, "deactivated_at": None}
-        return self._change(key, check_actor(actor), "token.activate", changes)
-
-    def delete(self, token_id: uuid.UUID | str, *, actor: str | None = None) -> None:
-        key = check_id(token_id, "token id")
-        actor = check_actor(actor)
-        row = self._conn.execute(
-            tokens.delete().where(tokens.c.id == key).returning(*_COLUMNS)
-        ).first()
-        if row is None:
-            raise NotFoundError(f"no token with id {key}")
-        self._audit(actor, "token.delete", _token(tuple(row)))
-
-    def _change(
-        self, key: uuid.UUID, actor: str | None, action: str, changes: dict[str, Any]
-    ) -> Token:
-        row = self._conn.execute(
-            tokens.update().where(tokens.c.id == key).values(**changes).returning(*_COLUMNS)
-        ).first()
-        if row is None:
-            raise NotFoundError(f"no token with id {key}")
-        token = _token(tuple(row))
-        self._audit(actor, action, token)
-        return token
-
-    def _audit(self, actor: str | None, action: str, token: Token) -> None:
-        if actor is not None:
-            AuditRepository(self._conn).record(
-                action, actor, "success", project_id=token.project_id, token_id=token.id
-            )
-
-
-class Tokens:
-    """``store.tokens`` and ``tx.tokens``: each call is one unit of work.
-
-    Without ``actor=`` a mutation is a single statement; with it, the change and its
-    audit event are written in one transaction.
-    """
-
-    def __init__(self, runner: Runner, digester: SecretDigester) -> None:
-        self._runner = runner
-        self._digester = digester
-
-    def _repo(self, conn: Connection) -> TokenRepository:
-        return TokenRepository(conn, self._digester)
-
-    async def create(
-        self,
-        project_id: uuid.UUID | str,
-        expires_at: dt.datetime | None = None,
-        max_requests: int | None = None,
-        name: str | None = None,
-        *,
-        actor: str | None = None,
-    ) -> IssuedToken:
-        return await self._runner.write(
-            lambda conn: self._repo(conn).create(
-                project_id, expires_at=expires_at, max_requests=max_requests, name=name, actor=actor
-            )
-        )
 
     async def use(self, secret: str, cache_hit: bool = False) -> Token:
         """Spend one request of the token (or count a cache hit) and return it, updated.
@@ -380,22 +270,38 @@ class Tokens:
         # Refused, then found usable, repeatedly: it is being changed concurrently.
         raise ConflictError("the token changed while it was being used; try again")
 
-    async def get(self, token_id: uuid.UUID | str) -> Token:
-        return await self._runner.read(lambda conn: self._repo(conn).get(token_id), single=True)
+    @reads()
+    def get(self, conn: Connection, token_id: uuid.UUID | str) -> Token:
+        """The token with this id; NotFoundError if there is none."""
+        key = check_id(token_id, "token id")
+        row = conn.execute(_BY_ID, {"key": key}).first()
+        if row is None:
+            raise NotFoundError(f"no token with id {key}")
+        return _token(tuple(row))
 
-    async def list(
+    @reads()
+    def list(
         self,
+        conn: Connection,
         project_id: uuid.UUID | str | None = None,
         active: bool | None = None,
         limit: int = 100,
         after: uuid.UUID | str | None = None,
-    ) -> list[Token]:
-        return await self._runner.read(
-            lambda conn: self._repo(conn).list(project_id, active, limit, after), single=True
-        )
+    ) -> builtins.list[Token]:
+        """Tokens in creation order; pass the last id of a page as ``after`` for the next."""
+        statement = _SELECT.order_by(tokens.c.id).limit(check_limit(limit))
+        if project_id is not None:
+            statement = statement.where(tokens.c.project_id == check_id(project_id, "project id"))
+        if check_optional_bool(active, "active") is not None:
+            statement = statement.where(tokens.c.is_active == active)
+        if after is not None:
+            statement = statement.where(tokens.c.id > check_id(after, "after"))
+        return [_token(tuple(row)) for row in conn.execute(statement)]
 
-    async def update(
+    @writes(single="unless_audited")
+    def update(
         self,
+        conn: Connection,
         token_id: uuid.UUID | str,
         *,
         expires_at: dt.datetime | Unset | None = UNSET,
@@ -403,24 +309,71 @@ class Tokens:
         name: str | Unset | None = UNSET,
         actor: str | None = None,
     ) -> Token:
-        return await self._runner.write(
-            lambda conn: self._repo(conn).update(
-                token_id, expires_at=expires_at, max_requests=max_requests, name=name, actor=actor
+        """Change expiry, quota or name; ``None`` means never, unlimited, or no name."""
+        key = check_id(token_id, "token id")
+        changes: dict[str, Any] = {}
+        if expires_at is not UNSET:
+            changes["expires_at"] = _optional_expiry(expires_at)
+        if max_requests is not UNSET:
+            changes["max_requests"] = _optional_quota(max_requests)
+        if name is not UNSET:
+            changes["name"] = _optional_name(name)
+        if not changes:
+            raise ValidationError(
+                "update() needs at least one of expires_at=, max_requests=, name="
+            )
+        return _change(conn, key, check_actor(actor), "token.update", changes)
+
+    @writes(single="unless_audited")
+    def deactivate(
+        self, conn: Connection, token_id: uuid.UUID | str, *, actor: str | None = None
+    ) -> Token:
+        """Mark the token inactive; an already inactive token keeps its first date."""
+        key = check_id(token_id, "token id")
+        now = utcnow()
+        changes = {
+            "is_active": False,
+            "deactivated_at": sa.func.coalesce(
+                tokens.c.deactivated_at, sa.literal(now, UTCDateTime())
             ),
-            single=actor is None,
-        )
+        }
+        return _change(conn, key, check_actor(actor), "token.deactivate", changes)
 
-    async def deactivate(self, token_id: uuid.UUID | str, *, actor: str | None = None) -> Token:
-        return await self._runner.write(
-            lambda conn: self._repo(conn).deactivate(token_id, actor=actor), single=actor is None
-        )
+    @writes(single="unless_audited")
+    def activate(
+        self, conn: Connection, token_id: uuid.UUID | str, *, actor: str | None = None
+    ) -> Token:
+        """Mark the token active again (its expiry and quota still apply)."""
+        key = check_id(token_id, "token id")
+        changes = {"is_active": True, "deactivated_at": None}
+        return _change(conn, key, check_actor(actor), "token.activate", changes)
 
-    async def activate(self, token_id: uuid.UUID | str, *, actor: str | None = None) -> Token:
-        return await self._runner.write(
-            lambda conn: self._repo(conn).activate(token_id, actor=actor), single=actor is None
-        )
+    @writes(single="unless_audited")
+    def delete(
+        self, conn: Connection, token_id: uuid.UUID | str, *, actor: str | None = None
+    ) -> None:
+        """Delete the token; its secret is refused as unknown from now on."""
+        key = check_id(token_id, "token id")
+        actor = check_actor(actor)
+        row = conn.execute(tokens.delete().where(tokens.c.id == key).returning(*_COLUMNS)).first()
+        if row is None:
+            raise NotFoundError(f"no token with id {key}")
+        _audit(conn, actor, "token.delete", _token(tuple(row)))
 
-    async def delete(self, token_id: uuid.UUID | str, *, actor: str | None = None) -> None:
-        await self._runner.write(
-            lambda conn: self._repo(conn).delete(token_id, actor=actor), single=actor is None
-        )
+
+def _change(
+    conn: Connection, key: uuid.UUID, actor: str | None, action: str, changes: dict[str, Any]
+) -> Token:
+    row = conn.execute(
+        tokens.update().where(tokens.c.id == key).values(**changes).returning(*_COLUMNS)
+    ).first()
+    if row is None:
+        raise NotFoundError(f"no token with id {key}")
+    token = _token(tuple(row))
+    _audit(conn, actor, action, token)
+    return token
+
+
+def _audit(conn: Connection, actor: str | None, action: str, token: Token) -> None:
+    if actor is not None:
+        record_event(conn, action, actor, "success", project_id=token.project_id, token_id=token.id)

@@ -386,7 +386,7 @@ async def run_movement(
     def repository(conn: Connection) -> ApiKeyRepository:
         return ApiKeyRepository(conn, digester)
 
-    if runner.autocommit_dialect != "postgresql":
+    if not runner.one_statement_writes:
         return await runner.write(lambda conn: repository(conn).apply(move))
     for _ in range(_DEBIT_ATTEMPTS):
         try:
@@ -531,7 +531,7 @@ class ApiKeys:
         key = check_id(key_id, "API key id")
         checked = check_amount(amount)
         lifetime = check_ttl(ttl)
-        if self._runner.autocommit_dialect != "postgresql":
+        if not self._runner.one_statement_writes:
             return await self._runner.write(
                 lambda conn: self._holds(conn).reserve(key, checked, lifetime)
             )
@@ -568,7 +568,7 @@ class ApiKeys:
         """Charge the actual cost once and free the hold; what cannot be paid is a shortfall."""
         key = check_id(reservation_id, "reservation id")
         actual = check_amount(actual_amount, "actual_amount")
-        if self._runner.autocommit_dialect != "postgresql":
+        if not self._runner.one_statement_writes:
             return await self._runner.write(lambda conn: self._holds(conn).settle(key, actual))
         params = {"reservation_id": key, "actual": actual, "now": utcnow()}
         row = await self._runner.lean_first(SETTLE_CTE, params)
@@ -588,7 +588,7 @@ class ApiKeys:
         while True:
             released = await self._runner.write(lambda conn: self._holds(conn).expire(now))
             total += released
-            if released == 0 or self._runner.autocommit_dialect is None:
+            if released == 0 or self._runner.in_transaction:
                 return total
 
     async def withdraw(
@@ -633,13 +633,8 @@ class ApiKeys:
     async def verify(self) -> LedgerReport:
         """Recompute every key from the ledger and the active holds; lists each mismatch."""
 
-        def verify(conn: Connection) -> LedgerReport:
-            if self._runner.autocommit_dialect == "postgresql":
-                # One snapshot for the keys, the entries and the holds.
-                conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            return self._keys(conn).verify()
-
-        return await self._runner.read(verify)
+        # One snapshot for the keys, the entries and the holds.
+        return await self._runner.read(lambda conn: self._keys(conn).verify(), snapshot=True)
 
     async def cleanup_expired(self) -> int:
         now = utcnow()

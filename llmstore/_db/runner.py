@@ -38,6 +38,7 @@ from .lean import LeanStatement, PostgresLane, Row
 
 T = TypeVar("T")
 Unit = Callable[[Connection], T]
+_REPEATABLE_READ = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"
 
 # (runner, task) of the transaction the current task is inside, if any.
 _current_transaction: contextvars.ContextVar[tuple[object, asyncio.Task[Any] | None] | None] = (
@@ -46,15 +47,37 @@ _current_transaction: contextvars.ContextVar[tuple[object, asyncio.Task[Any] | N
 
 
 class Runner(Protocol):
-    """Runs units of work; each call is one thread hop or one ``run_sync``."""
+    """Runs units of work; each call is one thread hop or one ``run_sync``.
 
-    #: The dialect whose single statements this runner runs in autocommit ("sqlite",
-    #: "postgresql"), or None inside a transaction, where a failed statement dooms it.
-    autocommit_dialect: str | None
+    Domain code never asks which database it is on; it asks the runner what it can do.
+    """
 
-    async def read(self, fn: Unit[T], *, single: bool = False) -> T: ...
+    #: Inside ``store.transaction()``: every unit joins the caller's transaction, where a
+    #: failed statement dooms it, and nothing is committed until the block ends.
+    in_transaction: bool
+    #: A single statement that does a whole operation is cheaper here than the same work
+    #: as several statements (each one a round trip to a server, outside a transaction):
+    #: the money operations take their one-statement form.
+    one_statement_writes: bool
+    #: A COMMIT's reply can be lost on the way (a server), and the database can tell
+    #: afterwards whether a transaction committed (``_db.dialects.transaction_status``).
+    #: Where it is False, commits happen in-process: an error means nothing was stored.
+    commit_status: bool
 
-    async def write(self, fn: Unit[T], *, single: bool = False) -> T: ...
+    def holds_write_lock(self) -> bool:
+        """Whether the current task is inside a transaction of this runner that holds the
+        database's one write lock (SQLite), so that a write waiting for it would wait for
+        ever."""
+        ...
+
+    async def read(self, fn: Unit[T], *, single: bool = False, snapshot: bool = False) -> T:
+        """Run a read-only unit. ``snapshot``: every statement of it sees one snapshot of
+        the database (REPEATABLE READ on Postgres; a SQLite read transaction is one)."""
+        ...
+
+    async def write(self, fn: Unit[T], *, single: bool = False) -> T:
+        """Run a unit that writes, whole or not at all (``single``: it is one statement)."""
+        ...
 
     async def lean_first(self, statement: LeanStatement, params: Mapping[str, Any]) -> Row | None:
         """Run one hot write statement on the lean path; its first row, or None."""
@@ -109,9 +132,14 @@ def _check_loop(loop: asyncio.AbstractEventLoop) -> None:
         )
 
 
-def _check_outside_transaction(runner: object) -> None:
+def _inside_own_transaction(runner: object) -> bool:
+    """Whether the current task is inside ``store.transaction()`` of ``runner``."""
     current = _current_transaction.get()
-    if current is not None and current[0] is runner and current[1] is asyncio.current_task():
+    return current is not None and current[0] is runner and current[1] is asyncio.current_task()
+
+
+def _check_outside_transaction(runner: object) -> None:
+    if _inside_own_transaction(runner):
         raise TransactionError(
             "this task is inside store.transaction(): use the transaction's repositories "
             "(tx.projects, ...) or leave the transaction first"
@@ -138,13 +166,21 @@ class TransactionRunner:
     when the caller catches the error and commits the rest.
     """
 
-    def __init__(self, call: Callable[[Unit[Any]], Any]) -> None:
-        self.autocommit_dialect: str | None = None
+    in_transaction = True
+    one_statement_writes = False
+    commit_status = False  # the caller commits; its units never see a COMMIT
+
+    def __init__(self, call: Callable[[Unit[Any]], Any], *, holds_write_lock: bool) -> None:
         self._call = call
+        self._holds_write_lock = holds_write_lock
         self.finished = False
         self.doomed = False
 
-    async def read(self, fn: Unit[T], *, single: bool = False) -> T:
+    def holds_write_lock(self) -> bool:
+        return self._holds_write_lock and not self.finished
+
+    async def read(self, fn: Unit[T], *, single: bool = False, snapshot: bool = False) -> T:
+        # The caller's transaction decides what its statements see.
         return await self.write(fn, single=single)
 
     async def write(self, fn: Unit[T], *, single: bool = False) -> T:
@@ -172,7 +208,9 @@ class TransactionRunner:
 class SQLiteRunner:
     """llmstore's own SQLite engine: a writer thread, reader threads, one hop per unit."""
 
-    autocommit_dialect: str | None = "sqlite"
+    in_transaction = False
+    one_statement_writes = False  # in-process: several statements cost no round trips
+    commit_status = False
 
     def __init__(self, engine: Engine, *, readers: int, shared_reads: bool) -> None:
         self._engine = engine
@@ -223,7 +261,11 @@ class SQLiteRunner:
         """Raise unless the database answers and can be written."""
         await self.write(_sqlite_probe, single=True)
 
-    async def read(self, fn: Unit[T], *, single: bool = False) -> T:
+    def holds_write_lock(self) -> bool:
+        return _inside_own_transaction(self)
+
+    async def read(self, fn: Unit[T], *, single: bool = False, snapshot: bool = False) -> T:
+        # A read unit of several statements runs in BEGIN ... COMMIT: one WAL snapshot.
         if self._readers is None:
             call = self._on_writer(fn, None if single else "BEGIN")
             async with self._lock:
@@ -268,7 +310,10 @@ class SQLiteRunner:
                 with contextlib.suppress(RuntimeError):  # the store closed meanwhile
                     self._writer.submit(finish, False)
                 raise
-            tx = TransactionRunner(lambda fn: self._hop(self._writer, functools.partial(fn, conn)))
+            tx = TransactionRunner(
+                lambda fn: self._hop(self._writer, functools.partial(fn, conn)),
+                holds_write_lock=True,
+            )
             token = _current_transaction.set((self, asyncio.current_task()))
             try:
                 yield tx
@@ -314,9 +359,11 @@ class AsyncEngineRunner:
     ) -> None:
         self._engine = engine
         self._lane = lane
-        self.autocommit_dialect: str | None = engine.dialect.name
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         self._sqlite = engine.dialect.name == "sqlite"
+        self.in_transaction = False
+        self.one_statement_writes = not self._sqlite
+        self.commit_status = not self._sqlite
         self._owned = owned
         self._closed = False
         self._loop = asyncio.get_running_loop()
@@ -351,17 +398,23 @@ class AsyncEngineRunner:
         with translated():
             await asyncio.shield(lease.conn.close())
 
-    async def _unit(self, fn: Unit[T], *, write: bool, single: bool) -> T:
+    async def _unit(self, fn: Unit[T], *, write: bool, single: bool, begin: str | None = None) -> T:
         self._guard()
         engine = self._autocommit if single else self._engine
         async with self._connection(engine) as lease:
             with translated():
                 if self._sqlite:
                     return await lease.run_to_end(_sqlite_unit, fn, write, single)
-                return await lease.conn.run_sync(run_unit, fn, None)
+                return await lease.conn.run_sync(run_unit, fn, begin)
 
-    async def read(self, fn: Unit[T], *, single: bool = False) -> T:
-        return await self._unit(fn, write=False, single=single)
+    def holds_write_lock(self) -> bool:
+        return self._sqlite and _inside_own_transaction(self)
+
+    async def read(self, fn: Unit[T], *, single: bool = False, snapshot: bool = False) -> T:
+        # Postgres reads at READ COMMITTED: a snapshot unit asks for one snapshot first.
+        # (SQLAlchemy begins the transaction at the first statement, so this is its first.)
+        begin = _REPEATABLE_READ if snapshot and not single and not self._sqlite else None
+        return await self._unit(fn, write=False, single=single, begin=begin)
 
     async def write(self, fn: Unit[T], *, single: bool = False) -> T:
         return await self._unit(fn, write=True, single=single)
@@ -389,7 +442,7 @@ class AsyncEngineRunner:
                     await lease.run_to_end(_sqlite_begin, "BEGIN IMMEDIATE")
                 else:
                     await conn.begin()
-            tx = TransactionRunner(conn.run_sync)
+            tx = TransactionRunner(conn.run_sync, holds_write_lock=self._sqlite)
             token = _current_transaction.set((self, asyncio.current_task()))
             try:
                 yield tx

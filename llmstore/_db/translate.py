@@ -148,3 +148,17 @@ def translated() -> Iterator[None]:
         if error is None:
             raise
         raise error from exc
+
+
+# A unique index refused a row: Postgres's SQLSTATE, SQLite's extended result code.
+_UNIQUE_VIOLATIONS = {"23505", "SQLITE_CONSTRAINT_UNIQUE"}
+
+
+def is_unique_violation(exc: BaseException) -> bool:
+    """Whether a driver error, raised by the driver itself or wrapped by SQLAlchemy, is a
+    unique index refusing a row."""
+    for candidate in (exc, getattr(exc, "orig", None)):
+        for attribute in ("sqlstate", "sqlite_errorname"):
+            if getattr(candidate, attribute, None) in _UNIQUE_VIOLATIONS:
+                return True
+    return False

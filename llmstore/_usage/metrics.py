@@ -1,10 +1,11 @@
 """Usage metrics: counts, sums, averages and percentiles of ``usage_logs``, in one statement.
 
 The statement is the same SQLAlchemy Core on SQLite and Postgres; only the bucket's start
-(``_BucketStart``) compiles differently. Everything that could differ between drivers is
-kept out of SQL: averages are ``SUM`` and ``COUNT`` divided in Python; percentiles are
-nearest-rank with integer rank arithmetic, picked out with window functions; rows are
-sorted in Python, since Postgres would sort text by its collation and SQLite by bytes.
+(``_db.functions.bucket_start``) compiles differently. Everything else that could differ
+between drivers is kept out of SQL: averages are ``SUM`` and ``COUNT`` divided in Python;
+percentiles are nearest-rank with integer rank arithmetic, picked out with window
+functions; rows are sorted in Python, since Postgres would sort text by its collation and
+SQLite by bytes.
 """
 
 from __future__ import annotations
@@ -12,22 +13,19 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.sql.compiler import SQLCompiler
-from sqlalchemy.sql.functions import FunctionElement
 
 from llmstore._core.errors import ValidationError
 from llmstore._core.validate import check_aware, check_choice, check_id, check_name, describe
-from llmstore._db.schema import UTCDateTime, usage_logs
+from llmstore._db.functions import BUCKETS, bucket_start
+from llmstore._db.schema import usage_logs
 
 U = usage_logs
 GROUP_COLUMNS = ("model", "provider", "project_id", "api_key_id", "origin", "alias", "profile")
-BUCKETS = ("minute", "hour", "day")
 _ID_FILTERS = ("api_key_id", "project_id", "token_id")
 _TEXT_FILTERS = ("model", "provider", "origin", "alias", "profile")
 _BOOL_FILTERS = ("success", "is_streaming")
@@ -139,49 +137,6 @@ def _check_filter(name: str, value: object) -> object:
     return check_name(value, name)
 
 
-class _BucketStart(FunctionElement[dt.datetime]):
-    """The UTC start of the minute, hour or day holding ``created_at``."""
-
-    type = UTCDateTime()
-    inherit_cache = True
-    unit: ClassVar[str]
-
-
-# One class per unit, so that the unit is part of SQLAlchemy's statement cache key.
-class _Minute(_BucketStart):
-    inherit_cache = True
-    unit = "minute"
-
-
-class _Hour(_BucketStart):
-    inherit_cache = True
-    unit = "hour"
-
-
-class _Day(_BucketStart):
-    inherit_cache = True
-    unit = "day"
-
-
-_BUCKET_CLASSES: dict[str, type[_BucketStart]] = {"minute": _Minute, "hour": _Hour, "day": _Day}
-# SQLite holds created_at as naive UTC text 'YYYY-MM-DD HH:MM:SS.ffffff': a bucket's start
-# is a prefix of it, completed to a timestamp that the column type reads back.
-_SQLITE_PREFIX = {"minute": (16, ":00"), "hour": (13, ":00:00"), "day": (10, " 00:00:00")}
-
-
-@compiles(_BucketStart)
-def _bucket_start_postgresql(element: _BucketStart, compiler: SQLCompiler, **kw: Any) -> str:
-    column = compiler.process(element.clauses, **kw)
-    return f"date_trunc('{element.unit}', {column} AT TIME ZONE 'UTC')"
-
-
-@compiles(_BucketStart, "sqlite")
-def _bucket_start_sqlite(element: _BucketStart, compiler: SQLCompiler, **kw: Any) -> str:
-    length, rest = _SQLITE_PREFIX[element.unit]
-    column = compiler.process(element.clauses, **kw)
-    return f"(substr({column}, 1, {length}) || '{rest}')"
-
-
 def _ones(condition: sa.ColumnElement[bool]) -> sa.ColumnElement[int]:
     return sa.func.sum(sa.case((condition, 1), else_=0))
 
@@ -190,7 +145,7 @@ def metrics_statement(query: MetricsQuery) -> sa.Select[Any]:
     """Per-row ranks of response times in an inner select, aggregated by the outer one."""
     keys: list[sa.ColumnElement[Any]] = []
     if query.bucket is not None:
-        keys.append(_BUCKET_CLASSES[query.bucket](U.c.created_at).label("bucket"))
+        keys.append(bucket_start(query.bucket, U.c.created_at).label("bucket"))
     keys.extend(U.c[name] for name in query.group_by)
     partition = [key.element if isinstance(key, sa.Label) else key for key in keys] or None
     rt = U.c.response_time_ms

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 
 from llmstore._core.errors import ExportError, ValidationError
@@ -35,6 +34,7 @@ from llmstore._core.files import fsync_directory
 from llmstore._core.ids import utcnow
 from llmstore._core.jcs import timestamp
 from llmstore._core.validate import check_aware, check_batch_size, check_timedelta, describe
+from llmstore._db.dialects import delete_where_in
 from llmstore._db.runner import Runner
 from llmstore._db.schema import usage_logs
 
@@ -44,8 +44,6 @@ U = usage_logs
 EXPORT_SUFFIXES = (".jsonl", ".csv")
 #: An exported row's fields: ``UsageLog``'s, in the table's column order.
 EXPORT_FIELDS = LOG_FIELDS
-# Ids per DELETE on SQLite: below every build's limit on bound parameters.
-_DELETE_CHUNK = 500
 
 Progress = Callable[[int, int], object]
 #: A row's place in the (created_at, id) index: where the previous batch ended.
@@ -120,17 +118,6 @@ def select_batch(cutoff: dt.datetime, after: Position | None, size: int) -> sa.S
 def select_batch_keys(cutoff: dt.datetime, after: Position | None, size: int) -> sa.Select[Any]:
     """As :func:`select_batch`, only the index's own columns (nothing to export)."""
     return select_batch(cutoff, after, size).with_only_columns(U.c.created_at, U.c.id)
-
-
-def _delete(conn: Connection, ids: Sequence[int]) -> int:
-    if conn.dialect.name == "postgresql":
-        array = sa.bindparam("ids", list(ids), type_=postgresql.ARRAY(sa.BigInteger()))
-        return conn.execute(sa.delete(U).where(U.c.id == sa.any_(array))).rowcount
-    deleted = 0
-    for start in range(0, len(ids), _DELETE_CHUNK):
-        chunk = ids[start : start + _DELETE_CHUNK]
-        deleted += conn.execute(sa.delete(U).where(U.c.id.in_(chunk))).rowcount
-    return deleted
 
 
 # -- export -----------------------------------------------------------------------------------
@@ -240,7 +227,11 @@ def _batch(
     if not rows:
         return 0, None, False
     last = rows[-1]
-    return _delete(conn, [row.id for row in rows]), (last.created_at, last.id), len(rows) == size
+    return (
+        delete_where_in(conn, U.c.id, [row.id for row in rows]),
+        (last.created_at, last.id),
+        len(rows) == size,
+    )
 
 
 async def purge_usage(

@@ -26,7 +26,6 @@ import sqlalchemy as sa
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, SecretStr
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from llmstore._core.errors import ConfigError, NotFoundError, ValidationError
@@ -40,6 +39,7 @@ from llmstore._core.signing import (
     load_signing_key,
     public_key_text,
 )
+from llmstore._db.dialects import insert_ignoring_conflicts
 from llmstore._db.schema import usage_receipts
 
 if TYPE_CHECKING:
@@ -167,13 +167,7 @@ class ReceiptRepository:
         if log is None:
             raise NotFoundError(f"no usage row with id {usage_id}")
         receipt = signer.receipt(log)
-        insert = postgresql.insert if self._conn.dialect.name == "postgresql" else sqlite.insert
-        statement = (
-            insert(R)
-            .values(receipt.model_dump())
-            .on_conflict_do_nothing(index_elements=[R.c.usage_id])
-        )
-        if self._conn.execute(statement).rowcount == 1:
+        if insert_ignoring_conflicts(self._conn, R, receipt.model_dump(), [R.c.usage_id]):
             return receipt
         # A concurrent call issued one first; the unique index kept ours out.
         existing = self.for_usage(usage_id)

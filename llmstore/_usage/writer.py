@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 
-import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy.engine import Connection
 
@@ -58,7 +57,8 @@ from llmstore._core.errors import (
     WriterClosedError,
 )
 from llmstore._core.validate import MAX_INT64, check_int, check_seconds
-from llmstore._db.runner import Runner, _current_transaction
+from llmstore._db.dialects import transaction_id, transaction_status
+from llmstore._db.runner import Runner
 
 from .records import MAX_BATCH, RecordResult, UsageRecord
 from .repository import UsageRepository
@@ -112,8 +112,7 @@ class _Attempt:
 
 
 def _write(conn: Connection, attempt: _Attempt) -> RecordResult:
-    if conn.dialect.name == "postgresql":
-        attempt.xid = conn.execute(sa.select(sa.func.txid_current())).scalar_one()
+    attempt.xid = transaction_id(conn)
     attempt.result = UsageRepository(conn).insert(attempt.batch)
     return attempt.result  # only COMMIT remains
 
@@ -149,11 +148,6 @@ def _classify(exc: BaseException) -> _Failure:
     return _Failure.FATAL  # the store closed; a wrong schema, configuration or usage
 
 
-def _txid_status(conn: Connection, xid: int) -> str | None:
-    status: str | None = conn.execute(sa.select(sa.func.txid_status(xid))).scalar()
-    return status
-
-
 class UsageWriter:
     """Buffered, exactly-once usage logging; from ``store.usage.writer()``.
 
@@ -171,7 +165,7 @@ class UsageWriter:
     def __init__(
         self, runner: Runner, *, max_batch: int, flush_interval: float, max_pending: int
     ) -> None:
-        if runner.autocommit_dialect is None:
+        if runner.in_transaction:
             raise TransactionError(
                 "a usage writer runs its own transactions: use store.usage.writer(), "
                 "not tx.usage.writer()"
@@ -182,7 +176,9 @@ class UsageWriter:
         if self._max_batch > self._max_pending:
             raise ValidationError("max_batch must not be more than max_pending")
         self._runner = runner
-        self._postgres = runner.autocommit_dialect == "postgresql"
+        # Where a COMMIT can be lost on the way, an ambiguous write is settled by asking
+        # the database; where it cannot, by looking for the batch's first row.
+        self._commit_status = runner.commit_status
         self._state = _State.OPEN
         # Rows go from the queue into the batch being written. A batch the database
         # refused is split: its other half waits in _parts, ahead of the queue, and a row
@@ -318,13 +314,7 @@ class UsageWriter:
     # --- back-pressure -------------------------------------------------------------------
 
     async def _wait_for_room(self) -> None:
-        current = _current_transaction.get()
-        if (
-            self._runner.autocommit_dialect == "sqlite"
-            and current is not None
-            and current[0] is self._runner
-            and current[1] is asyncio.current_task()
-        ):
+        if self._runner.holds_write_lock():
             raise TransactionError(
                 "the usage writer is full and cannot flush while this task holds SQLite's "
                 "write lock in store.transaction(): put rows after the transaction"
@@ -469,12 +459,12 @@ class UsageWriter:
         except asyncio.CancelledError:
             # On SQLite the interrupted write may still run in the writer thread; on
             # Postgres it may have reached COMMIT. Settle it before writing again.
-            if self._unsettled is None and (attempt.xid is not None or not self._postgres):
+            if self._unsettled is None and (attempt.xid is not None or not self._commit_status):
                 self._unsettled = attempt
             raise
         except Exception as exc:
             done = attempt.result
-            if self._postgres and done is not None and done.written:
+            if self._commit_status and done is not None and done.written:
                 self._unsettled = attempt  # COMMIT was sent; did it happen?
             failure = _classify(exc)
             if failure is _Failure.REFUSED and self._unsettled is not None:
@@ -487,14 +477,16 @@ class UsageWriter:
 
     async def _settle(self, attempt: _Attempt) -> bool:
         """Whether an ambiguous write was committed; raises if that cannot be told yet."""
-        if not self._postgres:
+        if not self._commit_status:
             return await self._runner.write(
                 functools.partial(_stored_by_id, attempt=attempt), single=True
             )
         if attempt.xid is None:
             return False
         xid = attempt.xid
-        status = await self._runner.read(functools.partial(_txid_status, xid=xid), single=True)
+        status = await self._runner.read(
+            functools.partial(transaction_status, xid=xid), single=True
+        )
         if status == "in progress":
             raise DatabaseUnavailableError("an interrupted usage write has not ended yet")
         return status == "committed"

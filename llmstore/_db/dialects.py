@@ -1,0 +1,102 @@
+"""The statements whose form depends on the database, each written once for both.
+
+Domain code calls these with its connection and never asks which database it is on; the
+two forms of each stand side by side here (tests/db/test_dialects.py runs both).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+
+__all__ = [
+    "IN_LIST_CHUNK",
+    "delete_where_in",
+    "insert_ignoring_conflicts",
+    "is_postgres",
+    "lock_until_commit",
+    "transaction_id",
+    "transaction_status",
+    "values_in",
+]
+
+# Values per IN list on SQLite: below every build's limit on bound parameters.
+IN_LIST_CHUNK = 500
+
+
+def is_postgres(conn: Connection) -> bool:
+    return conn.dialect.name == "postgresql"
+
+
+def lock_until_commit(conn: Connection, namespace: int, key: str) -> None:
+    """Serialise the transactions that take the same ``(namespace, key)`` until they end.
+
+    Postgres: a transaction-scoped advisory lock. SQLite: nothing to do, the transaction
+    already holds the database's one write lock (``BEGIN IMMEDIATE``).
+    """
+    if is_postgres(conn):
+        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(namespace, sa.func.hashtext(key))))
+
+
+def insert_ignoring_conflicts(
+    conn: Connection,
+    table: sa.Table,
+    values: Mapping[str, Any],
+    index_elements: Sequence[sa.Column[Any]],
+) -> bool:
+    """Insert one row unless it conflicts on ``index_elements``; whether it was inserted."""
+    insert = postgresql.insert if is_postgres(conn) else sqlite.insert
+    statement = (
+        insert(table)
+        .values(dict(values))
+        .on_conflict_do_nothing(index_elements=list(index_elements))
+    )
+    return int(conn.execute(statement).rowcount) == 1
+
+
+def values_in(conn: Connection, column: sa.Column[Any], values: Sequence[Any]) -> set[Any]:
+    """Which of ``values`` the table holds in ``column``: one array parameter on Postgres,
+    IN lists of ``IN_LIST_CHUNK`` on SQLite."""
+    if not values:
+        return set()
+    select = sa.select(column)
+    if is_postgres(conn):
+        listed = sa.bindparam("values", list(values), type_=postgresql.ARRAY(column.type))
+        return set(conn.execute(select.where(column == sa.any_(listed))).scalars())
+    found: set[Any] = set()
+    for start in range(0, len(values), IN_LIST_CHUNK):
+        chunk = list(values[start : start + IN_LIST_CHUNK])
+        found.update(conn.execute(select.where(column.in_(chunk))).scalars())
+    return found
+
+
+def delete_where_in(conn: Connection, column: sa.Column[Any], values: Sequence[Any]) -> int:
+    """Delete the rows whose ``column`` is one of ``values``; how many were deleted."""
+    table = column.table
+    if is_postgres(conn):
+        listed = sa.bindparam("values", list(values), type_=postgresql.ARRAY(column.type))
+        return int(conn.execute(sa.delete(table).where(column == sa.any_(listed))).rowcount)
+    deleted = 0
+    for start in range(0, len(values), IN_LIST_CHUNK):
+        chunk = list(values[start : start + IN_LIST_CHUNK])
+        deleted += int(conn.execute(sa.delete(table).where(column.in_(chunk))).rowcount)
+    return deleted
+
+
+def transaction_id(conn: Connection) -> int | None:
+    """The current transaction's id where the database can later say whether it committed
+    (Postgres: ``txid_current()``); None where a commit cannot be lost on the way (SQLite
+    commits in-process)."""
+    if not is_postgres(conn):
+        return None
+    return int(conn.execute(sa.select(sa.func.txid_current())).scalar_one())
+
+
+def transaction_status(conn: Connection, xid: int) -> str | None:
+    """``"committed"``, ``"aborted"``, ``"in progress"``, or None once it is forgotten."""
+    status: str | None = conn.execute(sa.select(sa.func.txid_status(xid))).scalar()
+    return status

@@ -1,0 +1,132 @@
+"""Each operation written once: a synchronous body on a connection, run as one unit.
+
+A domain's public repository (``store.projects``, ``tx.projects``) subclasses
+:class:`Repository` and writes each operation as a method ``(self, conn, ...)``
+decorated with :func:`reads` or :func:`writes`. The decorator makes it the public async
+method ``(self, ...)``: the same name, parameters and docstring, its validation in the
+body, and the unit handed to the repository's runner, which decides how it reaches the
+database (a thread hop, ``run_sync``, a savepoint inside ``store.transaction()``).
+
+Whether a unit is one statement (``single``, run in autocommit where the runner can) is
+stated once, on the decorator. ``"unless_audited"``: one statement unless the call passes
+an ``actor``, whose audit event is then written in the same transaction.
+
+Inside another unit, ``Repository.operation.run_in(repository, conn, ...)`` runs the
+body on that unit's connection (one operation composed of others).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Coroutine
+from typing import Any, Concatenate, Generic, Literal, ParamSpec, TypeVar, overload
+
+from sqlalchemy.engine import Connection
+
+from .runner import Runner
+
+__all__ = ["Operation", "Repository", "Single", "reads", "writes"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+S = TypeVar("S", bound="Repository")
+Single = bool | Literal["unless_audited"]
+
+
+class Repository:
+    """The base of a public repository: it holds the runner its operations run on."""
+
+    def __init__(self, runner: Runner) -> None:
+        self._runner = runner
+
+
+class Operation(Generic[S, P, R]):
+    """A body ``(self, conn, *args)`` that reads as the async method ``(self, *args)``."""
+
+    def __init__(
+        self,
+        body: Callable[Concatenate[S, Connection, P], R],
+        *,
+        write: bool,
+        single: Single,
+        snapshot: bool,
+    ) -> None:
+        self.body = body
+        self.write = write
+        self.single = single
+        self.snapshot = snapshot
+        self.name = body.__name__
+        self.__doc__ = body.__doc__
+        signature = inspect.signature(body)
+        parameters = list(signature.parameters.values())
+        # The public method's signature: the body's without ``conn``.
+        self.signature = signature.replace(parameters=[parameters[0], *parameters[2:]])
+
+    def __set_name__(self, owner: type[Any], name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, instance: None, owner: type[Any]) -> Operation[S, P, R]: ...
+
+    @overload
+    def __get__(self, instance: S, owner: type[Any]) -> Callable[P, Coroutine[Any, Any, R]]: ...
+
+    def __get__(
+        self, instance: S | None, owner: type[Any]
+    ) -> Operation[S, P, R] | Callable[P, Coroutine[Any, Any, R]]:
+        if instance is None:
+            return self
+        bound = self._bind(instance)
+        # Cached on the instance (a non-data descriptor): the next lookup is a dict hit.
+        instance.__dict__[self.name] = bound
+        return bound
+
+    def _bind(self, repository: S) -> Callable[P, Coroutine[Any, Any, R]]:
+        body = self.body
+        runner = repository._runner
+        write, single, snapshot = self.write, self.single, self.snapshot
+
+        @functools.wraps(body)
+        async def operation(*args: P.args, **kwargs: P.kwargs) -> R:
+            def unit(conn: Connection) -> R:
+                return body(repository, conn, *args, **kwargs)
+
+            one = kwargs.get("actor") is None if single == "unless_audited" else bool(single)
+            if write:
+                return await runner.write(unit, single=one)
+            return await runner.read(unit, single=one, snapshot=snapshot)
+
+        operation.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+            list(self.signature.parameters.values())[1:],
+            return_annotation=self.signature.return_annotation,
+        )
+        return operation
+
+    def run_in(self, repository: S, conn: Connection, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run the body on ``conn``, inside a unit that is already running."""
+        return self.body(repository, conn, *args, **kwargs)
+
+
+def reads(
+    *, single: bool = True, snapshot: bool = False
+) -> Callable[[Callable[Concatenate[S, Connection, P], R]], Operation[S, P, R]]:
+    """An operation that only reads. ``single``: it runs one statement (the default);
+    ``snapshot``: its statements see one snapshot of the database."""
+
+    def decorate(body: Callable[Concatenate[S, Connection, P], R]) -> Operation[S, P, R]:
+        return Operation(body, write=False, single=single, snapshot=snapshot)
+
+    return decorate
+
+
+def writes(
+    *, single: Single = False
+) -> Callable[[Callable[Concatenate[S, Connection, P], R]], Operation[S, P, R]]:
+    """An operation that writes, whole or not at all. ``single``: it is one statement
+    (``"unless_audited"``: unless the call passes an ``actor``)."""
+
+    def decorate(body: Callable[Concatenate[S, Connection, P], R]) -> Operation[S, P, R]:
+        return Operation(body, write=True, single=single, snapshot=False)
+
+    return decorate
