@@ -176,34 +176,42 @@ class Store:
 
     @property
     def config(self) -> StoreConfig:
+        """The configuration the store was made with."""
         return self._config
 
     @property
     def driver(self) -> Driver:
+        """``"sqlite"`` or ``"postgresql"``."""
         return self._config.driver
 
     @property
     def projects(self) -> Projects:
+        """Projects and their upstream keys (:class:`Projects`)."""
         return self._open_repositories().projects
 
     @property
     def tokens(self) -> Tokens:
+        """Proxy tokens with expiry and quotas (:class:`Tokens`)."""
         return self._open_repositories().tokens
 
     @property
     def audit(self) -> Audit:
+        """The tamper-evident audit log (:class:`Audit`)."""
         return self._open_repositories().audit
 
     @property
     def providers(self) -> Providers:
+        """Upstream provider credentials (:class:`Providers`)."""
         return self._open_repositories().providers
 
     @property
     def api_keys(self) -> ApiKeys:
+        """Prepaid API keys: balances, holds, the ledger, withdrawals (:class:`ApiKeys`)."""
         return self._open_repositories().api_keys
 
     @property
     def usage(self) -> Usage:
+        """Usage logs, metrics, retention and receipts (:class:`Usage`)."""
         return self._open_repositories().usage
 
     def _open_repositories(self) -> _Repositories:

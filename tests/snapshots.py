@@ -13,6 +13,7 @@ from llmstore import Store, StoreConfig, UsageRecord
 from llmstore._core.signing import generate_signing_key
 from llmstore._db.schema import VERSION_TABLE, metadata
 from llmstore.migrations import _commands as _migrations
+from llmstore.pytest_plugin import run_sql
 
 Snapshot = dict[str, list[tuple[Any, ...]]]
 
@@ -74,4 +75,4 @@ async def store_snapshot(store: Store) -> Snapshot:
             for name in names
         }
 
-    return await store._require_open().read(read)
+    return await run_sql(store, read)

@@ -38,6 +38,7 @@ from llmstore import (
 from llmstore._cli.main import EXIT_OK, EXIT_TAMPERED, main
 from llmstore._db.schema import api_keys, ledger_entries, reservations, withdrawals
 from llmstore.migrations._commands import upgrade
+from llmstore.pytest_plugin import run_sql
 
 SHAPE = re.compile(r"lsk_[A-Za-z0-9_-]{43}")
 MAX = 2**63 - 1
@@ -63,7 +64,7 @@ async def _ledger(store: Store, key_id: uuid.UUID) -> list[LedgerEntry]:
 
 async def _sql(store: Store, fn: Callable[[Connection], Any]) -> Any:
     """Run ``fn`` on the store's own connection, in its own committed transaction."""
-    return await store._require_open().write(fn)
+    return await run_sql(store, fn, write=True)
 
 
 def _dump(conn: Connection) -> dict[str, list[tuple[Any, ...]]]:
@@ -78,7 +79,7 @@ def _dump(conn: Connection) -> dict[str, list[tuple[Any, ...]]]:
 
 async def _everything(store: Store) -> dict[str, list[tuple[Any, ...]]]:
     """Every row of the four money tables, to show that a refusal wrote nothing."""
-    return await store._require_open().read(_dump)
+    return await run_sql(store, _dump)
 
 
 async def _refused(
@@ -914,10 +915,11 @@ async def test_transfer_refusals_write_nothing_on_either_key(store: Store) -> No
 
 
 async def _token_column(store: Store, withdrawal_id: uuid.UUID) -> str:
-    stored: str = await store._require_open().read(
+    stored: str = await run_sql(
+        store,
         lambda conn: conn.execute(
             sa.select(withdrawals.c.token_encrypted).where(withdrawals.c.id == withdrawal_id)
-        ).scalar_one()
+        ).scalar_one(),
     )
     return stored
 

@@ -32,6 +32,7 @@ from llmstore._cli.main import EXIT_OK, EXIT_TAMPERED, main
 from llmstore._core.validate import JSON_MAX_BYTES as METADATA_MAX_BYTES
 from llmstore._db.schema import audit_chain, audit_events
 from llmstore.migrations._commands import upgrade
+from llmstore.pytest_plugin import run_sql
 
 GENESIS = "0" * 64
 UTC_PLUS_5 = dt.timezone(dt.timedelta(hours=5))
@@ -41,14 +42,17 @@ UTC_PLUS_5 = dt.timezone(dt.timedelta(hours=5))
 
 
 async def _count(store: Store) -> int:
-    return await store._require_open().read(
-        lambda conn: conn.execute(sa.select(sa.func.count()).select_from(audit_events)).scalar_one()
+    return await run_sql(
+        store,
+        lambda conn: conn.execute(
+            sa.select(sa.func.count()).select_from(audit_events)
+        ).scalar_one(),
     )
 
 
 async def _chain_row(store: Store) -> Any:
-    return await store._require_open().read(
-        lambda conn: conn.execute(sa.select(audit_chain).where(audit_chain.c.id == 1)).one()
+    return await run_sql(
+        store, lambda conn: conn.execute(sa.select(audit_chain).where(audit_chain.c.id == 1)).one()
     )
 
 
@@ -68,12 +72,14 @@ async def _record_n(store: Store, n: int, **fields: Any) -> list[AuditEvent]:
 
 async def _tamper(store: Store, seq: int, **values: Any) -> None:
     """Change one event's columns directly, leaving its hash as it was."""
-    count = await store._require_open().write(
+    count = await run_sql(
+        store,
         lambda conn: (
             conn.execute(
                 sa.update(audit_events).where(audit_events.c.seq == seq).values(**values)
             ).rowcount
-        )
+        ),
+        write=True,
     )
     assert count == 1
 
@@ -90,14 +96,16 @@ async def _rehash(store: Store, seq: int, **values: Any) -> str:
         )
         return new_hash
 
-    return await store._require_open().write(rewrite)
+    return await run_sql(store, rewrite, write=True)
 
 
 async def _delete(store: Store, *seqs: int) -> None:
-    count = await store._require_open().write(
+    count = await run_sql(
+        store,
         lambda conn: (
             conn.execute(sa.delete(audit_events).where(audit_events.c.seq.in_(seqs))).rowcount
-        )
+        ),
+        write=True,
     )
     assert count == len(seqs)
 
@@ -475,12 +483,13 @@ async def test_altered_content_is_detected(store: Store) -> None:
     target = events[2]
     columns = ["actor", "action", "outcome", "event_metadata", "timestamp", "client_ip"]
     columns += ["project_id", "request_id", "hash"]
-    original = await store._require_open().read(
+    original = await run_sql(
+        store,
         lambda conn: dict(
             conn.execute(sa.select(audit_events).where(audit_events.c.seq == target.seq))
             .one()
             ._mapping
-        )
+        ),
     )
     forged: dict[str, Any] = {
         "actor": "mallory",

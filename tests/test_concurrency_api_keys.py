@@ -36,7 +36,7 @@ from llmstore import (
 )
 from llmstore._db.schema import api_keys, ledger_entries, reservations, withdrawals
 from llmstore.migrations._commands import upgrade
-from llmstore.pytest_plugin import drop_schema, fresh_schema_name
+from llmstore.pytest_plugin import drop_schema, fresh_schema_name, run_sql
 from tests import processes
 from tests.conftest import require_postgres
 
@@ -132,7 +132,7 @@ def _ledger_problems(conn: Connection) -> list[str]:
 async def _check_ledger(store: Store) -> None:
     report = await store.api_keys.verify()
     assert report.ok, report.mismatches
-    assert await store._require_open().read(_ledger_problems) == []
+    assert await run_sql(store, _ledger_problems) == []
 
 
 def _kind_counts(conn: Connection) -> Counter[str]:
@@ -587,7 +587,7 @@ async def test_mixed_operations_conserve_money(db_config: StoreConfig) -> None:
             sum(deposited.values()) - sum(spent.values()) - withdrawn
         )
         await _check_ledger(store)
-        counts = await store._require_open().read(_kind_counts)
+        counts = await run_sql(store, _kind_counts)
         debits = sum(n for _, _, _, _, n in merged["withdrawals"])
         assert (
             counts
@@ -719,7 +719,7 @@ def _tx_halves(conn: Connection) -> Counter[str | None]:
 async def _check_after_chaos(store: Store, key_ids: list[uuid.UUID], attempted: list[str]) -> None:
     await _check_ledger(store)
     # A transaction's transfer and charge committed together or not at all.
-    halves = await store._require_open().read(_tx_halves)
+    halves = await run_sql(store, _tx_halves)
     assert set(halves.values()) <= {2}, halves
     assert set(halves) <= set(attempted)
     # The store still serves every kind of call.

@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from llmstore import AuditEvent, Store, StoreConfig, TokenRejectedError
 from llmstore._db.schema import provider_credentials
 from llmstore.migrations._commands import upgrade
+from llmstore.pytest_plugin import run_sql
 from tests import processes
 
 WORKERS = 4
@@ -297,12 +298,13 @@ async def _activate(
 
 async def _active_ids(store: Store, scope: str) -> list[uuid.UUID]:
     table = provider_credentials
-    return await store._require_open().read(
+    return await run_sql(
+        store,
         lambda conn: list(
             conn.execute(
                 sa.select(table.c.id).where(table.c.scope == scope, table.c.is_active == sa.true())
             ).scalars()
-        )
+        ),
     )
 
 

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from llmstore import Store, StoreConfig, UsageRecord
 from llmstore._db.schema import usage_logs
 from llmstore.migrations._commands import upgrade
+from llmstore.pytest_plugin import run_sql
 from tests import processes
 
 pytestmark = pytest.mark.slow
@@ -62,7 +63,7 @@ async def test_racing_batches_write_each_request_id_once(db_config: StoreConfig)
             rows = conn.execute(sa.select(usage_logs.c.request_id)).scalars()
             return Counter(rows)
 
-        stored = await store._require_open().read(request_ids)
+        stored = await run_sql(store, request_ids)
     own = WORKERS * BATCHES * BATCH // 2
     assert sum(stored.values()) == own + SHARED == sum(r["written"] for r in results)
     assert max(stored.values()) == 1

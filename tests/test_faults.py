@@ -32,6 +32,7 @@ from llmstore import (
     generate_key,
 )
 from llmstore._db.schema import tokens, usage_logs
+from llmstore.pytest_plugin import run_sql
 
 from .conftest import require_postgres
 
@@ -40,7 +41,7 @@ from .conftest import require_postgres
 
 async def _sql(store: Store, fn: Callable[[Connection], Any]) -> Any:
     """Run ``fn`` as one unit of work on the store's own runner (a real transaction)."""
-    return await store._require_open().write(fn)
+    return await run_sql(store, fn, write=True)
 
 
 async def _usage_count(store: Store) -> int:

@@ -149,7 +149,12 @@ async def pair(tmp_path: Path) -> AsyncIterator[Pair]:
 def _public_methods(cls: type) -> set[str]:
     names = set()
     for name, member in vars(cls).items():
-        if name.startswith("_") or not inspect.isfunction(member):
+        if name.startswith("_"):
+            continue
+        if getattr(member, "body", None) is not None and hasattr(member, "__get__"):
+            names.add(name)  # an operation written once (@reads / @writes)
+            continue
+        if not inspect.isfunction(member):
             continue
         if inspect.iscoroutinefunction(member) or (cls is Usage and name == "writer"):
             names.add(name)

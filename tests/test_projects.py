@@ -20,13 +20,15 @@ from llmstore import (
     ValidationError,
 )
 from llmstore._db.schema import projects
+from llmstore.pytest_plugin import run_sql
 
 
 async def _stored_api_key(store: Store, project_id: uuid.UUID) -> str | None:
-    return await store._require_open().read(
+    return await run_sql(
+        store,
         lambda conn: conn.execute(
             sa.select(projects.c.api_key_encrypted).where(projects.c.id == project_id)
-        ).scalar_one()
+        ).scalar_one(),
     )
 
 
@@ -223,9 +225,7 @@ async def test_plaintext_key_never_reaches_the_database(store: Store) -> None:
     secret = "sk-needle-" + uuid.uuid4().hex
     project = await store.projects.create("needle", api_key=secret)
     await store.projects.update(project.id, name="needle-2")
-    dump = await store._require_open().read(
-        lambda conn: repr(conn.execute(sa.select(projects)).all())
-    )
+    dump = await run_sql(store, lambda conn: repr(conn.execute(sa.select(projects)).all()))
     assert "needle-2" in dump
     assert secret not in dump
     path = store.config.sqlite_path

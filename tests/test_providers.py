@@ -23,6 +23,7 @@ from llmstore import (
     ValidationError,
 )
 from llmstore._db.schema import provider_credentials as table
+from llmstore.pytest_plugin import run_sql
 
 GLOBAL = None
 
@@ -41,10 +42,11 @@ async def _active(store: Store, project_id: uuid.UUID | None) -> list[uuid.UUID]
 
 
 async def _stored_key(store: Store, credential_id: uuid.UUID) -> str | None:
-    stored: str | None = await store._require_open().read(
+    stored: str | None = await run_sql(
+        store,
         lambda conn: conn.execute(
             sa.select(table.c.api_key_encrypted).where(table.c.id == credential_id)
-        ).scalar_one()
+        ).scalar_one(),
     )
     return stored
 
@@ -228,7 +230,7 @@ async def _waiting_on_locks(store: Store) -> int:
             ).scalar_one()
         )
 
-    return await store._require_open().read(count, single=True)
+    return await run_sql(store, count, single=True)
 
 
 @pytest.mark.parametrize("racers", [3, 8])
@@ -383,7 +385,7 @@ async def test_the_partial_unique_index_exists(store: Store) -> None:
         indexes = sa.inspect(conn).get_indexes(table.name, schema=schema)
         return {index["name"]: bool(index["unique"]) for index in indexes}
 
-    names = await store._require_open().read(index_names)
+    names = await run_sql(store, index_names)
     assert names.get("llmstore_provider_credentials_active_scope_key") is True
 
 
@@ -605,7 +607,7 @@ async def test_reveal_api_key_and_encryption_at_rest(store: Store) -> None:
     default_stored = await _stored_key(store, defaulted.id)
     assert default_stored is not None and secret not in default_stored
     assert await store.providers.reveal_api_key(defaulted.id) == secret + "-2"
-    dump = await store._require_open().read(lambda conn: repr(conn.execute(sa.select(table)).all()))
+    dump = await run_sql(store, lambda conn: repr(conn.execute(sa.select(table)).all()))
     assert "gpt-4o" in dump
     assert secret not in dump
 

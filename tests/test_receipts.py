@@ -39,6 +39,7 @@ from llmstore._core.jcs import CanonicalJSONError, canonical_json, number, parse
 from llmstore._core.signing import encode, generate_signing_key
 from llmstore._db.schema import metadata, usage_logs, usage_receipts
 from llmstore._usage.receipts import VERSION, ReceiptSigner, configured_public_key
+from llmstore.pytest_plugin import run_sql
 
 KEY_VARIABLE = "LLMSTORE_RECEIPT_SIGNING_KEY"
 MAX = 2**63 - 1
@@ -135,8 +136,8 @@ async def _record(store: Store, **overrides: Any) -> int:
 
 
 async def _receipt_rows(store: Store) -> list[Any]:
-    rows: list[Any] = await store._require_open().read(
-        lambda conn: list(conn.execute(sa.select(usage_receipts)))
+    rows: list[Any] = await run_sql(
+        store, lambda conn: list(conn.execute(sa.select(usage_receipts)))
     )
     return rows
 
@@ -148,7 +149,7 @@ async def _every_row_as_text(store: Store) -> str:
             lines.extend(f"{table.name}: {tuple(row)}" for row in conn.execute(sa.select(table)))
         return "\n".join(lines)
 
-    text: str = await store._require_open().read(dump)
+    text: str = await run_sql(store, dump)
     return text
 
 
@@ -266,8 +267,10 @@ async def test_the_database_refuses_a_second_receipt_for_a_row(signed: Store) ->
     receipt = await signed.usage.issue_receipt(await _record(signed))
     duplicate = {**receipt.model_dump(), "id": uuid.uuid4()}
     with pytest.raises(ConflictError):
-        await signed._require_open().write(
-            lambda conn: conn.execute(sa.insert(usage_receipts).values(duplicate))
+        await run_sql(
+            signed,
+            lambda conn: conn.execute(sa.insert(usage_receipts).values(duplicate)),
+            write=True,
         )
 
 
@@ -309,8 +312,10 @@ async def test_issuing_needs_a_signing_key_but_reading_does_not(
 async def test_a_receipt_outlives_its_usage_row(signed: Store, public_key: str) -> None:
     usage_id = await _record(signed)
     receipt = await signed.usage.issue_receipt(usage_id)
-    await signed._require_open().write(
-        lambda conn: conn.execute(sa.delete(usage_logs).where(usage_logs.c.id == usage_id))
+    await run_sql(
+        signed,
+        lambda conn: conn.execute(sa.delete(usage_logs).where(usage_logs.c.id == usage_id)),
+        write=True,
     )
     assert await signed.usage.get(usage_id) is None
     stored = await signed.usage.get_receipt(receipt.id)

@@ -24,6 +24,7 @@ from llmstore._db.schema import metadata, projects, provider_credentials, withdr
 from llmstore._ops import rotation as _rotation
 from llmstore._ops.rotation import ENCRYPTED_COLUMNS, _write_batch
 from llmstore.migrations._commands import upgrade
+from llmstore.pytest_plugin import run_sql
 
 MINT = "https://mint.example.com/v1"
 # Listed here independently of the module under test.
@@ -114,7 +115,7 @@ async def _stored(store: Store) -> Stored:
                 found[(name, row_id)] = value
         return found
 
-    return await store._require_open().read(read)
+    return await run_sql(store, read)
 
 
 def _under(key: str, value: str) -> bool:

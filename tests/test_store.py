@@ -26,6 +26,7 @@ from llmstore import (
 )
 from llmstore._db.schema import VERSION_TABLE, metadata
 from llmstore.migrations._commands import downgrade, head_revision, upgrade
+from llmstore.pytest_plugin import run_sql
 
 from .conftest import require_postgres
 
@@ -102,8 +103,10 @@ async def test_unknown_revision_raises(db_config: StoreConfig) -> None:
     await upgrade(db_config)
     async with Store(db_config) as store:
         table = sa.table(VERSION_TABLE, sa.column("version_num"), schema=db_config.schema_name)
-        await store._require_open().write(
-            lambda conn: conn.execute(table.update().values(version_num="ffffffffffff"))
+        await run_sql(
+            store,
+            lambda conn: conn.execute(table.update().values(version_num="ffffffffffff")),
+            write=True,
         )
     with pytest.raises(UnknownRevisionError, match="ffffffffffff"):
         await Store(db_config).open()

@@ -31,6 +31,7 @@ from llmstore import (
     generate_key,
 )
 from llmstore._db.schema import tokens as tokens_table
+from llmstore.pytest_plugin import run_sql
 
 SHAPE = re.compile(r"lst_[A-Za-z0-9_-]{43}")
 HYPOTHESIS = settings(
@@ -54,10 +55,11 @@ async def _project(store: Store, name: str | None = None) -> Project:
 
 
 async def _stored_digest(store: Store, token_id: uuid.UUID) -> str:
-    digest: str = await store._require_open().read(
+    digest: str = await run_sql(
+        store,
         lambda conn: conn.execute(
             sa.select(tokens_table.c.secret_digest).where(tokens_table.c.id == token_id)
-        ).scalar_one()
+        ).scalar_one(),
     )
     return digest
 
@@ -736,9 +738,7 @@ async def test_secret_is_never_in_records_or_reprs(store: Store) -> None:
         assert secret not in text
         assert hidden not in text
     assert "visible" in repr(issued)
-    dump = await store._require_open().read(
-        lambda conn: repr(conn.execute(sa.select(tokens_table)).all())
-    )
+    dump = await run_sql(store, lambda conn: repr(conn.execute(sa.select(tokens_table)).all()))
     assert issued.token.prefix in dump
     assert hidden not in dump
 

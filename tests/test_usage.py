@@ -20,6 +20,7 @@ from llmstore import (
     ValidationError,
 )
 from llmstore._db.schema import usage_logs
+from llmstore.pytest_plugin import run_sql
 
 T0 = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
 
@@ -28,7 +29,7 @@ async def _count(store: Store) -> int:
     def count(conn: Any) -> int:
         return int(conn.execute(sa.select(sa.func.count()).select_from(usage_logs)).scalar())
 
-    return await store._require_open().read(count)
+    return await run_sql(store, count)
 
 
 # -- UsageRecord ------------------------------------------------------------------------------
@@ -238,7 +239,7 @@ async def test_a_row_the_database_refuses_is_a_validation_error_and_writes_nothi
             f"CREATE TRIGGER no_free_rows BEFORE INSERT ON {usage_logs.name} WHEN NEW.cost = 0 "
             "BEGIN SELECT RAISE(ABORT, 'no free rows'); END"
         )
-    await store._require_open().write(lambda conn: conn.exec_driver_sql(sql))
+    await run_sql(store, lambda conn: conn.exec_driver_sql(sql), write=True)
     for request_id in (None, "with-id"):
         batch = [UsageRecord(cost=1), UsageRecord(cost=0, request_id=request_id)]
         with pytest.raises(ValidationError, match="constraint"):

@@ -30,6 +30,7 @@ from llmstore._cli.progress import PurgeProgress
 from llmstore._db.schema import usage_logs
 from llmstore._usage.purge import EXPORT_FIELDS, select_batch, select_batch_keys
 from llmstore.migrations._commands import upgrade
+from llmstore.pytest_plugin import run_sql
 
 T0 = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
 MINUTE = dt.timedelta(minutes=1)
@@ -39,7 +40,7 @@ async def _count(store: Store) -> int:
     def count(conn: Connection) -> int:
         return int(conn.execute(sa.select(sa.func.count()).select_from(usage_logs)).scalar_one())
 
-    return await store._require_open().read(count)
+    return await run_sql(store, count)
 
 
 async def _all(store: Store) -> list[UsageLog]:
@@ -352,7 +353,7 @@ async def test_each_batch_reads_one_range_of_the_created_at_index(store: Store) 
         select_batch(T0 + 10 * MINUTE, after, 5),
         select_batch_keys(T0 + 10 * MINUTE, None, 5),
     ):
-        plan = await store._require_open().read(functools.partial(_explain, statement=statement))
+        plan = await run_sql(store, functools.partial(_explain, statement=statement))
         assert "llmstore_usage_logs_created_at_id_idx" in plan, plan
         assert "TEMP B-TREE" not in plan and "Sort" not in plan, plan
 

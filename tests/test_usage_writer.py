@@ -36,7 +36,7 @@ from llmstore import (
     generate_key,
 )
 from llmstore._db.schema import usage_logs
-from llmstore.pytest_plugin import drop_schema, fresh_schema_name
+from llmstore.pytest_plugin import drop_schema, fresh_schema_name, run_sql
 
 from .conftest import require_postgres
 
@@ -60,7 +60,7 @@ def _recs(prefix: str, count: int, *, with_request_ids: bool = False) -> list[Us
 
 async def _sql(store: Store, fn: Callable[[Connection], Any]) -> Any:
     """Run ``fn`` on the store's own connection, in its own committed transaction."""
-    return await store._require_open().write(fn)
+    return await run_sql(store, fn, write=True)
 
 
 async def _markers(store: Store) -> Counter[str]:

@@ -425,6 +425,7 @@ class ApiKeys:
         expires_at: dt.datetime | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> IssuedApiKey:
+        """Issue a prepaid API key; its secret is in the result and nowhere else."""
         return await self._runner.write(
             lambda conn: self._keys(conn).create(balance, project_id, expires_at, metadata)
         )
@@ -446,6 +447,7 @@ class ApiKeys:
         )
 
     async def get(self, key_id: uuid.UUID | str) -> ApiKey:
+        """The key with this id (never its secret); NotFoundError if there is none."""
         return await self._runner.read(lambda conn: self._keys(conn).get(key_id), single=True)
 
     async def list(
@@ -454,6 +456,7 @@ class ApiKeys:
         limit: int = 100,
         after: uuid.UUID | str | None = None,
     ) -> builtins.list[ApiKey]:
+        """Keys in creation order, optionally one project's; ``after``: a page's last id."""
         return await self._runner.read(
             lambda conn: self._keys(conn).list(project_id, limit, after), single=True
         )
@@ -465,6 +468,7 @@ class ApiKeys:
         idempotency_key: str | None = None,
         description: str = "",
     ) -> LedgerEntry:
+        """Add ``amount`` to the balance; with an ``idempotency_key`` a retry is a no-op."""
         move = movement(
             check_id(key_id, "API key id"),
             "deposit",
@@ -519,6 +523,7 @@ class ApiKeys:
     async def ledger(
         self, key_id: uuid.UUID | str, limit: int = 100, after: int | None = None
     ) -> builtins.list[LedgerEntry]:
+        """The key's ledger entries; ``after``: the last entry id of the previous page."""
         return await self._runner.read(lambda conn: self._keys(conn).ledger(key_id, limit, after))
 
     async def reserve(
@@ -555,11 +560,13 @@ class ApiKeys:
         raise ConflictError("the balance kept changing while the hold was checked; try again")
 
     async def get_reservation(self, reservation_id: uuid.UUID | str) -> Reservation:
+        """The hold with this id; NotFoundError if there is none."""
         return await self._runner.read(
             lambda conn: self._holds(conn).get(reservation_id), single=True
         )
 
     async def extend(self, reservation_id: uuid.UUID | str, ttl: dt.timedelta) -> Reservation:
+        """Give an active hold ``ttl`` more from now; ConflictError once it is no longer active."""
         return await self._runner.write(
             lambda conn: self._holds(conn).extend(reservation_id, ttl), single=True
         )
@@ -579,6 +586,7 @@ class ApiKeys:
         return entry(row)
 
     async def release(self, reservation_id: uuid.UUID | str) -> Reservation:
+        """Free an active hold without charging anything."""
         return await self._runner.write(lambda conn: self._holds(conn).release(reservation_id))
 
     async def expire_reservations(self) -> int:
@@ -594,11 +602,13 @@ class ApiKeys:
     async def withdraw(
         self, key_id: uuid.UUID | str, amount: int, token: str, mint_url: str
     ) -> Withdrawal:
+        """Move ``amount`` into a pending withdrawal carrying ``token`` (stored encrypted)."""
         return await self._runner.write(
             lambda conn: self._payouts(conn).withdraw(key_id, amount, token, mint_url)
         )
 
     async def get_withdrawal(self, withdrawal_id: uuid.UUID | str) -> Withdrawal:
+        """The withdrawal with this id (never its token); NotFoundError if there is none."""
         return await self._runner.read(
             lambda conn: self._payouts(conn).get(withdrawal_id), single=True
         )
@@ -610,24 +620,29 @@ class ApiKeys:
         limit: int = 100,
         after: uuid.UUID | str | None = None,
     ) -> builtins.list[Withdrawal]:
+        """Withdrawals in creation order, optionally of one key and one status."""
         return await self._runner.read(
             lambda conn: self._payouts(conn).list(key_id, status, limit, after), single=True
         )
 
     async def reveal_withdrawal_token(self, withdrawal_id: uuid.UUID | str) -> str:
+        """The decrypted token of a withdrawal, for paying it out."""
         return await self._runner.read(
             lambda conn: self._payouts(conn).reveal_token(withdrawal_id), single=True
         )
 
     async def complete_withdrawal(self, withdrawal_id: uuid.UUID | str) -> Withdrawal:
+        """Mark a pending withdrawal paid out."""
         return await self._runner.write(
             lambda conn: self._payouts(conn).complete(withdrawal_id), single=True
         )
 
     async def fail_withdrawal(self, withdrawal_id: uuid.UUID | str, error: str) -> Withdrawal:
+        """Mark a pending withdrawal failed and give its amount back to the balance."""
         return await self._runner.write(lambda conn: self._payouts(conn).fail(withdrawal_id, error))
 
     async def retry_withdrawal(self, withdrawal_id: uuid.UUID | str) -> Withdrawal:
+        """Take the amount of a failed withdrawal again and make it pending once more."""
         return await self._runner.write(lambda conn: self._payouts(conn).retry(withdrawal_id))
 
     async def verify(self) -> LedgerReport:
@@ -637,6 +652,7 @@ class ApiKeys:
         return await self._runner.read(lambda conn: self._keys(conn).verify(), snapshot=True)
 
     async def cleanup_expired(self) -> int:
+        """Delete the keys whose expiry has passed; returns how many."""
         now = utcnow()
         return await self._runner.write(
             lambda conn: self._keys(conn).cleanup_expired(now), single=True

@@ -150,10 +150,12 @@ class StoreConfig(BaseModel):
 
     @property
     def driver(self) -> Driver:
+        """``"sqlite"`` or ``"postgresql"``, from the URL."""
         return "sqlite" if self.url.get_secret_value().startswith("sqlite") else "postgresql"
 
     @property
     def masked_url(self) -> str:
+        """The URL with its password masked, for messages and logs."""
         return mask_url(self.url.get_secret_value())
 
     @property
@@ -165,6 +167,7 @@ class StoreConfig(BaseModel):
 
     @property
     def is_memory(self) -> bool:
+        """Whether this is an in-memory SQLite database."""
         return self.sqlite_path == MEMORY
 
     @classmethod

@@ -92,6 +92,7 @@ class TokenRejectedError(LlmstoreError):
 
     @property
     def public_message(self) -> str:
+        """Text safe to show a client, by reason."""
         return _TOKEN_REJECTIONS[self.reason]
 
 
@@ -109,6 +110,7 @@ class ApiKeyRejectedError(LlmstoreError):
 
     @property
     def public_message(self) -> str:
+        """Text safe to show a client, by reason."""
         return "API key expired" if self.reason == "expired" else "invalid API key"
 
 

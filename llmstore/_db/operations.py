@@ -63,6 +63,16 @@ class Operation(Generic[S, P, R]):
         # The public method's signature: the body's without ``conn``.
         self.signature = signature.replace(parameters=[parameters[0], *parameters[2:]])
 
+    @property
+    def __signature__(self) -> inspect.Signature:
+        # As an unbound method's: the body's parameters without ``conn``.
+        return self.signature
+
+    def __call__(self, repository: S, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
+        """``Projects.get(store.projects, ...)``, as an unbound method is called."""
+        bound: Callable[P, Coroutine[Any, Any, R]] = getattr(repository, self.name)
+        return bound(*args, **kwargs)
+
     def __set_name__(self, owner: type[Any], name: str) -> None:
         self.name = name
 

@@ -69,6 +69,7 @@ class Usage:
         raise AssertionError("unreachable")
 
     async def get(self, usage_id: int) -> UsageLog | None:
+        """The usage row with this id, or None if there is none."""
         checked = check_positive_int(usage_id, "usage id")
         return await self._runner.read(lambda conn: UsageRepository(conn).get(checked), single=True)
 

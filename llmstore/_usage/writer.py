@@ -205,6 +205,7 @@ class UsageWriter:
 
     @property
     def stats(self) -> WriterStats:
+        """Rows pending, written, refused and retried so far, and the last error."""
         return WriterStats(
             pending=self._pending(),
             written=self._written,
