@@ -7,9 +7,10 @@ from ._access.audit import Audit, AuditEvent, AuditVerification, Outcome
 from ._access.projects import Project, Projects
 from ._access.providers import ProviderCredential, Providers
 from ._access.tokens import IssuedToken, Token, Tokens
-from ._billing.holds import Reservation, Withdrawal
+from ._billing.holds import Reservation
 from ._billing.keys import ApiKey, ApiKeys, IssuedApiKey, LedgerMismatch, LedgerReport
 from ._billing.ledger import LedgerEntry
+from ._billing.withdrawals import Withdrawal
 from ._core.config import StoreConfig
 from ._core.errors import (
     ApiKeyRejectedError,

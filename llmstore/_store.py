@@ -28,9 +28,11 @@ from ._core.errors import (
     UnknownRevisionError,
 )
 from ._core.secrets import SecretBox, SecretDigester
+from ._db.engine_runner import AsyncEngineRunner
 from ._db.engines import postgres_engine, sqlite_engine, with_schema
 from ._db.lean import PostgresLane
-from ._db.runner import AsyncEngineRunner, Runner, SQLiteRunner
+from ._db.runner import Runner
+from ._db.sqlite_runner import SQLiteRunner
 from ._db.translate import translated
 from ._ops.rotation import Progress as RotationProgress
 from ._ops.rotation import rotate_keys

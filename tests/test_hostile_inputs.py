@@ -148,7 +148,13 @@ async def pair(tmp_path: Path) -> AsyncIterator[Pair]:
 
 def _public_methods(cls: type) -> set[str]:
     names = set()
-    for name, member in vars(cls).items():
+    members = {
+        name: member
+        for klass in reversed(cls.__mro__)
+        if klass.__module__.startswith("llmstore")
+        for name, member in vars(klass).items()
+    }
+    for name, member in members.items():
         if name.startswith("_"):
             continue
         if getattr(member, "body", None) is not None and hasattr(member, "__get__"):

@@ -341,7 +341,6 @@ async def test_the_database_enforces_one_active_credential_per_scope(store: Stor
     globals_ = [await store.providers.create("openai", f"m{i}") for i in range(3)]
     local = [await store.providers.create("openai", f"m{i}", project_id=project.id) for i in (0, 1)]
     before = await _everything(store)
-    runner = store._require_open()
 
     def activate_all(scope: str) -> Callable[[Any], object]:
         return lambda conn: conn.execute(
@@ -349,12 +348,13 @@ async def test_the_database_enforces_one_active_credential_per_scope(store: Stor
         )
 
     with pytest.raises(ConflictError):
-        await runner.write(activate_all("global"))
+        await run_sql(store, activate_all("global"), write=True)
     with pytest.raises(ConflictError):
-        await runner.write(activate_all(str(project.id)))
+        await run_sql(store, activate_all(str(project.id)), write=True)
     now = dt.datetime.now(dt.UTC)
     with pytest.raises(ConflictError):
-        await runner.write(
+        await run_sql(
+            store,
             lambda conn: conn.execute(
                 sa.insert(table).values(
                     id=uuid.uuid4(),
@@ -366,14 +366,17 @@ async def test_the_database_enforces_one_active_credential_per_scope(store: Stor
                     created_at=now,
                     updated_at=now,
                 )
-            )
+            ),
+            write=True,
         )
     assert await _everything(store) == before
     # Inactive rows are not covered by the index; active rows of different scopes coexist.
-    await runner.write(
+    await run_sql(
+        store,
         lambda conn: conn.execute(
             sa.update(table).where(table.c.id == globals_[1].id).values(is_active=False)
-        )
+        ),
+        write=True,
     )
     assert await _active(store, GLOBAL) == [globals_[0].id]
     assert await _active(store, project.id) == [local[0].id]

@@ -255,8 +255,8 @@ async def test_a_value_replaced_meanwhile_is_not_overwritten(db_config: StoreCon
         await store.projects.update(project_id, api_key=replacement)
         current = (await _stored(store))[("projects", project_id)]
         stale = [(project_id, "a value read before the update", "the rotated value")]
-        runner = store._require_open()
-        assert await runner.write(lambda conn: _write_batch(conn, column, stale)) == 0
+        written = await run_sql(store, lambda conn: _write_batch(conn, column, stale), write=True)
+        assert written == 0
         assert (await _stored(store))[("projects", project_id)] == current
         assert await store.projects.reveal_api_key(project_id) == replacement
         assert await store.rotate_keys() == SEEDED - 1  # the replacement was under `new`

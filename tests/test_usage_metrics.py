@@ -24,6 +24,7 @@ from llmstore import (
     ValidationError,
 )
 from llmstore._usage.metrics import check_metrics_query, metrics_statement
+from llmstore.pytest_plugin import run_sql
 
 T0 = dt.datetime(2024, 5, 1, tzinfo=dt.UTC)
 DAY = dt.timedelta(days=1)
@@ -512,13 +513,12 @@ async def test_a_time_window_uses_an_index(store: Store) -> None:
             explain = "EXPLAIN "
         return "\n".join(str(row[-1]) for row in conn.exec_driver_sql(explain + str(sql)))
 
-    runner = store._require_open()
-    assert "llmstore_usage_logs_created_at_id_idx" in await runner.read(plan)
-    assert "llmstore_usage_logs_model_created_at_idx" in await runner.read(
-        lambda conn: plan(conn, model="m1")
+    assert "llmstore_usage_logs_created_at_id_idx" in await run_sql(store, plan)
+    assert "llmstore_usage_logs_model_created_at_idx" in await run_sql(
+        store, lambda conn: plan(conn, model="m1")
     )
-    assert "llmstore_usage_logs_api_key_id_created_at_id_idx" in await runner.read(
-        lambda conn: plan(conn, api_key_id=KEY_A)
+    assert "llmstore_usage_logs_api_key_id_created_at_id_idx" in await run_sql(
+        store, lambda conn: plan(conn, api_key_id=KEY_A)
     )
 
 

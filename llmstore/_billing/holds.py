@@ -18,18 +18,12 @@ from sqlalchemy.engine import Connection
 
 from llmstore._core.errors import ConflictError, LlmstoreError, NotFoundError, ValidationError
 from llmstore._core.ids import new_id, utcnow
-from llmstore._core.secrets import SecretBox
 from llmstore._core.validate import (
-    check_choice,
-    check_http_url,
     check_id,
-    check_limit,
-    check_secret,
-    check_text,
     check_timedelta,
 )
 from llmstore._db.lean import LeanStatement
-from llmstore._db.schema import UTCDateTime, reservations, withdrawals
+from llmstore._db.schema import UTCDateTime, reservations
 
 from .ledger import (
     DESCRIPTION_MAX,
@@ -37,15 +31,12 @@ from .ledger import (
     K,
     Ledger,
     LedgerEntry,
-    Movement,
     check_amount,
     entry,
     insert_entry_from,
 )
 
 ReservationStatus = Literal["active", "settled", "released", "expired"]
-WithdrawalStatus = Literal["pending", "completed", "failed"]
-STATUSES: tuple[WithdrawalStatus, ...] = ("pending", "completed", "failed")
 MAX_TTL = dt.timedelta(days=7)
 _EXPIRY_BATCH = 500
 
@@ -65,26 +56,8 @@ class Reservation(BaseModel):
     finished_at: dt.datetime | None
 
 
-class Withdrawal(BaseModel):
-    """A payout; its eCash token is stored encrypted and only read by ``reveal``."""
-
-    model_config = ConfigDict(frozen=True)
-
-    id: uuid.UUID
-    api_key_id: uuid.UUID
-    amount: int
-    mint_url: str
-    status: WithdrawalStatus
-    created_at: dt.datetime
-    completed_at: dt.datetime | None
-    error_message: str | None
-    retry_count: int
-
-
 R = reservations
-W = withdrawals
 _RESERVATION_COLUMNS = tuple(R.c)
-_WITHDRAWAL_COLUMNS = tuple(column for column in W.c if column.name != "token_encrypted")
 
 
 _P = sa.bindparam
@@ -219,10 +192,6 @@ SETTLE_CTE = _settle_in_one_statement()
 def reservation(row: Any) -> Reservation:
     values = dict(zip((column.name for column in _RESERVATION_COLUMNS), tuple(row), strict=True))
     return Reservation.model_construct(**values)
-
-
-def _withdrawal(row: Any) -> Withdrawal:
-    return Withdrawal.model_validate(dict(row._mapping))
 
 
 def check_ttl(value: object) -> dt.timedelta:
@@ -371,111 +340,3 @@ class ReservationRepository:
         if status is None:
             return NotFoundError(f"no reservation with id {key}")
         return ConflictError(f"reservation {key} is {status}, not active")
-
-
-class WithdrawalRepository:
-    """Withdrawals on one connection; the caller owns the transaction."""
-
-    def __init__(self, conn: Connection, secrets: SecretBox) -> None:
-        self._conn = conn
-        self._secrets = secrets
-        self._ledger = Ledger(conn)
-
-    def withdraw(
-        self, key_id: uuid.UUID | str, amount: int, token: str, mint_url: str
-    ) -> Withdrawal:
-        """Debit at once and record a pending withdrawal; the token is stored encrypted."""
-        key = check_id(key_id, "API key id")
-        checked = check_amount(amount)
-        encrypted = self._secrets.encrypt(check_secret(token, "token", max_length=100_000))
-        url = check_http_url(mint_url, "mint_url")
-        withdrawal_id = new_id()
-        now = utcnow()
-        self._ledger.apply(Movement(key, "withdrawal", checked, withdrawal_id=withdrawal_id), now)
-        row = self._conn.execute(
-            W.insert().returning(*_WITHDRAWAL_COLUMNS),
-            {
-                "id": withdrawal_id,
-                "api_key_id": key,
-                "amount": checked,
-                "token_encrypted": encrypted,
-                "mint_url": url,
-                "status": "pending",
-                "created_at": now,
-                "completed_at": None,
-                "error_message": None,
-                "retry_count": 0,
-            },
-        ).one()
-        return _withdrawal(row)
-
-    def get(self, withdrawal_id: uuid.UUID | str) -> Withdrawal:
-        key = check_id(withdrawal_id, "withdrawal id")
-        row = self._conn.execute(sa.select(*_WITHDRAWAL_COLUMNS).where(W.c.id == key)).first()
-        if row is None:
-            raise NotFoundError(f"no withdrawal with id {key}")
-        return _withdrawal(row)
-
-    def list(
-        self,
-        key_id: uuid.UUID | str | None = None,
-        status: str | None = None,
-        limit: int = 100,
-        after: uuid.UUID | str | None = None,
-    ) -> list[Withdrawal]:
-        statement = sa.select(*_WITHDRAWAL_COLUMNS).order_by(W.c.id).limit(check_limit(limit))
-        if key_id is not None:
-            statement = statement.where(W.c.api_key_id == check_id(key_id, "API key id"))
-        if status is not None:
-            statement = statement.where(W.c.status == check_choice(status, "status", STATUSES))
-        if after is not None:
-            statement = statement.where(W.c.id > check_id(after, "after"))
-        return [_withdrawal(row) for row in self._conn.execute(statement)]
-
-    def reveal_token(self, withdrawal_id: uuid.UUID | str) -> str:
-        key = check_id(withdrawal_id, "withdrawal id")
-        stored = self._conn.execute(sa.select(W.c.token_encrypted).where(W.c.id == key)).scalar()
-        if stored is None:
-            raise NotFoundError(f"no withdrawal with id {key}")
-        return self._secrets.decrypt(stored)
-
-    def complete(self, withdrawal_id: uuid.UUID | str) -> Withdrawal:
-        key = check_id(withdrawal_id, "withdrawal id")
-        return self._move(key, "pending", status="completed", completed_at=utcnow())
-
-    def fail(self, withdrawal_id: uuid.UUID | str, error: str) -> Withdrawal:
-        """Mark it failed, count the attempt, and refund the amount with a ledger entry."""
-        key = check_id(withdrawal_id, "withdrawal id")
-        message = check_text(error, "error", max_length=2000)
-        failed = self._move(
-            key, "pending", status="failed", error_message=message, retry_count=W.c.retry_count + 1
-        )
-        self._ledger.apply(
-            Movement(failed.api_key_id, "withdrawal_refund", failed.amount, withdrawal_id=key),
-            utcnow(),
-        )
-        return failed
-
-    def retry(self, withdrawal_id: uuid.UUID | str) -> Withdrawal:
-        """Debit again and return it to pending (``InsufficientBalanceError`` if spent)."""
-        key = check_id(withdrawal_id, "withdrawal id")
-        pending = self._move(key, "failed", status="pending")
-        self._ledger.apply(
-            Movement(pending.api_key_id, "withdrawal", pending.amount, withdrawal_id=key),
-            utcnow(),
-        )
-        return pending
-
-    def _move(self, key: uuid.UUID, current: str, **values: Any) -> Withdrawal:
-        row = self._conn.execute(
-            W.update()
-            .where(W.c.id == key, W.c.status == current)
-            .values(**values)
-            .returning(*_WITHDRAWAL_COLUMNS)
-        ).first()
-        if row is None:
-            status = self._conn.execute(sa.select(W.c.status).where(W.c.id == key)).scalar()
-            if status is None:
-                raise NotFoundError(f"no withdrawal with id {key}")
-            raise ConflictError(f"withdrawal {key} is {status}; this needs it {current}")
-        return _withdrawal(row)

@@ -38,8 +38,6 @@ from .holds import (
     SETTLE_CTE,
     Reservation,
     ReservationRepository,
-    Withdrawal,
-    WithdrawalRepository,
     check_ttl,
     reservation,
 )
@@ -56,6 +54,7 @@ from .ledger import (
     entry,
     movement,
 )
+from .withdrawals import Withdrawals
 
 API_KEY_PREFIX: Final = "lsk_"
 # A refused debit is re-checked; if the money is there by then, it is tried again.
@@ -401,12 +400,11 @@ async def run_movement(
     raise ConflictError("the balance kept changing while the debit was checked; try again")
 
 
-class ApiKeys:
+class ApiKeys(Withdrawals):
     """``store.api_keys`` and ``tx.api_keys``: each call is one unit of work."""
 
     def __init__(self, runner: Runner, secrets: SecretBox, digester: SecretDigester) -> None:
-        self._runner = runner
-        self._secrets = secrets
+        super().__init__(runner, secrets)
         self._digester = digester
 
     def _keys(self, conn: Connection) -> ApiKeyRepository:
@@ -414,9 +412,6 @@ class ApiKeys:
 
     def _holds(self, conn: Connection) -> ReservationRepository:
         return ReservationRepository(conn)
-
-    def _payouts(self, conn: Connection) -> WithdrawalRepository:
-        return WithdrawalRepository(conn, self._secrets)
 
     async def create(
         self,
@@ -598,52 +593,6 @@ class ApiKeys:
             total += released
             if released == 0 or self._runner.in_transaction:
                 return total
-
-    async def withdraw(
-        self, key_id: uuid.UUID | str, amount: int, token: str, mint_url: str
-    ) -> Withdrawal:
-        """Move ``amount`` into a pending withdrawal carrying ``token`` (stored encrypted)."""
-        return await self._runner.write(
-            lambda conn: self._payouts(conn).withdraw(key_id, amount, token, mint_url)
-        )
-
-    async def get_withdrawal(self, withdrawal_id: uuid.UUID | str) -> Withdrawal:
-        """The withdrawal with this id (never its token); NotFoundError if there is none."""
-        return await self._runner.read(
-            lambda conn: self._payouts(conn).get(withdrawal_id), single=True
-        )
-
-    async def list_withdrawals(
-        self,
-        key_id: uuid.UUID | str | None = None,
-        status: str | None = None,
-        limit: int = 100,
-        after: uuid.UUID | str | None = None,
-    ) -> builtins.list[Withdrawal]:
-        """Withdrawals in creation order, optionally of one key and one status."""
-        return await self._runner.read(
-            lambda conn: self._payouts(conn).list(key_id, status, limit, after), single=True
-        )
-
-    async def reveal_withdrawal_token(self, withdrawal_id: uuid.UUID | str) -> str:
-        """The decrypted token of a withdrawal, for paying it out."""
-        return await self._runner.read(
-            lambda conn: self._payouts(conn).reveal_token(withdrawal_id), single=True
-        )
-
-    async def complete_withdrawal(self, withdrawal_id: uuid.UUID | str) -> Withdrawal:
-        """Mark a pending withdrawal paid out."""
-        return await self._runner.write(
-            lambda conn: self._payouts(conn).complete(withdrawal_id), single=True
-        )
-
-    async def fail_withdrawal(self, withdrawal_id: uuid.UUID | str, error: str) -> Withdrawal:
-        """Mark a pending withdrawal failed and give its amount back to the balance."""
-        return await self._runner.write(lambda conn: self._payouts(conn).fail(withdrawal_id, error))
-
-    async def retry_withdrawal(self, withdrawal_id: uuid.UUID | str) -> Withdrawal:
-        """Take the amount of a failed withdrawal again and make it pending once more."""
-        return await self._runner.write(lambda conn: self._payouts(conn).retry(withdrawal_id))
 
     async def verify(self) -> LedgerReport:
         """Recompute every key from the ledger and the active holds; lists each mismatch."""

@@ -1,0 +1,184 @@
+"""Withdrawals: payouts out of a key's balance, their eCash token stored encrypted."""
+
+from __future__ import annotations
+
+import builtins
+import datetime as dt
+import uuid
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy.engine import Connection
+
+from llmstore._core.errors import ConflictError, NotFoundError
+from llmstore._core.ids import new_id, utcnow
+from llmstore._core.secrets import SecretBox
+from llmstore._core.validate import (
+    check_choice,
+    check_http_url,
+    check_id,
+    check_limit,
+    check_secret,
+    check_text,
+)
+from llmstore._db.operations import Repository, reads, writes
+from llmstore._db.runner import Runner
+from llmstore._db.schema import withdrawals
+
+from .ledger import Ledger, Movement, check_amount
+
+WithdrawalStatus = Literal["pending", "completed", "failed"]
+STATUSES: tuple[WithdrawalStatus, ...] = ("pending", "completed", "failed")
+W = withdrawals
+_WITHDRAWAL_COLUMNS = tuple(column for column in W.c if column.name != "token_encrypted")
+
+
+class Withdrawal(BaseModel):
+    """A payout; its eCash token is stored encrypted and only read by ``reveal``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: uuid.UUID
+    api_key_id: uuid.UUID
+    amount: int
+    mint_url: str
+    status: WithdrawalStatus
+    created_at: dt.datetime
+    completed_at: dt.datetime | None
+    error_message: str | None
+    retry_count: int
+
+
+def _withdrawal(row: Any) -> Withdrawal:
+    return Withdrawal.model_validate(dict(row._mapping))
+
+
+class Withdrawals(Repository):
+    """The withdrawal operations of ``store.api_keys``: payouts out of a key's balance.
+
+    A withdrawal debits the balance at once and waits, pending, for the payout; a failed
+    payout refunds it, and a retry debits it again.
+    """
+
+    def __init__(self, runner: Runner, secrets: SecretBox) -> None:
+        super().__init__(runner)
+        self._secrets = secrets
+
+    @writes()
+    def withdraw(
+        self, conn: Connection, key_id: uuid.UUID | str, amount: int, token: str, mint_url: str
+    ) -> Withdrawal:
+        """Debit at once and record a pending withdrawal; the token is stored encrypted."""
+        key = check_id(key_id, "API key id")
+        checked = check_amount(amount)
+        encrypted = self._secrets.encrypt(check_secret(token, "token", max_length=100_000))
+        url = check_http_url(mint_url, "mint_url")
+        withdrawal_id = new_id()
+        now = utcnow()
+        Ledger(conn).apply(Movement(key, "withdrawal", checked, withdrawal_id=withdrawal_id), now)
+        row = conn.execute(
+            W.insert().returning(*_WITHDRAWAL_COLUMNS),
+            {
+                "id": withdrawal_id,
+                "api_key_id": key,
+                "amount": checked,
+                "token_encrypted": encrypted,
+                "mint_url": url,
+                "status": "pending",
+                "created_at": now,
+                "completed_at": None,
+                "error_message": None,
+                "retry_count": 0,
+            },
+        ).one()
+        return _withdrawal(row)
+
+    @reads()
+    def get_withdrawal(self, conn: Connection, withdrawal_id: uuid.UUID | str) -> Withdrawal:
+        """The withdrawal with this id (never its token); NotFoundError if there is none."""
+        key = check_id(withdrawal_id, "withdrawal id")
+        row = conn.execute(sa.select(*_WITHDRAWAL_COLUMNS).where(W.c.id == key)).first()
+        if row is None:
+            raise NotFoundError(f"no withdrawal with id {key}")
+        return _withdrawal(row)
+
+    @reads()
+    def list_withdrawals(
+        self,
+        conn: Connection,
+        key_id: uuid.UUID | str | None = None,
+        status: str | None = None,
+        limit: int = 100,
+        after: uuid.UUID | str | None = None,
+    ) -> builtins.list[Withdrawal]:
+        """Withdrawals in creation order, optionally of one key and one status."""
+        statement = sa.select(*_WITHDRAWAL_COLUMNS).order_by(W.c.id).limit(check_limit(limit))
+        if key_id is not None:
+            statement = statement.where(W.c.api_key_id == check_id(key_id, "API key id"))
+        if status is not None:
+            statement = statement.where(W.c.status == check_choice(status, "status", STATUSES))
+        if after is not None:
+            statement = statement.where(W.c.id > check_id(after, "after"))
+        return [_withdrawal(row) for row in conn.execute(statement)]
+
+    @reads()
+    def reveal_withdrawal_token(self, conn: Connection, withdrawal_id: uuid.UUID | str) -> str:
+        """The decrypted token of a withdrawal, for paying it out."""
+        key = check_id(withdrawal_id, "withdrawal id")
+        stored = conn.execute(sa.select(W.c.token_encrypted).where(W.c.id == key)).scalar()
+        if stored is None:
+            raise NotFoundError(f"no withdrawal with id {key}")
+        return self._secrets.decrypt(stored)
+
+    @writes(single=True)
+    def complete_withdrawal(self, conn: Connection, withdrawal_id: uuid.UUID | str) -> Withdrawal:
+        """Mark a pending withdrawal paid out."""
+        key = check_id(withdrawal_id, "withdrawal id")
+        return self._move(conn, key, "pending", status="completed", completed_at=utcnow())
+
+    @writes()
+    def fail_withdrawal(
+        self, conn: Connection, withdrawal_id: uuid.UUID | str, error: str
+    ) -> Withdrawal:
+        """Mark it failed, count the attempt, and refund the amount with a ledger entry."""
+        key = check_id(withdrawal_id, "withdrawal id")
+        message = check_text(error, "error", max_length=2000)
+        failed = self._move(
+            conn,
+            key,
+            "pending",
+            status="failed",
+            error_message=message,
+            retry_count=W.c.retry_count + 1,
+        )
+        Ledger(conn).apply(
+            Movement(failed.api_key_id, "withdrawal_refund", failed.amount, withdrawal_id=key),
+            utcnow(),
+        )
+        return failed
+
+    @writes()
+    def retry_withdrawal(self, conn: Connection, withdrawal_id: uuid.UUID | str) -> Withdrawal:
+        """Debit again and return it to pending (``InsufficientBalanceError`` if spent)."""
+        key = check_id(withdrawal_id, "withdrawal id")
+        pending = self._move(conn, key, "failed", status="pending")
+        Ledger(conn).apply(
+            Movement(pending.api_key_id, "withdrawal", pending.amount, withdrawal_id=key),
+            utcnow(),
+        )
+        return pending
+
+    def _move(self, conn: Connection, key: uuid.UUID, current: str, **values: Any) -> Withdrawal:
+        row = conn.execute(
+            W.update()
+            .where(W.c.id == key, W.c.status == current)
+            .values(**values)
+            .returning(*_WITHDRAWAL_COLUMNS)
+        ).first()
+        if row is None:
+            status = conn.execute(sa.select(W.c.status).where(W.c.id == key)).scalar()
+            if status is None:
+                raise NotFoundError(f"no withdrawal with id {key}")
+            raise ConflictError(f"withdrawal {key} is {status}; this needs it {current}")
+        return _withdrawal(row)
