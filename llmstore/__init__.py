@@ -7,9 +7,15 @@ from ._access.audit import Audit, AuditEvent, AuditVerification, Outcome
 from ._access.projects import Project, Projects
 from ._access.providers import ProviderCredential, Providers
 from ._access.tokens import IssuedToken, Token, Tokens
-from ._billing.holds import Reservation
-from ._billing.keys import ApiKey, ApiKeys, IssuedApiKey, LedgerMismatch, LedgerReport
-from ._billing.ledger import LedgerEntry
+from ._billing.keys import ApiKeys
+from ._billing.records import (
+    ApiKey,
+    IssuedApiKey,
+    LedgerEntry,
+    LedgerMismatch,
+    LedgerReport,
+    Reservation,
+)
 from ._billing.withdrawals import Withdrawal
 from ._core.config import StoreConfig
 from ._core.errors import (

@@ -3,26 +3,17 @@ and on Postgres (a fresh schema per test)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from llmstore import Store, StoreConfig, generate_key
-from llmstore.pytest_plugin import drop_schema, fresh_schema_name, postgres_test_url
+from llmstore.pytest_plugin import drop_schema, fresh_schema_name
+from tests.helpers import require_postgres
 
 DRIVERS = ["sqlite-file", "sqlite-memory", "postgres"]
 DATABASE_DRIVERS = ["sqlite-file", "postgres"]
-
-
-def require_postgres() -> str:
-    url = postgres_test_url()
-    if url is None:
-        if os.environ.get("CI"):
-            pytest.fail("LLMSTORE_TEST_POSTGRES_URL must be set in CI: Postgres tests never skip")
-        pytest.skip("LLMSTORE_TEST_POSTGRES_URL is not set")
-    return url
 
 
 @pytest.fixture(autouse=True)
@@ -48,6 +39,15 @@ async def db_config(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
         await drop_schema(url, schema)
     else:
         yield StoreConfig.from_url(f"sqlite:///{tmp_path / 'llmstore.db'}", encryption_keys=key)
+
+
+@pytest.fixture
+def schema_env(db_config: StoreConfig, monkeypatch: pytest.MonkeyPatch) -> StoreConfig:
+    """``db_config``, with its Postgres schema (if any) in ``DATABASE_SCHEMA``, as the
+    command line reads it."""
+    if db_config.schema_name:
+        monkeypatch.setenv("DATABASE_SCHEMA", db_config.schema_name)
+    return db_config
 
 
 @pytest.fixture(params=[_param(name) for name in DRIVERS])

@@ -8,11 +8,18 @@ import json
 import multiprocessing
 import threading
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from llmstore import Store, StoreConfig
 
 READY_TIMEOUT = 120.0
+T = TypeVar("T")
+
+
+def failure(exc: BaseException, what: str | None = None) -> str:
+    """How a worker reports an exception it caught (it never lets one escape)."""
+    described = f"{type(exc).__name__}: {exc}"
+    return described if what is None else f"{what}: {described}"
 
 
 def config_json(config: StoreConfig) -> str:
@@ -27,8 +34,8 @@ def config_json(config: StoreConfig) -> str:
 
 
 async def open_and_wait(
-    config_json: str, ready: Any, start: Any, work: Callable[[Store], Awaitable[Any]]
-) -> Any:
+    config_json: str, ready: Any, start: Any, work: Callable[[Store], Awaitable[T]]
+) -> T:
     """Open a store, wait for every worker (and the parent), start on the event, work."""
     async with Store(StoreConfig.model_validate_json(config_json)) as store:
         ready.wait(READY_TIMEOUT)

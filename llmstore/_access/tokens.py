@@ -19,7 +19,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.engine import Connection
 
 from llmstore._core.errors import (
-    ConflictError,
     NotFoundError,
     TokenRejectedError,
     TokenRejectionReason,
@@ -43,7 +42,7 @@ from llmstore._core.validate import (
     check_text,
 )
 from llmstore._db.lean import LeanStatement, Row
-from llmstore._db.operations import Repository, reads, writes
+from llmstore._db.operations import Repository, first_or_explain, reads, writes
 from llmstore._db.runner import Runner
 from llmstore._db.schema import UTCDateTime, projects, tokens
 
@@ -51,7 +50,6 @@ from .audit import record_event
 
 TOKEN_PREFIX: Final = "lst_"
 NAME_MAX = 200
-_USE_ATTEMPTS = 5
 
 
 class Token(BaseModel):
@@ -172,6 +170,13 @@ def rejection_reason(
     return None
 
 
+def _explain_refusal(conn: Connection, *, digest: str, cache_hit: bool) -> None:
+    """After the statement used nothing: the rejection raised, or None to try again."""
+    reason = rejection_reason(conn, digest=digest, now=utcnow(), cache_hit=cache_hit)
+    if reason is not None:
+        raise TokenRejectedError(reason)
+
+
 def _optional_expiry(value: object) -> dt.datetime | None:
     return None if value is None else check_aware(value, "expires_at")
 
@@ -255,20 +260,14 @@ class Tokens(Repository):
             raise ValidationError(
                 f"cache_hit must be True or False, not {type(cache_hit).__name__}"
             )
-        statement = _CACHE_HIT if cache_hit else _USE
-        for _ in range(_USE_ATTEMPTS):
-            now = utcnow()
-            row = await self._runner.lean_first(statement, {"digest": digest, "now": now})
-            if row is not None:
-                return _token(row)
-            reason = await self._runner.read(
-                functools.partial(rejection_reason, digest=digest, now=now, cache_hit=cache_hit),
-                single=True,
-            )
-            if reason is not None:
-                raise TokenRejectedError(reason)
-        # Refused, then found usable, repeatedly: it is being changed concurrently.
-        raise ConflictError("the token changed while it was being used; try again")
+        return await first_or_explain(
+            self._runner,
+            _CACHE_HIT if cache_hit else _USE,
+            lambda: {"digest": digest, "now": utcnow()},
+            _token,
+            functools.partial(_explain_refusal, digest=digest, cache_hit=cache_hit),
+            conflict="the token changed while it was being used; try again",
+        )
 
     @reads()
     def get(self, conn: Connection, token_id: uuid.UUID | str) -> Token:

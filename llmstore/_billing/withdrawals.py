@@ -26,7 +26,8 @@ from llmstore._db.operations import Repository, reads, writes
 from llmstore._db.runner import Runner
 from llmstore._db.schema import withdrawals
 
-from .ledger import Ledger, Movement, check_amount
+from . import money
+from .records import Movement, check_amount
 
 WithdrawalStatus = Literal["pending", "completed", "failed"]
 STATUSES: tuple[WithdrawalStatus, ...] = ("pending", "completed", "failed")
@@ -76,7 +77,7 @@ class Withdrawals(Repository):
         url = check_http_url(mint_url, "mint_url")
         withdrawal_id = new_id()
         now = utcnow()
-        Ledger(conn).apply(Movement(key, "withdrawal", checked, withdrawal_id=withdrawal_id), now)
+        money.apply(conn, Movement(key, "withdrawal", checked, withdrawal_id=withdrawal_id), now)
         row = conn.execute(
             W.insert().returning(*_WITHDRAWAL_COLUMNS),
             {
@@ -152,7 +153,8 @@ class Withdrawals(Repository):
             error_message=message,
             retry_count=W.c.retry_count + 1,
         )
-        Ledger(conn).apply(
+        money.apply(
+            conn,
             Movement(failed.api_key_id, "withdrawal_refund", failed.amount, withdrawal_id=key),
             utcnow(),
         )
@@ -163,7 +165,8 @@ class Withdrawals(Repository):
         """Debit again and return it to pending (``InsufficientBalanceError`` if spent)."""
         key = check_id(withdrawal_id, "withdrawal id")
         pending = self._move(conn, key, "failed", status="pending")
-        Ledger(conn).apply(
+        money.apply(
+            conn,
             Movement(pending.api_key_id, "withdrawal", pending.amount, withdrawal_id=key),
             utcnow(),
         )

@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
 from llmstore._access.audit import AuditVerification
-from llmstore._billing.keys import LedgerReport
+from llmstore._billing.records import LedgerReport
 from llmstore._core.config import StoreConfig, ensure_parent
 from llmstore._core.errors import ConfigError, DatabaseUnavailableError, LlmstoreError
 from llmstore._core.secrets import generate_key

@@ -13,25 +13,34 @@ an ``actor``, whose audit event is then written in the same transaction.
 
 Inside another unit, ``Repository.operation.run_in(repository, conn, ...)`` runs the
 body on that unit's connection (one operation composed of others).
+
+A hot write that the runner can send as one statement (``runner.one_statement_writes``)
+goes through :func:`first_or_explain`: the statement, and only when it changed nothing a
+read that says why, tried again while the answer is "it would succeed now".
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Concatenate, Generic, Literal, ParamSpec, TypeVar, overload
 
 from sqlalchemy.engine import Connection
 
+from llmstore._core.errors import ConflictError
+
+from .lean import LeanStatement, Row
 from .runner import Runner
 
-__all__ = ["Operation", "Repository", "Single", "reads", "writes"]
+__all__ = ["Operation", "Repository", "Single", "first_or_explain", "reads", "writes"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
 S = TypeVar("S", bound="Repository")
+T = TypeVar("T")
 Single = bool | Literal["unless_audited"]
+ATTEMPTS = 5
 
 
 class Repository:
@@ -140,3 +149,35 @@ def writes(
         return Operation(body, write=True, single=single, snapshot=False)
 
     return decorate
+
+
+async def first_or_explain(
+    runner: Runner,
+    statement: LeanStatement,
+    params: Callable[[], Mapping[str, Any]],
+    convert: Callable[[Row], T],
+    explain: Callable[[Connection], T | None],
+    *,
+    conflict: str,
+) -> T:
+    """Run a conditional write as one statement; when it writes nothing, ask why.
+
+    ``params()`` is called for each attempt (a fresh time, a fresh id). ``explain`` reads
+    the rows the condition is about and raises the caller's error (unknown, too little
+    money), returns the result found instead (an idempotent replay), or returns None: the
+    condition holds now, a concurrent change came between, and the statement is tried
+    again. After :data:`ATTEMPTS` such rounds it is a ``ConflictError(conflict)``.
+    """
+    for _ in range(ATTEMPTS):
+        try:
+            row = await runner.lean_first(statement, params())
+        except ConflictError:
+            # A unique index refused the INSERT (a racing call's idempotency key): the
+            # statement was undone whole, its balance change with it; explain() finds it.
+            row = None
+        if row is not None:
+            return convert(row)
+        found = await runner.read(explain, single=True)
+        if found is not None:
+            return found
+    raise ConflictError(conflict)

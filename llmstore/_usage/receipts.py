@@ -142,38 +142,38 @@ def _receipt_from_row(row: Any) -> Receipt:
     return Receipt.model_construct(**row._mapping)
 
 
-class ReceiptRepository:
-    """Receipts on one connection; the caller owns the transaction."""
+def receipt_by_id(conn: Connection, receipt_id: uuid.UUID) -> Receipt | None:
+    """The stored receipt with this id, or None."""
+    row = conn.execute(sa.select(*_COLUMNS).where(R.c.id == receipt_id)).first()
+    return None if row is None else _receipt_from_row(row)
 
-    def __init__(self, conn: Connection) -> None:
-        self._conn = conn
 
-    def get(self, receipt_id: uuid.UUID) -> Receipt | None:
-        row = self._conn.execute(sa.select(*_COLUMNS).where(R.c.id == receipt_id)).first()
-        return None if row is None else _receipt_from_row(row)
+def _for_usage(conn: Connection, usage_id: int) -> Receipt | None:
+    row = conn.execute(sa.select(*_COLUMNS).where(R.c.usage_id == usage_id)).first()
+    return None if row is None else _receipt_from_row(row)
 
-    def for_usage(self, usage_id: int) -> Receipt | None:
-        row = self._conn.execute(sa.select(*_COLUMNS).where(R.c.usage_id == usage_id)).first()
-        return None if row is None else _receipt_from_row(row)
 
-    def issue(
-        self, usage_id: int, signer: ReceiptSigner, load: Callable[[int], UsageLog | None]
-    ) -> Receipt:
-        """The row's receipt: the one already issued, or a new one signed and stored."""
-        existing = self.for_usage(usage_id)
-        if existing is not None:
-            return existing
-        log = load(usage_id)
-        if log is None:
-            raise NotFoundError(f"no usage row with id {usage_id}")
-        receipt = signer.receipt(log)
-        if insert_ignoring_conflicts(self._conn, R, receipt.model_dump(), [R.c.usage_id]):
-            return receipt
-        # A concurrent call issued one first; the unique index kept ours out.
-        existing = self.for_usage(usage_id)
-        if existing is None:
-            raise AssertionError(f"the receipt of usage row {usage_id} vanished")
+def issue_receipt(
+    conn: Connection,
+    usage_id: int,
+    signer: ReceiptSigner,
+    load: Callable[[Connection, int], UsageLog | None],
+) -> Receipt:
+    """The row's receipt: the one already issued, or a new one signed and stored."""
+    existing = _for_usage(conn, usage_id)
+    if existing is not None:
         return existing
+    log = load(conn, usage_id)
+    if log is None:
+        raise NotFoundError(f"no usage row with id {usage_id}")
+    receipt = signer.receipt(log)
+    if insert_ignoring_conflicts(conn, R, receipt.model_dump(), [R.c.usage_id]):
+        return receipt
+    # A concurrent call issued one first; the unique index kept ours out.
+    existing = _for_usage(conn, usage_id)
+    if existing is None:
+        raise AssertionError(f"the receipt of usage row {usage_id} vanished")
+    return existing
 
 
 # --- verification: no database, no configuration ------------------------------------------

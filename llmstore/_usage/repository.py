@@ -1,4 +1,4 @@
-"""Usage rows on one connection: bulk insert with request-id checks, get and keyset lists.
+"""Usage rows on one connection: bulk insert with request-id checks, and get.
 
 A batch is written with the driver's bulk path (``_db.bulk``): one ``executemany`` on
 SQLite, ``COPY`` on Postgres, with each new row's id known before the write.
@@ -10,9 +10,6 @@ in the batch) are reported, not written. Two batches racing with the same new
 
 from __future__ import annotations
 
-import builtins
-import datetime as dt
-import uuid
 from collections.abc import Sequence
 
 import sqlalchemy as sa
@@ -28,99 +25,60 @@ from .records import FIELD_OF_COLUMN, RecordResult, UsageLog, UsageRecord, log_f
 U = usage_logs
 # Column name -> record field, for every column written from a record.
 _FIELDS = {column: field for column, field in FIELD_OF_COLUMN.items() if column != "id"}
-_LOG_COLUMNS = tuple(U.c)
+LOG_COLUMNS = tuple(U.c)
 
 
 # Bulk writes by the driver's own path (COPY on Postgres, executemany on SQLite).
 BULK = BulkTable(U, _FIELDS)
 
 
-class UsageRepository:
-    """Usage rows on one connection; the caller owns the transaction."""
+def insert_records(conn: Connection, records: Sequence[UsageRecord]) -> RecordResult:
+    """Write the records whose request id is new; report the others."""
+    if all(record.request_id is None for record in records):
+        return _insert(conn, records, stored=set())
+    # Most batches repeat no stored request id: try them as they are, and look the ids
+    # up only when the unique index says one is taken. (Looking them up first cost
+    # more than the COPY on Postgres, and a tenth of the whole write on SQLite.)
+    try:
+        with conn.begin_nested():
+            return _insert(conn, records, stored=set())
+    except Exception as exc:
+        if not is_unique_violation(exc):
+            raise
+    return _insert(conn, records, stored=_stored_request_ids(conn, records))
 
-    def __init__(self, conn: Connection) -> None:
-        self._conn = conn
 
-    def insert(self, records: Sequence[UsageRecord]) -> RecordResult:
-        """Write the records whose request id is new; report the others."""
-        if all(record.request_id is None for record in records):
-            return self._insert(records, stored=set())
-        # Most batches repeat no stored request id: try them as they are, and look the ids
-        # up only when the unique index says one is taken. (Looking them up first cost
-        # more than the COPY on Postgres, and a tenth of the whole write on SQLite.)
-        try:
-            with self._conn.begin_nested():
-                return self._insert(records, stored=set())
-        except Exception as exc:
-            if not is_unique_violation(exc):
-                raise
-        return self._insert(records, stored=self._stored_request_ids(records))
+def _insert(conn: Connection, records: Sequence[UsageRecord], stored: set[str]) -> RecordResult:
+    seen = set(stored)
+    fresh: list[UsageRecord] = []
+    duplicates: list[str] = []
+    positions: list[int | None] = []
+    for record in records:
+        request_id = record.request_id
+        if request_id is not None and request_id in seen:
+            duplicates.append(request_id)
+            positions.append(None)
+            continue
+        if request_id is not None:
+            seen.add(request_id)
+        positions.append(len(fresh))
+        fresh.append(record)
+    ids = BULK.new_ids(conn, len(fresh))
+    if fresh:
+        BULK.write(conn, fresh, ids)
+    return RecordResult(
+        written=len(fresh),
+        duplicate_request_ids=duplicates,
+        ids=[None if position is None else ids[position] for position in positions],
+    )
 
-    def _insert(self, records: Sequence[UsageRecord], stored: set[str]) -> RecordResult:
-        seen = set(stored)
-        fresh: list[UsageRecord] = []
-        duplicates: list[str] = []
-        positions: list[int | None] = []
-        for record in records:
-            request_id = record.request_id
-            if request_id is not None and request_id in seen:
-                duplicates.append(request_id)
-                positions.append(None)
-                continue
-            if request_id is not None:
-                seen.add(request_id)
-            positions.append(len(fresh))
-            fresh.append(record)
-        ids = BULK.new_ids(self._conn, len(fresh))
-        if fresh:
-            BULK.write(self._conn, fresh, ids)
-        return RecordResult(
-            written=len(fresh),
-            duplicate_request_ids=duplicates,
-            ids=[None if position is None else ids[position] for position in positions],
-        )
 
-    def _stored_request_ids(self, records: Sequence[UsageRecord]) -> set[str]:
-        wanted = sorted({r.request_id for r in records if r.request_id is not None})
-        return values_in(self._conn, U.c.request_id, wanted)
+def _stored_request_ids(conn: Connection, records: Sequence[UsageRecord]) -> set[str]:
+    wanted = sorted({r.request_id for r in records if r.request_id is not None})
+    return values_in(conn, U.c.request_id, wanted)
 
-    def get(self, usage_id: int) -> UsageLog | None:
-        row = self._conn.execute(sa.select(*_LOG_COLUMNS).where(U.c.id == usage_id)).first()
-        return None if row is None else log_from_row(row)
 
-    def list(
-        self,
-        *,
-        api_key_id: uuid.UUID | None,
-        project_id: uuid.UUID | None,
-        model: str | None,
-        success: bool | None,
-        since: dt.datetime | None,
-        until: dt.datetime | None,
-        limit: int,
-        after: int | None,
-    ) -> builtins.list[UsageLog]:
-        """Newest first by (created_at, id); ``after`` is the last id of the previous page."""
-        statement = sa.select(*_LOG_COLUMNS)
-        if api_key_id is not None:
-            statement = statement.where(U.c.api_key_id == api_key_id)
-        if project_id is not None:
-            statement = statement.where(U.c.project_id == project_id)
-        if model is not None:
-            statement = statement.where(U.c.model == model)
-        if success is not None:
-            statement = statement.where(U.c.success == success)
-        if since is not None:
-            statement = statement.where(U.c.created_at >= since)
-        if until is not None:
-            statement = statement.where(U.c.created_at < until)
-        if after is not None:
-            boundary = sa.select(U.c.created_at).where(U.c.id == after).scalar_subquery()
-            statement = statement.where(
-                sa.or_(
-                    U.c.created_at < boundary,
-                    sa.and_(U.c.created_at == boundary, U.c.id < after),
-                )
-            )
-        statement = statement.order_by(U.c.created_at.desc(), U.c.id.desc()).limit(limit)
-        return [log_from_row(row) for row in self._conn.execute(statement)]
+def get_log(conn: Connection, usage_id: int) -> UsageLog | None:
+    """The usage row with this id, or None."""
+    row = conn.execute(sa.select(*LOG_COLUMNS).where(U.c.id == usage_id)).first()
+    return None if row is None else log_from_row(row)

@@ -1,8 +1,8 @@
 """``store.usage``: usage rows, metrics, retention, receipts and the buffered writer.
 
-Rows are checked (``_usage_records``), written in bulk (``_usage_repository``), summed
-(``_usage_metrics``), purged (``_usage_purge``), signed (``_receipts``) and buffered
-(``_usage_writer``) by modules of their own; this one holds the public facade.
+Rows are checked (``records``), written in bulk (``repository``), summed (``metrics``),
+purged (``purge``), signed (``receipts``) and buffered (``writer``) by modules of their
+own; this one holds the public operations.
 """
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
 from llmstore._core.errors import ConflictError, ValidationError
 from llmstore._core.validate import (
     check_aware,
@@ -23,29 +26,28 @@ from llmstore._core.validate import (
     check_optional_bool,
     check_positive_int,
 )
+from llmstore._db.operations import Repository, reads, writes
 from llmstore._db.runner import Runner
+from llmstore._db.schema import usage_logs
 
 from .metrics import UsageMetrics, check_metrics_query, read_metrics
 from .purge import Progress as PurgeProgress
 from .purge import purge_usage
-from .receipts import Receipt, ReceiptRepository, ReceiptSigner
-from .records import RecordResult, UsageLog, UsageRecord, check_records
-from .repository import UsageRepository
+from .receipts import Receipt, ReceiptSigner, issue_receipt, receipt_by_id
+from .records import RecordResult, UsageLog, UsageRecord, check_records, log_from_row
+from .repository import LOG_COLUMNS, get_log, insert_records
 from .writer import UsageWriter
 
+U = usage_logs
 MAX_LIST = 10_000
 _RACE_ATTEMPTS = 3
 
 
-def _optional_aware(value: object, what: str) -> dt.datetime | None:
-    return None if value is None else check_aware(value, what)
-
-
-class Usage:
+class Usage(Repository):
     """``store.usage`` and ``tx.usage``: usage rows, metrics, retention and receipts."""
 
     def __init__(self, runner: Runner, signer: ReceiptSigner) -> None:
-        self._runner = runner
+        super().__init__(runner)
         self._signer = signer
 
     async def record(self, record: UsageRecord) -> RecordResult:
@@ -61,20 +63,22 @@ class Usage:
             return RecordResult(written=0, duplicate_request_ids=[], ids=[])
         for attempt in range(_RACE_ATTEMPTS):
             try:
-                return await self._runner.write(lambda conn: UsageRepository(conn).insert(checked))
+                return await self._runner.write(lambda conn: insert_records(conn, checked))
             except ConflictError:
                 # Another batch wrote one of these request ids first; look again.
                 if attempt == _RACE_ATTEMPTS - 1:
                     raise
         raise AssertionError("unreachable")
 
-    async def get(self, usage_id: int) -> UsageLog | None:
+    @reads()
+    def get(self, conn: Connection, usage_id: int) -> UsageLog | None:
         """The usage row with this id, or None if there is none."""
-        checked = check_positive_int(usage_id, "usage id")
-        return await self._runner.read(lambda conn: UsageRepository(conn).get(checked), single=True)
+        return get_log(conn, check_positive_int(usage_id, "usage id"))
 
-    async def list(
+    @reads()
+    def list(
         self,
+        conn: Connection,
         api_key_id: uuid.UUID | str | None = None,
         project_id: uuid.UUID | str | None = None,
         model: str | None = None,
@@ -84,24 +88,36 @@ class Usage:
         limit: int = 100,
         after: int | None = None,
     ) -> builtins.list[UsageLog]:
-        """Rows newest first; pass the last row's id as ``after`` for the next page."""
-        key = None if api_key_id is None else check_id(api_key_id, "api_key_id")
-        project = None if project_id is None else check_id(project_id, "project_id")
+        """Rows newest first; pass the last row's id as ``after`` for the next page.
+
+        Ordered by (created_at, id); ``since`` is inclusive and ``until`` exclusive.
+        """
+        statement = sa.select(*LOG_COLUMNS)
+        if api_key_id is not None:
+            statement = statement.where(U.c.api_key_id == check_id(api_key_id, "api_key_id"))
+        if project_id is not None:
+            statement = statement.where(U.c.project_id == check_id(project_id, "project_id"))
         if model is not None:
-            model = check_name(model, "model")
-        filters: dict[str, Any] = {
-            "api_key_id": key,
-            "project_id": project,
-            "model": model,
-            "success": check_optional_bool(success, "success"),
-            "since": _optional_aware(since, "since"),
-            "until": _optional_aware(until, "until"),
-            "limit": check_limit(limit, maximum=MAX_LIST),
-            "after": None if after is None else check_positive_int(after, "after"),
-        }
-        return await self._runner.read(
-            lambda conn: UsageRepository(conn).list(**filters), single=True
+            statement = statement.where(U.c.model == check_name(model, "model"))
+        if check_optional_bool(success, "success") is not None:
+            statement = statement.where(U.c.success == success)
+        if since is not None:
+            statement = statement.where(U.c.created_at >= check_aware(since, "since"))
+        if until is not None:
+            statement = statement.where(U.c.created_at < check_aware(until, "until"))
+        if after is not None:
+            last = check_positive_int(after, "after")
+            boundary = sa.select(U.c.created_at).where(U.c.id == last).scalar_subquery()
+            statement = statement.where(
+                sa.or_(
+                    U.c.created_at < boundary,
+                    sa.and_(U.c.created_at == boundary, U.c.id < last),
+                )
+            )
+        statement = statement.order_by(U.c.created_at.desc(), U.c.id.desc()).limit(
+            check_limit(limit, maximum=MAX_LIST)
         )
+        return [log_from_row(row) for row in conn.execute(statement)]
 
     async def metrics(
         self,
@@ -122,6 +138,7 @@ class Usage:
         query = check_metrics_query(
             since=since, until=until, group_by=group_by, bucket=bucket, filters=filters
         )
+        # Checked before the unit: a bad query is refused even by a closed store.
         return await self._runner.read(lambda conn: read_metrics(conn, query), single=True)
 
     async def purge(
@@ -147,7 +164,8 @@ class Usage:
             progress=progress,
         )
 
-    async def issue_receipt(self, usage_id: int) -> Receipt:
+    @writes()
+    def issue_receipt(self, conn: Connection, usage_id: int) -> Receipt:
         """The row's signed receipt: issued and stored now, or the one issued before.
 
         Raises NotFoundError for an unknown row (unless it had a receipt before it was
@@ -155,16 +173,12 @@ class Usage:
         """
         checked = check_positive_int(usage_id, "usage id")
         signer = self._signer.require()
-        return await self._runner.write(
-            lambda conn: ReceiptRepository(conn).issue(checked, signer, UsageRepository(conn).get)
-        )
+        return issue_receipt(conn, checked, signer, get_log)
 
-    async def get_receipt(self, receipt_id: uuid.UUID | str) -> Receipt | None:
+    @reads()
+    def get_receipt(self, conn: Connection, receipt_id: uuid.UUID | str) -> Receipt | None:
         """The stored receipt with that id, or None; needs no signing key."""
-        checked = check_id(receipt_id, "receipt id")
-        return await self._runner.read(
-            lambda conn: ReceiptRepository(conn).get(checked), single=True
-        )
+        return receipt_by_id(conn, check_id(receipt_id, "receipt id"))
 
     def writer(
         self, max_batch: int = 500, flush_interval: float = 0.5, max_pending: int = 10_000

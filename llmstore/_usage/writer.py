@@ -61,7 +61,7 @@ from llmstore._db.dialects import transaction_id, transaction_status
 from llmstore._db.runner import Runner
 
 from .records import MAX_BATCH, RecordResult, UsageRecord
-from .repository import UsageRepository
+from .repository import get_log, insert_records
 
 logger = logging.getLogger("llmstore")
 
@@ -113,7 +113,7 @@ class _Attempt:
 
 def _write(conn: Connection, attempt: _Attempt) -> RecordResult:
     attempt.xid = transaction_id(conn)
-    attempt.result = UsageRepository(conn).insert(attempt.batch)
+    attempt.result = insert_records(conn, attempt.batch)
     return attempt.result  # only COMMIT remains
 
 
@@ -124,7 +124,7 @@ def _stored_by_id(conn: Connection, attempt: _Attempt) -> bool:
         return False  # it failed (rolled back) or never ran, or had nothing new to store
     index, row_id = next((i, rid) for i, rid in enumerate(result.ids) if rid is not None)
     record = attempt.batch[index]
-    row = UsageRepository(conn).get(row_id)
+    row = get_log(conn, row_id)
     return (
         row is not None
         and row.request_id == record.request_id

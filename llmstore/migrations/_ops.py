@@ -3,8 +3,8 @@
 Every revision after the first four begins ``upgrade()`` and ``downgrade()`` with
 :func:`set_lock_timeout`, and indexes a table it did not create itself with
 :func:`create_index_concurrently` (and drops such an index with
-:func:`drop_index_concurrently`); ``tests/test_migration_rules.py`` refuses a revision that
-does otherwise.
+:func:`drop_index_concurrently`); ``tests/migrations/test_migration_rules.py`` refuses a
+revision that does otherwise.
 
 Why: on Postgres, ``ALTER TABLE`` or a plain ``CREATE INDEX`` waits for its lock behind a
 long query, and every query of the proxy then queues behind the migration. With a lock

@@ -150,7 +150,7 @@ def install_head(conn: Connection, schema: str | None) -> None:
 
     Straight from the models (Alembic's cookbook, "building an up to date database from
     scratch"), not through the revisions: revisions 0001-0004 create the unprefixed names
-    (``api_keys``, ...) that a host's own tables may have. ``tests/test_migrations.py``
+    (``api_keys``, ...) that a host's own tables may have. ``tests/migrations/test_migrations.py``
     proves that both ways give the same schema. Postgres: in a transaction of its own,
     after what was read under the lock; the caller commits it.
     """

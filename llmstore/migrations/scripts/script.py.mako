@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 # Rules for tables that may be large: the README's "Writing a revision" (checked by
-# tests/test_migration_rules.py). Index an existing table with create_index_concurrently.
+# tests/migrations/test_migration_rules.py). Index an existing table with create_index_concurrently.
 from llmstore.migrations.ops import set_lock_timeout
 ${imports if imports else ""}
 revision: str = ${repr(up_revision)}

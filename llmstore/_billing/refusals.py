@@ -1,0 +1,116 @@
+"""Why a money statement wrote nothing, read after it: an error, or "try again".
+
+The one-statement forms (``money.py``) write nothing when their condition fails; these
+reads then say whether the key is missing, the money short, a finished hold finished,
+an idempotent call already answered, or the condition holds again (a concurrent change
+came between), which ``first_or_explain`` tries again.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from llmstore._core.errors import (
+    ConflictError,
+    IdempotencyConflictError,
+    InsufficientBalanceError,
+    LlmstoreError,
+    NotFoundError,
+    ValidationError,
+)
+from llmstore._core.validate import MAX_INT64
+
+from .records import CREDITS, ENTRY_COLUMNS, SPENT, K, L, LedgerEntry, Movement, R, entry
+
+_P = sa.bindparam
+_ENTRY_BY_IDEMPOTENCY_KEY = (
+    sa.select(*ENTRY_COLUMNS, L.c.params_digest)
+    .where(L.c.api_key_id == _P("key_id"))
+    .where(L.c.idempotency_key == _P("idempotency_key"))
+)
+
+
+def replay(conn: Connection, move: Movement) -> LedgerEntry | None:
+    """The entry an earlier call with this idempotency key wrote, if any."""
+    if move.idempotency_key is None:
+        return None
+    row = conn.execute(
+        _ENTRY_BY_IDEMPOTENCY_KEY,
+        {"key_id": move.key_id, "idempotency_key": move.idempotency_key},
+    ).first()
+    if row is None:
+        return None
+    if row.params_digest != move.params_digest:
+        raise IdempotencyConflictError(
+            f"idempotency key {move.idempotency_key!r} was already used with other "
+            "parameters for this API key"
+        )
+    return entry(tuple(row)[: len(ENTRY_COLUMNS)])
+
+
+def refusal(conn: Connection, move: Movement) -> LlmstoreError:
+    """Why ``move`` was not applied: no such key, too little money, or an overflow."""
+    row = _account(conn, move.key_id)
+    if row is None:
+        return NotFoundError(f"no API key with id {move.key_id}")
+    if move.kind in CREDITS:
+        return ValidationError(f"a credit of {move.amount} would overflow the balance")
+    available = row.balance - row.reserved
+    if available < move.amount:
+        return InsufficientBalanceError(available=available, requested=move.amount)
+    if move.kind in SPENT and row.total_spent > MAX_INT64 - move.amount:
+        return ValidationError(f"a debit of {move.amount} would overflow total_spent")
+    return ConflictError("the balance changed while the debit was checked; try again")
+
+
+def explain_movement(conn: Connection, move: Movement) -> LedgerEntry | None:
+    """After the one statement wrote nothing: the replayed entry, None to try again, or
+    the refusal raised."""
+    replayed = replay(conn, move)
+    if replayed is not None:
+        return replayed
+    error = refusal(conn, move)
+    if isinstance(error, ConflictError):
+        return None  # the money is there now
+    raise error
+
+
+def _account(conn: Connection, key_id: uuid.UUID) -> Any:
+    return conn.execute(
+        sa.select(K.c.balance, K.c.reserved, K.c.total_spent).where(K.c.id == key_id)
+    ).first()
+
+
+def hold_refusal(conn: Connection, key_id: uuid.UUID, amount: int) -> LlmstoreError:
+    """Why a hold of ``amount`` was not placed: no such key, or too little money."""
+    row = _account(conn, key_id)
+    if row is None:
+        return NotFoundError(f"no API key with id {key_id}")
+    available = row.balance - row.reserved
+    if available < amount:
+        return InsufficientBalanceError(available=available, requested=amount)
+    return ConflictError("the balance changed while the hold was checked; try again")
+
+
+def explain_hold(conn: Connection, key_id: uuid.UUID, amount: int) -> None:
+    """After the one statement held nothing: None to try again, or the refusal raised."""
+    error = hold_refusal(conn, key_id, amount)
+    if not isinstance(error, ConflictError):
+        raise error
+
+
+def not_active(conn: Connection, key: uuid.UUID) -> LlmstoreError:
+    """The error for a hold found missing or finished (a hold never becomes active again)."""
+    status = conn.execute(sa.select(R.c.status).where(R.c.id == key)).scalar()
+    if status is None:
+        return NotFoundError(f"no reservation with id {key}")
+    return ConflictError(f"reservation {key} is {status}, not active")
+
+
+def explain_settle(conn: Connection, key: uuid.UUID) -> None:
+    """After the one statement settled nothing: the hold was missing or finished."""
+    raise not_active(conn, key)
