@@ -49,9 +49,9 @@ from ._core.unset import UNSET, Unset
 from ._store import HealthStatus, Store, Transaction
 from ._usage.metrics import UsageMetrics
 from ._usage.receipts import Receipt, verify_receipt
-from ._usage.records import RecordResult, UsageLog, UsageRecord
+from ._usage.records import RecordResult, UsageLog, UsageRecord, WriterStats
 from ._usage.usage import Usage
-from ._usage.writer import UsageWriter, WriterStats
+from ._usage.writer import UsageWriter
 
 __version__ = "0.1.0.dev0"
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
@@ -28,21 +26,15 @@ from ._core.errors import (
     UnknownRevisionError,
 )
 from ._core.secrets import SecretBox, SecretDigester
-from ._db.engine_runner import AsyncEngineRunner
-from ._db.engines import postgres_engine, sqlite_engine, with_schema
-from ._db.lean import PostgresLane
+from ._db.backends import StoreRunner, open_runner
 from ._db.runner import Runner
-from ._db.sqlite_runner import SQLiteRunner
 from ._db.translate import translated
 from ._ops.rotation import Progress as RotationProgress
 from ._ops.rotation import rotate_keys
 from ._usage.receipts import ReceiptSigner
 from ._usage.usage import Usage
 from .migrations import _commands as _migrations
-
-_MAX_SQLITE_READERS = 8
-# Postgres connections held for the lean path (tokens.use): at most half the pool.
-_MAX_LANE = 4
+from .migrations._template import copy_head_schema
 
 
 class HealthStatus(BaseModel):
@@ -116,7 +108,7 @@ class Store:
         self._digester = SecretDigester(config.token_pepper)
         self._signer = ReceiptSigner(config.receipt_signing_key)
         self._state = _State.NEW
-        self._runner: SQLiteRunner | AsyncEngineRunner | None = None
+        self._runner: StoreRunner | None = None
         self._repositories: _Repositories | None = None
 
     @classmethod
@@ -243,7 +235,12 @@ class Store:
             return
         if self._state is _State.CLOSED:
             raise StoreClosedError("this store was closed; create a new Store to reopen")
-        runner = await self._start_runner()
+        runner = await open_runner(
+            self._config,
+            engine=self._engine,
+            upgrade=self._upgrade if self._auto_upgrade else None,
+            head_schema=_copy_head_schema,
+        )
         try:
             await self._check_revision(runner)
         except BaseException:
@@ -253,50 +250,11 @@ class Store:
         self._repositories = _Repositories(runner, self._secrets, self._digester, self._signer)
         self._state = _State.OPEN
 
-    async def _start_runner(self) -> SQLiteRunner | AsyncEngineRunner:
-        config = self._config
-        if self._engine is not None:
-            engine = with_schema(self._engine, config.schema_name)
-            if self._auto_upgrade:
-                await _upgrade_with(engine, config.schema_name)
-            return AsyncEngineRunner(engine, owned=False)
-        if config.driver == "postgresql":
-            if self._auto_upgrade:
-                await _migrations.upgrade(config)
-            engine = postgres_engine(config)
-            lane_size = min(_MAX_LANE, (config.pool_size + config.max_overflow) // 2)
-            lane = None
-            if lane_size > 0:
-                lane = PostgresLane(
-                    engine,
-                    size=lane_size,
-                    schema=config.schema_name,
-                    max_lifetime=config.conn_max_lifetime,
-                )
-            return AsyncEngineRunner(engine, owned=True, lane=lane)
-        path = config.sqlite_path or ":memory:"
-        if config.is_memory:
-            runner = SQLiteRunner(
-                sqlite_engine(path, busy_timeout=config.busy_timeout),
-                readers=1,
-                shared_reads=True,
-            )
-            await _started(runner, _copy_head_schema)
-            return runner
-        if self._auto_upgrade:
-            await _migrations.upgrade(config)
-        elif not await _exists(path):
-            raise SchemaOutOfDateError(
-                f"no database at {path}: run `python -m llmstore upgrade` to create it"
-            )
-        readers = min(config.pool_size, _MAX_SQLITE_READERS)
-        runner = SQLiteRunner(
-            sqlite_engine(path, busy_timeout=config.busy_timeout, pool_size=readers + 1),
-            readers=readers,
-            shared_reads=False,
-        )
-        await _started(runner, None)
-        return runner
+    async def _upgrade(self, engine: AsyncEngine | None) -> None:
+        if engine is not None:
+            await _upgrade_with(engine, self._config.schema_name)
+        else:
+            await _migrations.upgrade(self._config)
 
     async def _check_revision(self, runner: Runner) -> None:
         schema = self._config.schema_name
@@ -324,7 +282,7 @@ class Store:
         self._runner = None
         self._state = _State.CLOSED
 
-    def _require_open(self) -> SQLiteRunner | AsyncEngineRunner:
+    def _require_open(self) -> StoreRunner:
         if self._runner is None:
             if self._state is _State.NEW:
                 raise StoreClosedError(
@@ -372,22 +330,9 @@ class Store:
             yield Transaction(tx_runner, self._secrets, self._digester, self._signer)
 
 
-async def _started(runner: SQLiteRunner, prepare: Callable[[Connection], None] | None) -> None:
-    try:
-        await runner.start(prepare)
-    except BaseException:
-        await runner.close()  # stops the threads a failed start would otherwise leave
-        raise
-
-
-async def _exists(path: str) -> bool:
-    with translated():  # a name too long for the file system is an OSError
-        return await asyncio.to_thread(Path(path).exists)
-
-
 def _copy_head_schema(conn: Connection) -> None:
     dbapi_connection = conn.connection.dbapi_connection
-    _migrations.copy_head_schema(dbapi_connection)  # type: ignore[arg-type]
+    copy_head_schema(dbapi_connection)  # type: ignore[arg-type]
 
 
 async def _upgrade_with(engine: AsyncEngine, schema: str | None) -> None:

@@ -9,383 +9,32 @@ Exit codes: 0 success; 1 the command failed; 2 bad usage or configuration;
 from __future__ import annotations
 
 import argparse
-import asyncio
-import datetime as dt
 import logging
-import os
-import re
 import sys
 import traceback
 from collections.abc import Callable, Sequence
 
-import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from sqlalchemy.ext.asyncio import create_async_engine
-from sqlalchemy.pool import NullPool
-
-from llmstore._access.audit import AuditVerification
-from llmstore._billing.records import LedgerReport
-from llmstore._core.config import StoreConfig, ensure_parent
 from llmstore._core.errors import ConfigError, DatabaseUnavailableError, LlmstoreError
-from llmstore._core.secrets import generate_key
-from llmstore._core.signing import generate_signing_key
-from llmstore._core.validate import MAX_BATCH_SIZE
-from llmstore._db.engines import sqlite_engine
-from llmstore._db.schema import metadata
-from llmstore._db.translate import translated
-from llmstore._ops.backup import backup_database
-from llmstore._ops.restore import restore_database
-from llmstore._store import Store
-from llmstore._usage.purge import check_cutoff
-from llmstore._usage.receipts import configured_public_key
-from llmstore.migrations import _commands as _migrations
 
-from .progress import CopyProgress, PurgeProgress, StagedProgress
+from . import commands
+from .commands import (
+    EXIT_DRIFT,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_TAMPERED,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+)
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_DRIFT = 3
-EXIT_UNREACHABLE = 4
-EXIT_TAMPERED = 5
-
-
-def _config(args: argparse.Namespace) -> StoreConfig:
-    overrides = {"url": args.url} if args.url else {}
-    return StoreConfig.from_env(env=args.env, **overrides)
-
-
-def _upgrade(args: argparse.Namespace) -> int:
-    config = _config(args)
-    if args.sql:
-        _offline(config, lambda cfg: command.upgrade(cfg, args.revision, sql=True))
-        return EXIT_OK
-    done = _migrate(config, args, downgrading=False)
-    before = done.before or "empty"
-    verb = "already at" if done.before == done.after else f"upgraded from {before} to"
-    print(f"{config.masked_url}: {verb} {done.after}{_backup_note(done)}")
-    return EXIT_OK
-
-
-def _downgrade(args: argparse.Namespace) -> int:
-    config = _config(args)
-    if args.sql:
-        _offline(config, lambda cfg: command.downgrade(cfg, args.revision, sql=True))
-        return EXIT_OK
-    if config.env == "prod" and not args.yes:
-        raise ConfigError("downgrade in LLMSTORE_ENV=prod needs --yes: it may drop tables and data")
-    done = _migrate(config, args, downgrading=True)
-    print(
-        f"{config.masked_url}: downgraded from {done.before or 'empty'} to "
-        f"{done.after or 'empty'}{_backup_note(done)}"
-    )
-    return EXIT_OK
-
-
-def _migrate(
-    config: StoreConfig, args: argparse.Namespace, *, downgrading: bool
-) -> _migrations.Migration:
-    progress = CopyProgress(sys.stderr, "backing up")
-    try:
-        return asyncio.run(
-            _migrations.migrate(
-                config,
-                args.revision,
-                downgrading=downgrading,
-                backup=not args.no_backup,
-                progress=progress,
-            )
-        )
-    finally:
-        progress.end()
-
-
-def _backup_note(done: _migrations.Migration) -> str:
-    if done.backup is not None:
-        return f" (backup: {done.backup.path})"
-    if done.backup_skipped not in (None, "nothing to do", "the database is empty"):
-        return f" (no backup: {done.backup_skipped})"
-    return ""
-
-
-def _reachable(config: StoreConfig) -> None:
-    """Connect once before a client tool runs: a server that is down or credentials it
-    refuses are then told by llmstore's own errors (exit 4, exit 2), not by the tool."""
-    asyncio.run(_migrations.current(config))
-
-
-def _backup(args: argparse.Namespace) -> int:
-    config = _config(args)
-    _reachable(config)
-    progress = CopyProgress(sys.stderr, "backing up")
-    try:
-        made = backup_database(config, args.out, progress)
-    finally:
-        progress.end()
-    size = f"{made.size / 1e6:,.1f} MB"
-    revision = made.revision or "none"
-    print(f"{config.masked_url}: backed up at revision {revision} to {made.path} ({size})")
-    return EXIT_OK
-
-
-def _restore(args: argparse.Namespace) -> int:
-    config = _config(args)
-    if config.env == "prod" and not args.yes:
-        raise ConfigError("restore in LLMSTORE_ENV=prod needs --yes: it replaces every row")
-    _reachable(config)
-    progress = StagedProgress(sys.stderr)
-    try:
-        done = restore_database(config, args.file, progress=progress)
-    finally:
-        progress.end()
-    previous = done.backup.path if done.backup is not None else "none, it held nothing"
-    head = _migrations.head_revision()
-    after = "" if done.revision == head else f"; behind head {head}: run `upgrade` next"
-    print(
-        f"{config.masked_url}: restored revision {done.revision} from {args.file} "
-        f"(backup of the previous database: {previous}){after}"
-    )
-    return EXIT_OK
-
-
-def _offline(config: StoreConfig, step: Callable[[Config], None]) -> None:
-    step(_migrations.alembic_config(url=config.url.get_secret_value(), schema=config.schema_name))
-
-
-def _current(args: argparse.Namespace) -> int:
-    config = _config(args)
-    revision = asyncio.run(_migrations.current(config))
-    head = _migrations.head_revision()
-    state = "head" if revision == head else f"behind head {head}" if revision else "empty"
-    if revision is not None and not _migrations.is_known(revision):
-        state = "unknown to this version of llmstore"
-    print(f"{revision or 'none'} ({state})")
-    return EXIT_OK
-
-
-def _history(args: argparse.Namespace) -> int:
-    head = _migrations.head_revision()
-    for script in _migrations.scripts().walk_revisions():
-        marker = " (head)" if script.revision == head else ""
-        print(f"{script.down_revision or '<base>'} -> {script.revision}{marker}: {script.doc}")
-    return EXIT_OK
-
-
-def _check(args: argparse.Namespace) -> int:
-    config = _config(args)
-    diffs = asyncio.run(_migrations.check(config))
-    if not diffs:
-        print(f"{config.masked_url}: the schema matches the models")
-        return EXIT_OK
-    for diff in diffs:
-        print(diff.description)
-    print(f"{config.masked_url}: {len(diffs)} difference(s) from the models", file=sys.stderr)
-    return EXIT_DRIFT
-
-
-def _create_db(args: argparse.Namespace) -> int:
-    config = _config(args)
-    if config.driver == "sqlite":
-        path = config.sqlite_path or ":memory:"
-        if config.is_memory:
-            raise ConfigError("create-db needs a file, not sqlite:///:memory:")
-        ensure_parent(path)
-        engine = sqlite_engine(path, busy_timeout=config.busy_timeout, pool_size=0)
-        with translated(), engine.connect():
-            pass
-        engine.dispose()
-        print(f"{config.masked_url}: ready")
-        return EXIT_OK
-    created = asyncio.run(_create_postgres_database(config))
-    print(f"{config.masked_url}: {'created' if created else 'already exists'}")
-    return EXIT_OK
-
-
-async def _create_postgres_database(config: StoreConfig) -> bool:
-    url = sa.make_url(config.url.get_secret_value())
-    name = url.database
-    admin = create_async_engine(
-        url.set(database="postgres"), poolclass=NullPool, isolation_level="AUTOCOMMIT"
-    )
-    try:
-        with translated():
-            async with admin.connect() as conn:
-                exists = await conn.scalar(
-                    sa.text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": name}
-                )
-                if exists:
-                    return False
-                quoted = conn.dialect.identifier_preparer.quote(name or "")
-                await conn.exec_driver_sql(f"CREATE DATABASE {quoted}")
-                return True
-    finally:
-        await admin.dispose()
-
-
-def _info(args: argparse.Namespace) -> int:
-    config = _config(args)
-    revision = asyncio.run(_migrations.current(config))
-    print(f"driver: {config.driver}")
-    print(f"url: {config.masked_url}")
-    if config.schema_name:
-        print(f"schema: {config.schema_name}")
-    print(f"revision: {revision or 'none'} (head: {_migrations.head_revision()})")
-    if revision is not None:
-        for table, count in asyncio.run(_row_counts(config)):
-            print(f"rows in {table}: {count}")
-    return EXIT_OK
-
-
-async def _row_counts(config: StoreConfig) -> list[tuple[str, int]]:
-    def count(conn: sa.Connection) -> list[tuple[str, int]]:
-        existing = set(sa.inspect(conn).get_table_names(schema=config.schema_name))
-        rows = []
-        for table in metadata.sorted_tables:
-            if table.name in existing:
-                target = sa.table(table.name, schema=config.schema_name)
-                total = conn.execute(sa.select(sa.func.count()).select_from(target)).scalar()
-                rows.append((table.name, int(total or 0)))
-        return rows
-
-    return await _migrations.with_migration_connection(config, count, write=False)
-
-
-def _audit_verify(args: argparse.Namespace) -> int:
-    config = _config(args)
-    report = asyncio.run(_verify_audit(config))
-    if report.ok:
-        print(
-            f"{config.masked_url}: audit chain intact, {report.events_checked} event(s) "
-            f"after anchor {report.anchor_seq}"
-        )
-        return EXIT_OK
-    where = f" (event id {report.failed_event_id})" if report.failed_event_id else ""
-    print(
-        f"{config.masked_url}: audit chain broken at event {report.failed_seq}{where}: "
-        f"{report.reason}: {report.message}",
-        file=sys.stderr,
-    )
-    return EXIT_TAMPERED
-
-
-def _verify_ledger(args: argparse.Namespace) -> int:
-    config = _config(args)
-    report = asyncio.run(_ledger_report(config))
-    for mismatch in report.mismatches:
-        print(
-            f"api key {mismatch.api_key_id}: {mismatch.field} is {mismatch.stored}, "
-            f"the ledger says {mismatch.expected}"
-        )
-    if report.ok:
-        print(f"{config.masked_url}: {report.keys_checked} API key(s) agree with the ledger")
-        return EXIT_OK
-    print(
-        f"{config.masked_url}: {len(report.mismatches)} mismatch(es) in "
-        f"{report.keys_checked} API key(s)",
-        file=sys.stderr,
-    )
-    return EXIT_TAMPERED
-
-
-async def _ledger_report(config: StoreConfig) -> LedgerReport:
-    async with Store(config) as store:
-        return await store.api_keys.verify()
-
-
-async def _verify_audit(config: StoreConfig) -> AuditVerification:
-    async with Store(config) as store:
-        return await store.audit.verify()
-
-
-def _generate_key(args: argparse.Namespace) -> int:
-    print(generate_key())
-    return EXIT_OK
-
-
-def _receipts_generate_key(args: argparse.Namespace) -> int:
-    print(generate_signing_key())
-    return EXIT_OK
-
-
-def _receipts_public_key(args: argparse.Namespace) -> int:
-    # Only the environment: the key is not a database setting, so no URL is needed.
-    print(configured_public_key(os.environ))
-    return EXIT_OK
-
-
-_DURATION = re.compile(r"([0-9]+)([mhdw])")
-_DURATION_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-
-
-def _duration(text: str) -> dt.timedelta:
-    match = _DURATION.fullmatch(text.strip())
-    try:
-        if match is None or int(match[1]) == 0:
-            raise ValueError
-        return dt.timedelta(**{_DURATION_UNITS[match[2]]: int(match[1])})
-    except (ValueError, OverflowError):
-        raise argparse.ArgumentTypeError(
-            f"expected a positive duration such as 90d, 12h, 30m or 2w, not {text!r}"
-        ) from None
-
-
-def _batch_size(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= MAX_BATCH_SIZE:
-        raise argparse.ArgumentTypeError(f"expected an integer from 1 to {MAX_BATCH_SIZE}")
-    return value
-
-
-def _usage_purge(args: argparse.Namespace) -> int:
-    config = _config(args)
-    cutoff = check_cutoff(args.older_than)
-    progress = PurgeProgress(sys.stdout)
-    try:
-        deleted = asyncio.run(_purge(config, cutoff, args.batch_size, args.export, progress))
-    finally:
-        progress.end()
-    exported = f", exported to {args.export}" if args.export else ""
-    print(
-        f"{config.masked_url}: purged {deleted} usage row(s) created before "
-        f"{cutoff:%Y-%m-%dT%H:%M:%SZ}{exported}"
-    )
-    return EXIT_OK
-
-
-async def _purge(
-    config: StoreConfig,
-    cutoff: dt.datetime,
-    batch_size: int,
-    export: str | None,
-    progress: PurgeProgress,
-) -> int:
-    async with Store(config) as store:
-        return await store.usage.purge(
-            cutoff, batch_size=batch_size, export_to=export, progress=progress
-        )
-
-
-def _rotate_keys(args: argparse.Namespace) -> int:
-    config = _config(args)
-    progress = CopyProgress(sys.stderr, "re-encrypting")
-    try:
-        changed = asyncio.run(_rotate(config, args.batch_size, progress))
-    finally:
-        progress.end()
-    print(
-        f"{config.masked_url}: re-encrypted {changed} value(s) under the first key of "
-        "LLMSTORE_ENCRYPTION_KEYS"
-    )
-    return EXIT_OK
-
-
-async def _rotate(config: StoreConfig, batch_size: int, progress: CopyProgress) -> int:
-    async with Store(config) as store:
-        return await store.rotate_keys(batch_size=batch_size, progress=progress)
+__all__ = [
+    "EXIT_DRIFT",
+    "EXIT_FAILED",
+    "EXIT_OK",
+    "EXIT_TAMPERED",
+    "EXIT_UNREACHABLE",
+    "EXIT_USAGE",
+    "main",
+]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -403,26 +52,26 @@ def _parser() -> argparse.ArgumentParser:
         "3 schema differs from the models (check), 4 database unreachable, "
         "5 audit chain broken (audit verify) or balances disagree with the ledger (verify)",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(
         name: str, handler: Callable[[argparse.Namespace], int], text: str
     ) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, parents=[common], help=text, description=text)
+        sub = subcommands.add_parser(name, parents=[common], help=text, description=text)
         sub.set_defaults(handler=handler)
         return sub
 
-    sub = add("upgrade", _upgrade, "upgrade the schema (default: to head)")
+    sub = add("upgrade", commands.upgrade, "upgrade the schema (default: to head)")
     sub.add_argument("revision", nargs="?", default="head")
     sub.add_argument("--sql", action="store_true", help="print the SQL instead of running it")
     no_backup = "do not back the database up first (by default it is, once there is work to do)"
     sub.add_argument("--no-backup", action="store_true", help=no_backup)
-    sub = add("downgrade", _downgrade, "downgrade the schema to REVISION (base: empty)")
+    sub = add("downgrade", commands.downgrade, "downgrade the schema to REVISION (base: empty)")
     sub.add_argument("revision")
     sub.add_argument("--sql", action="store_true", help="print the SQL (REVISION as FROM:TO)")
     sub.add_argument("--no-backup", action="store_true", help=no_backup)
     sub.add_argument("--yes", action="store_true", help="confirm a downgrade in LLMSTORE_ENV=prod")
-    sub = add("backup", _backup, "back the database up (SQLite backup API, or pg_dump)")
+    sub = add("backup", commands.backup, "back the database up (SQLite backup API, or pg_dump)")
     sub.add_argument(
         "--out",
         metavar="PATH",
@@ -431,42 +80,54 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = add(
         "restore",
-        _restore,
+        commands.restore,
         "replace the database's contents with a backup, after backing the database up",
     )
     sub.add_argument("file", metavar="FILE", help="a backup made by `backup`, upgrade or downgrade")
     sub.add_argument("--yes", action="store_true", help="confirm a restore in LLMSTORE_ENV=prod")
-    add("current", _current, "print the database's schema revision")
-    add("history", _history, "list the schema revisions this llmstore knows")
-    add("check", _check, "compare the database schema with the models (exit 3 if they differ)")
-    add("create-db", _create_db, "create the database (Postgres) or file (SQLite) if missing")
-    add("info", _info, "print driver, URL (password masked), revision and row counts")
-    add("generate-key", _generate_key, "print a new key for LLMSTORE_ENCRYPTION_KEYS")
+    add("current", commands.current, "print the database's schema revision")
+    add("history", commands.history, "list the schema revisions this llmstore knows")
+    add(
+        "check",
+        commands.check,
+        "compare the database schema with the models (exit 3 if they differ)",
+    )
+    add(
+        "create-db",
+        commands.create_db,
+        "create the database (Postgres) or file (SQLite) if missing",
+    )
+    add("info", commands.info, "print driver, URL (password masked), revision and row counts")
+    add(
+        "generate-key",
+        commands.generate_encryption_key,
+        "print a new key for LLMSTORE_ENCRYPTION_KEYS",
+    )
     sub = add(
         "rotate-keys",
-        _rotate_keys,
+        commands.rotate_keys,
         "re-encrypt every stored secret under the first key of LLMSTORE_ENCRYPTION_KEYS",
     )
     sub.add_argument(
         "--batch-size",
-        type=_batch_size,
+        type=commands.batch_size,
         default=500,
         metavar="N",
         help="values per transaction (default: 500)",
     )
     add(
         "verify",
-        _verify_ledger,
+        commands.verify_ledger,
         "check every API key against the ledger and its holds (exit 5 on any mismatch)",
     )
-    audit = commands.add_parser(
+    audit = subcommands.add_parser(
         "audit", help="audit log commands", description="audit log commands"
     )
     audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
     text = "recompute the audit hash chain (exit 5 if an event was altered or removed)"
     verify = audit_commands.add_parser("verify", parents=[common], help=text, description=text)
-    verify.set_defaults(handler=_audit_verify)
-    receipts = commands.add_parser(
+    verify.set_defaults(handler=commands.audit_verify)
+    receipts = subcommands.add_parser(
         "receipts", help="usage receipt keys", description="usage receipt keys"
     )
     receipt_commands = receipts.add_subparsers(
@@ -475,14 +136,14 @@ def _parser() -> argparse.ArgumentParser:
     # Neither command touches the database: no --url, --env or --verbose.
     text = "print a new Ed25519 private key for LLMSTORE_RECEIPT_SIGNING_KEY"
     sub = receipt_commands.add_parser("generate-key", help=text, description=text)
-    sub.set_defaults(handler=_receipts_generate_key, verbose=False)
+    sub.set_defaults(handler=commands.receipts_generate_key, verbose=False)
     text = (
         "print the public key of LLMSTORE_RECEIPT_SIGNING_KEY, which customers use to "
         "verify receipts (exit 2 if no key is set)"
     )
     sub = receipt_commands.add_parser("public-key", help=text, description=text)
-    sub.set_defaults(handler=_receipts_public_key, verbose=False)
-    usage = commands.add_parser(
+    sub.set_defaults(handler=commands.receipts_public_key, verbose=False)
+    usage = subcommands.add_parser(
         "usage", help="usage log commands", description="usage log commands"
     )
     usage_commands = usage.add_subparsers(dest="usage_command", required=True, metavar="COMMAND")
@@ -490,7 +151,7 @@ def _parser() -> argparse.ArgumentParser:
     purge = usage_commands.add_parser("purge", parents=[common], help=text, description=text)
     purge.add_argument(
         "--older-than",
-        type=_duration,
+        type=commands.duration,
         required=True,
         metavar="AGE",
         help="delete rows created more than AGE ago: a number and m, h, d or w (90d, 12h)",
@@ -502,12 +163,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     purge.add_argument(
         "--batch-size",
-        type=_batch_size,
+        type=commands.batch_size,
         default=10_000,
         metavar="N",
         help="rows per transaction (default: 10000)",
     )
-    purge.set_defaults(handler=_usage_purge)
+    purge.set_defaults(handler=commands.usage_purge)
     return parser
 
 

@@ -254,3 +254,27 @@ def check_records(records: object) -> list[UsageRecord]:
                 f"record {index} must be a UsageRecord or a mapping, not {type(record).__name__}"
             )
     return checked
+
+
+class WriterStats(BaseModel):
+    """A snapshot of a usage writer's counters (``writer.stats``).
+
+    * ``pending``: rows put and not yet written (queued, or in the batch being written).
+    * ``written``: rows stored.
+    * ``duplicates``: rows not stored because their ``request_id`` was already stored.
+    * ``retried``: rows settled (stored or duplicate) only after their batch had failed.
+    * ``failed_attempts``: write attempts that failed; each is logged.
+    * ``batches``: batches settled, one transaction each.
+    * ``rejected``: rows the database refused on their own; set aside, and handed back by
+      ``close()`` in UnwrittenUsageError.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    pending: int
+    written: int
+    duplicates: int
+    retried: int
+    failed_attempts: int
+    batches: int
+    rejected: int

@@ -17,37 +17,22 @@ error). Closing drains the queue first. What happens to a batch that fails depen
 * The writer cannot go on (the store was closed, the schema or the configuration is
   wrong): it stops; ``put`` raises WriterClosedError and ``close()`` hands the rows back.
 
-Exactly once, for every row not handed back. A failure before COMMIT leaves nothing
-behind, so retrying is safe. The one
-ambiguous failure is a COMMIT whose reply never arrives (the connection dropped): the rows
-may be stored, and a retry would store rows without a ``request_id`` twice. On Postgres the
-transaction notes its own id (``txid_current()``) and the writer asks ``txid_status()``
-before retrying. SQLite commits in-process, so an error there means nothing was stored.
-If the event loop cancels the writer's own tasks mid-write (a writer never closed, torn
-down by ``asyncio.run``), the batch is settled the same way; on SQLite by looking for its
-first row, from the writer thread, which runs after the interrupted write.
+Exactly once, for every row not handed back: how an attempt whose COMMIT may have been
+lost is settled is told in ``attempts.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import enum
-import functools
 import logging
-import random
 import time
 from collections import deque
-from dataclasses import dataclass
+from functools import partial
 from types import TracebackType
-from typing import Any, Self
-
-from pydantic import BaseModel, ConfigDict
-from sqlalchemy.engine import Connection
+from typing import Self
 
 from llmstore._core.errors import (
-    ConflictError,
-    DatabaseError,
     DatabaseUnavailableError,
     LlmstoreError,
     StoreClosedError,
@@ -57,95 +42,18 @@ from llmstore._core.errors import (
     WriterClosedError,
 )
 from llmstore._core.validate import MAX_INT64, check_int, check_seconds
-from llmstore._db.dialects import transaction_id, transaction_status
 from llmstore._db.runner import Runner
 
-from .records import MAX_BATCH, RecordResult, UsageRecord
-from .repository import get_log, insert_records
+from .attempts import Attempt, Failure, backoff, classify, settle, spawn, why_held, write_batch
+from .records import MAX_BATCH, RecordResult, UsageRecord, WriterStats
 
 logger = logging.getLogger("llmstore")
-
-_BACKOFF_FIRST = 0.05
-_BACKOFF_MAX = 5.0
-_TASK_NAME = "llmstore usage writer"
-# The writer's tasks, so that a writer nobody references still finishes its work.
-_RUNNING: set[asyncio.Task[Any]] = set()
-
-
-class WriterStats(BaseModel):
-    """A snapshot of a usage writer's counters (``writer.stats``).
-
-    * ``pending``: rows put and not yet written (queued, or in the batch being written).
-    * ``written``: rows stored.
-    * ``duplicates``: rows not stored because their ``request_id`` was already stored.
-    * ``retried``: rows settled (stored or duplicate) only after their batch had failed.
-    * ``failed_attempts``: write attempts that failed; each is logged.
-    * ``batches``: batches settled, one transaction each.
-    * ``rejected``: rows the database refused on their own; set aside, and handed back by
-      ``close()`` in UnwrittenUsageError.
-    """
-
-    model_config = ConfigDict(frozen=True)
-
-    pending: int
-    written: int
-    duplicates: int
-    retried: int
-    failed_attempts: int
-    batches: int
-    rejected: int
 
 
 class _State(enum.Enum):
     OPEN = "open"
     CLOSING = "closing"  # takes no new rows; drains what it holds
     DONE = "done"  # drained, or stopped with rows that close() hands over
-
-
-@dataclass
-class _Attempt:
-    """How far one write got, as seen from inside its transaction."""
-
-    batch: list[UsageRecord]
-    xid: int | None = None  # Postgres: the transaction's id, for txid_status()
-    result: RecordResult | None = None  # set once only COMMIT remains
-
-
-def _write(conn: Connection, attempt: _Attempt) -> RecordResult:
-    attempt.xid = transaction_id(conn)
-    attempt.result = insert_records(conn, attempt.batch)
-    return attempt.result  # only COMMIT remains
-
-
-def _stored_by_id(conn: Connection, attempt: _Attempt) -> bool:
-    """SQLite, after an interrupted write: is its batch stored? Runs after that write."""
-    result = attempt.result
-    if result is None or not result.written:
-        return False  # it failed (rolled back) or never ran, or had nothing new to store
-    index, row_id = next((i, rid) for i, rid in enumerate(result.ids) if rid is not None)
-    record = attempt.batch[index]
-    row = get_log(conn, row_id)
-    return (
-        row is not None
-        and row.request_id == record.request_id
-        and row.created_at == record.created_at
-    )
-
-
-class _Failure(enum.Enum):
-    TRANSIENT = "transient"  # retry the same batch after a backoff
-    REFUSED = "refused"  # the rows themselves: split the batch to find them
-    FATAL = "fatal"  # stop the writer
-
-
-def _classify(exc: BaseException) -> _Failure:
-    if isinstance(exc, ValidationError) or not isinstance(exc, LlmstoreError):
-        # A constraint or trigger refused a row, or the driver could not encode one (a
-        # record made with model_construct): other rows of the batch may well be fine.
-        return _Failure.REFUSED
-    if isinstance(exc, DatabaseError | ConflictError):
-        return _Failure.TRANSIENT  # ConflictError: a racing batch took a request id first
-    return _Failure.FATAL  # the store closed; a wrong schema, configuration or usage
 
 
 class UsageWriter:
@@ -193,7 +101,7 @@ class UsageWriter:
         self._stop = asyncio.Event()  # close's timeout passed, or the store is gone
         self._flusher: asyncio.Task[None] | None = None
         self._inflight: asyncio.Task[bool] | None = None  # the write in progress
-        self._unsettled: _Attempt | None = None  # a write whose outcome is not known yet
+        self._unsettled: Attempt | None = None  # a write whose outcome is not known yet
         self._last_error: BaseException | None = None
         self._fatal: BaseException | None = None  # why the writer stopped, if it did
         self._handed_over = False  # close() has raised UnwrittenUsageError once
@@ -296,16 +204,7 @@ class UsageWriter:
 
     def _start(self) -> None:
         if self._flusher is None:
-            self._flusher = self._spawn(self._run())
-
-    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
-        # A fresh context: the writer's work belongs to no request or transaction.
-        task = asyncio.get_running_loop().create_task(
-            coro, name=_TASK_NAME, context=contextvars.Context()
-        )
-        _RUNNING.add(task)
-        task.add_done_callback(_RUNNING.discard)
-        return task
+            self._flusher = spawn(self._run())
 
     def _closed_message(self) -> str:
         if self._fatal is not None:
@@ -384,7 +283,7 @@ class UsageWriter:
             if inflight is None:
                 if not self._batch and not await self._next_batch():
                     return
-                inflight = self._inflight = self._spawn(self._attempt())
+                inflight = self._inflight = spawn(self._attempt())
             try:
                 # Shielded: cancelling the flusher must not leave a write's outcome unknown.
                 ok = await asyncio.shield(inflight)
@@ -397,7 +296,7 @@ class UsageWriter:
                 raise
             self._inflight = None
             if not ok:
-                await self._sleep(self._delay(), wake=False)
+                await self._sleep(backoff(self._streak), wake=False)
 
     async def _next_batch(self) -> bool:
         """Move the next batch from the queue; False when no more rows will come."""
@@ -435,10 +334,6 @@ class UsageWriter:
             for waiting in waits:
                 waiting.cancel()
 
-    def _delay(self) -> float:
-        ceiling = min(_BACKOFF_MAX, _BACKOFF_FIRST * 2.0 ** min(self._streak - 1, 16))
-        return ceiling * random.uniform(0.5, 1.0)
-
     # --- one attempt ---------------------------------------------------------------------
 
     async def _attempt(self) -> bool:
@@ -447,16 +342,16 @@ class UsageWriter:
         Returns False when the next attempt should wait (a backoff), True otherwise.
         Runs as its own task, so that a cancelled flusher can wait for its outcome.
         """
-        attempt = _Attempt(self._batch)
+        attempt = Attempt(self._batch)
         try:
             if self._unsettled is not None:
                 previous = self._unsettled
-                if await self._settle(previous):
+                if await settle(self._runner, previous):
                     assert previous.result is not None
                     self._settled(previous.result)
                     return True
                 self._unsettled = None
-            result = await self._runner.write(functools.partial(_write, attempt=attempt))
+            result = await self._runner.write(partial(write_batch, attempt=attempt))
         except asyncio.CancelledError:
             # On SQLite the interrupted write may still run in the writer thread; on
             # Postgres it may have reached COMMIT. Settle it before writing again.
@@ -467,30 +362,14 @@ class UsageWriter:
             done = attempt.result
             if self._commit_status and done is not None and done.written:
                 self._unsettled = attempt  # COMMIT was sent; did it happen?
-            failure = _classify(exc)
-            if failure is _Failure.REFUSED and self._unsettled is not None:
-                failure = _Failure.TRANSIENT  # the rows were taken; only COMMIT failed
+            failure = classify(exc)
+            if failure is Failure.REFUSED and self._unsettled is not None:
+                failure = Failure.TRANSIENT  # the rows were taken; only COMMIT failed
             self._failed(exc, failure)
-            return failure is not _Failure.TRANSIENT  # only then back off
+            return failure is not Failure.TRANSIENT  # only then back off
 
         self._settled(result)
         return True
-
-    async def _settle(self, attempt: _Attempt) -> bool:
-        """Whether an ambiguous write was committed; raises if that cannot be told yet."""
-        if not self._commit_status:
-            return await self._runner.write(
-                functools.partial(_stored_by_id, attempt=attempt), single=True
-            )
-        if attempt.xid is None:
-            return False
-        xid = attempt.xid
-        status = await self._runner.read(
-            functools.partial(transaction_status, xid=xid), single=True
-        )
-        if status == "in progress":
-            raise DatabaseUnavailableError("an interrupted usage write has not ended yet")
-        return status == "committed"
 
     async def _settle_before_hand_over(self) -> None:
         attempt = self._unsettled
@@ -500,7 +379,7 @@ class UsageWriter:
             if self._fatal is not None:
                 # The store may be gone, or unusable: it cannot be asked.
                 raise DatabaseUnavailableError("the writer stopped")
-            committed = await self._settle(attempt)
+            committed = await settle(self._runner, attempt)
         except LlmstoreError:
             logger.warning(
                 "usage writer: %d rows handed back may already be stored "
@@ -525,7 +404,7 @@ class UsageWriter:
         self._streak = 0
         self._admit_waiting()
 
-    def _failed(self, exc: Exception, failure: _Failure) -> None:
+    def _failed(self, exc: Exception, failure: Failure) -> None:
         self._failed_attempts += 1
         self._batch_failed = True
         self._last_error = exc
@@ -533,7 +412,7 @@ class UsageWriter:
         reason = type(exc).__name__
         if isinstance(exc, LlmstoreError):
             reason = f"{reason}: {exc}"
-        if failure is _Failure.FATAL:
+        if failure is Failure.FATAL:
             self._fatal = exc
             self._stop.set()
             logger.error(
@@ -542,7 +421,7 @@ class UsageWriter:
                 self._pending(),
                 "; close the writer before the store" if isinstance(exc, StoreClosedError) else "",
             )
-        elif failure is _Failure.REFUSED:
+        elif failure is Failure.REFUSED:
             self._split(reason)
         else:
             self._streak += 1
@@ -599,14 +478,7 @@ class UsageWriter:
         if refused:
             reasons.append(f"{len(refused)} refused by the database")
         if held:
-            if isinstance(self._fatal, StoreClosedError):
-                why = "the store was closed"
-            elif self._fatal is not None:
-                why = f"the writer stopped on {type(self._fatal).__name__}"
-            elif self._stop.is_set():
-                why = "close() timed out"
-            else:
-                why = "the writer was stopped"
+            why = why_held(self._fatal, timed_out=self._stop.is_set())
             reasons.append(f"{len(held)} held when {why}")
         records = [*refused, *held]
         raise UnwrittenUsageError(

@@ -656,9 +656,9 @@ async def test_a_refused_row_does_not_hold_up_back_pressure(store: Store) -> Non
 def test_failures_are_told_apart_by_what_a_retry_can_change(
     error: Exception, expected: str
 ) -> None:
-    from llmstore._usage.writer import _classify
+    from llmstore._usage.attempts import classify
 
-    assert _classify(error).value == expected
+    assert classify(error).value == expected
 
 
 # --- Postgres: a COMMIT that fails, and a COMMIT whose reply is lost ------------------------
