@@ -30,11 +30,13 @@ from llmstore._core.validate import (
     check_id,
     check_json_mapping,
     check_limit,
+    check_optional_id,
     check_text,
     describe,
     plain_text,
 )
 from llmstore._db.operations import Repository, reads, writes
+from llmstore._db.queries import found, in_period
 from llmstore._db.schema import audit_chain, audit_events
 
 Outcome = Literal["success", "failure", "denied"]
@@ -135,10 +137,6 @@ def _optional_text(value: object, what: str, max_length: int) -> str | None:
     return None if value is None else check_text(value, what, max_length=max_length)
 
 
-def _optional_id(value: object, what: str) -> uuid.UUID | None:
-    return None if value is None else check_id(value, what)
-
-
 _COLUMNS = (
     audit_events.c.id,
     audit_events.c.seq,
@@ -196,25 +194,18 @@ class Audit(Repository):
         metadata: Mapping[str, Any] | None = None,
     ) -> AuditEvent:
         """Append an event (``outcome``: success, failure or denied) at the chain's head."""
-        return record_event(
-            conn,
-            action,
-            actor,
-            outcome,
-            project_id=project_id,
-            token_id=token_id,
-            request_id=request_id,
-            client_ip=client_ip,
-            metadata=metadata,
+        values = _event_values(
+            action, actor, outcome, project_id, token_id, request_id, client_ip, metadata
         )
+        return _append(conn, values)
 
     @reads()
     def get(self, conn: Connection, event_id: uuid.UUID | str) -> AuditEvent:
         """The event with this id; NotFoundError if there is none."""
         key = check_id(event_id, "event id")
-        row = conn.execute(_SELECT.where(audit_events.c.id == key)).first()
-        if row is None:
-            raise NotFoundError(f"no audit event with id {key}")
+        row = found(
+            conn.execute(_SELECT.where(audit_events.c.id == key)).first(), "audit event", key
+        )
         return _event(row)
 
     @reads(single=False)
@@ -246,10 +237,7 @@ class Audit(Repository):
             )
         if outcome is not None:
             statement = statement.where(audit_events.c.outcome == _check_outcome(outcome))
-        if since is not None:
-            statement = statement.where(audit_events.c.timestamp >= check_aware(since, "since"))
-        if until is not None:
-            statement = statement.where(audit_events.c.timestamp < check_aware(until, "until"))
+        statement = in_period(statement, audit_events.c.timestamp, since, until)
         if after is not None:
             key = check_id(after, "after")
             seq = conn.execute(
@@ -290,24 +278,36 @@ def record_event(
     actor: str,
     outcome: str,
     *,
-    project_id: uuid.UUID | str | None = None,
-    token_id: uuid.UUID | str | None = None,
-    request_id: str | None = None,
-    client_ip: str | None = None,
+    project_id: uuid.UUID | None = None,
+    token_id: uuid.UUID | None = None,
     metadata: Mapping[str, Any] | None = None,
 ) -> AuditEvent:
-    """Append one event to the chain on ``conn`` (inside the caller's unit)."""
-    values: dict[str, Any] = {
+    """Append one event to the chain on ``conn``, inside the unit of the change it audits."""
+    values = _event_values(action, actor, outcome, project_id, token_id, None, None, metadata)
+    return _append(conn, values)
+
+
+def _event_values(
+    action: object,
+    actor: object,
+    outcome: object,
+    project_id: object,
+    token_id: object,
+    request_id: object,
+    client_ip: object,
+    metadata: object,
+) -> dict[str, Any]:
+    """An event's columns, each checked (ValidationError before anything is written)."""
+    return {
         "action": check_text(action, "action", max_length=100),
         "actor": check_text(actor, "actor", max_length=200),
         "outcome": _check_outcome(outcome),
-        "project_id": _optional_id(project_id, "project id"),
-        "token_id": _optional_id(token_id, "token id"),
+        "project_id": check_optional_id(project_id, "project id"),
+        "token_id": check_optional_id(token_id, "token id"),
         "request_id": _optional_text(request_id, "request_id", 200),
         "client_ip": _check_ip(client_ip),
         "event_metadata": check_json_mapping(metadata, "metadata"),
     }
-    return _append(conn, values)
 
 
 def _append(conn: Connection, values: dict[str, Any]) -> AuditEvent:

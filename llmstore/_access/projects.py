@@ -18,12 +18,12 @@ from llmstore._core.unset import UNSET, Unset
 from llmstore._core.validate import (
     check_actor,
     check_id,
-    check_limit,
     check_optional_bool,
     check_secret,
     check_text,
 )
 from llmstore._db.operations import Repository, reads, writes
+from llmstore._db.queries import found, id_page
 from llmstore._db.runner import Runner
 from llmstore._db.schema import UTCDateTime, projects
 
@@ -116,9 +116,7 @@ class Projects(Repository):
     def get(self, conn: Connection, project_id: uuid.UUID | str) -> Project:
         """The project with this id; NotFoundError if there is none."""
         key = check_id(project_id, "project id")
-        row = conn.execute(_BY_ID, {"key": key}).first()
-        if row is None:
-            raise NotFoundError(f"no project with id {key}")
+        row = found(conn.execute(_BY_ID, {"key": key}).first(), "project", key)
         return _record(row)
 
     @reads()
@@ -139,11 +137,8 @@ class Projects(Repository):
         after: uuid.UUID | str | None = None,
     ) -> builtins.list[Project]:
         """Projects in creation order; pass the last id of a page as ``after`` for the next."""
-        statement = _SELECT.order_by(projects.c.id).limit(check_limit(limit))
-        if check_optional_bool(active, "active") is not None:
-            statement = statement.where(projects.c.is_active == active)
-        if after is not None:
-            statement = statement.where(projects.c.id > check_id(after, "after"))
+        equal = [(projects.c.is_active, check_optional_bool(active, "active"))]
+        statement = id_page(_SELECT, projects.c.id, limit=limit, after=after, equal=equal)
         return [_record(row) for row in conn.execute(statement)]
 
     @writes(single="unless_audited")
@@ -207,22 +202,26 @@ class Projects(Repository):
         """Delete the project with its tokens and provider credentials."""
         key = check_id(project_id, "project id")
         actor = check_actor(actor)
-        row = conn.execute(
-            projects.delete().where(projects.c.id == key).returning(*_RETURNED)
-        ).first()
-        if row is None:
-            raise NotFoundError(f"no project with id {key}")
+        row = found(
+            conn.execute(
+                projects.delete().where(projects.c.id == key).returning(*_RETURNED)
+            ).first(),
+            "project",
+            key,
+        )
         _audited(conn, actor, "project.delete", _record(row))
 
     @reads()
     def reveal_api_key(self, conn: Connection, project_id: uuid.UUID | str) -> str | None:
         """The decrypted upstream key, or None when the project has none."""
         key = check_id(project_id, "project id")
-        row = conn.execute(
-            sa.select(projects.c.api_key_encrypted).where(projects.c.id == key)
-        ).first()
-        if row is None:
-            raise NotFoundError(f"no project with id {key}")
+        row = found(
+            conn.execute(
+                sa.select(projects.c.api_key_encrypted).where(projects.c.id == key)
+            ).first(),
+            "project",
+            key,
+        )
         return (
             None if row.api_key_encrypted is None else self._secrets.decrypt(row.api_key_encrypted)
         )
@@ -235,9 +234,11 @@ def _audited(conn: Connection, actor: str | None, action: str, project: Project)
 
 
 def _change(conn: Connection, key: uuid.UUID, **values: Any) -> Project:
-    row = conn.execute(
-        projects.update().where(projects.c.id == key).values(**values).returning(*_RETURNED)
-    ).first()
-    if row is None:
-        raise NotFoundError(f"no project with id {key}")
+    row = found(
+        conn.execute(
+            projects.update().where(projects.c.id == key).values(**values).returning(*_RETURNED)
+        ).first(),
+        "project",
+        key,
+    )
     return _record(row)

@@ -29,13 +29,14 @@ from llmstore._core.validate import (
     check_actor,
     check_http_url,
     check_id,
-    check_limit,
+    check_optional_id,
     check_secret,
     check_text,
     describe,
 )
 from llmstore._db.dialects import lock_until_commit
 from llmstore._db.operations import Repository, reads, writes
+from llmstore._db.queries import found, id_page
 from llmstore._db.runner import Runner
 from llmstore._db.schema import projects, provider_credentials
 
@@ -190,11 +191,10 @@ class Providers(Repository):
         after: uuid.UUID | str | None = None,
     ) -> builtins.list[ProviderCredential]:
         """Credentials in creation order: all of them, or one project's."""
-        statement = _SELECT.order_by(_TABLE.c.id).limit(check_limit(limit))
-        if project_id is not None:
-            statement = statement.where(_TABLE.c.project_id == check_id(project_id, "project id"))
-        if after is not None:
-            statement = statement.where(_TABLE.c.id > check_id(after, "after"))
+        project = check_optional_id(project_id, "project id")
+        statement = id_page(
+            _SELECT, _TABLE.c.id, limit=limit, after=after, equal=[(_TABLE.c.project_id, project)]
+        )
         return [_credential(row) for row in conn.execute(statement)]
 
     @writes(single="unless_audited")
@@ -260,9 +260,11 @@ class Providers(Repository):
         """Delete the credential."""
         key = check_id(credential_id, "credential id")
         actor = check_actor(actor)
-        row = conn.execute(_TABLE.delete().where(_TABLE.c.id == key).returning(*_COLUMNS)).first()
-        if row is None:
-            raise NotFoundError(f"no provider credential with id {key}")
+        row = found(
+            conn.execute(_TABLE.delete().where(_TABLE.c.id == key).returning(*_COLUMNS)).first(),
+            "provider credential",
+            key,
+        )
         self._audited(conn, actor, "provider.delete", _credential(row))
 
     @reads()
@@ -363,17 +365,18 @@ class Providers(Repository):
         conn.execute(statement.values(is_active=False, updated_at=now))
 
     def _row(self, conn: Connection, key: uuid.UUID) -> Any:
-        row = conn.execute(_SELECT.where(_TABLE.c.id == key)).first()
-        if row is None:
-            raise NotFoundError(f"no provider credential with id {key}")
-        return row
+        return found(
+            conn.execute(_SELECT.where(_TABLE.c.id == key)).first(), "provider credential", key
+        )
 
     def _change(self, conn: Connection, key: uuid.UUID, **values: Any) -> ProviderCredential:
-        row = conn.execute(
-            _TABLE.update().where(_TABLE.c.id == key).values(**values).returning(*_COLUMNS)
-        ).first()
-        if row is None:
-            raise NotFoundError(f"no provider credential with id {key}")
+        row = found(
+            conn.execute(
+                _TABLE.update().where(_TABLE.c.id == key).values(**values).returning(*_COLUMNS)
+            ).first(),
+            "provider credential",
+            key,
+        )
         return _credential(row)
 
     def _audited(

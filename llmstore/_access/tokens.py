@@ -36,13 +36,14 @@ from llmstore._core.validate import (
     check_actor,
     check_aware,
     check_id,
-    check_limit,
     check_optional_bool,
+    check_optional_id,
     check_positive_int,
     check_text,
 )
 from llmstore._db.lean import LeanStatement, Row
 from llmstore._db.operations import Repository, first_or_explain, reads, writes
+from llmstore._db.queries import found, id_page
 from llmstore._db.runner import Runner
 from llmstore._db.schema import UTCDateTime, projects, tokens
 
@@ -273,9 +274,7 @@ class Tokens(Repository):
     def get(self, conn: Connection, token_id: uuid.UUID | str) -> Token:
         """The token with this id; NotFoundError if there is none."""
         key = check_id(token_id, "token id")
-        row = conn.execute(_BY_ID, {"key": key}).first()
-        if row is None:
-            raise NotFoundError(f"no token with id {key}")
+        row = found(conn.execute(_BY_ID, {"key": key}).first(), "token", key)
         return _token(tuple(row))
 
     @reads()
@@ -288,13 +287,11 @@ class Tokens(Repository):
         after: uuid.UUID | str | None = None,
     ) -> builtins.list[Token]:
         """Tokens in creation order; pass the last id of a page as ``after`` for the next."""
-        statement = _SELECT.order_by(tokens.c.id).limit(check_limit(limit))
-        if project_id is not None:
-            statement = statement.where(tokens.c.project_id == check_id(project_id, "project id"))
-        if check_optional_bool(active, "active") is not None:
-            statement = statement.where(tokens.c.is_active == active)
-        if after is not None:
-            statement = statement.where(tokens.c.id > check_id(after, "after"))
+        equal = [
+            (tokens.c.project_id, check_optional_id(project_id, "project id")),
+            (tokens.c.is_active, check_optional_bool(active, "active")),
+        ]
+        statement = id_page(_SELECT, tokens.c.id, limit=limit, after=after, equal=equal)
         return [_token(tuple(row)) for row in conn.execute(statement)]
 
     @writes(single="unless_audited")
@@ -354,20 +351,24 @@ class Tokens(Repository):
         """Delete the token; its secret is refused as unknown from now on."""
         key = check_id(token_id, "token id")
         actor = check_actor(actor)
-        row = conn.execute(tokens.delete().where(tokens.c.id == key).returning(*_COLUMNS)).first()
-        if row is None:
-            raise NotFoundError(f"no token with id {key}")
+        row = found(
+            conn.execute(tokens.delete().where(tokens.c.id == key).returning(*_COLUMNS)).first(),
+            "token",
+            key,
+        )
         _audit(conn, actor, "token.delete", _token(tuple(row)))
 
 
 def _change(
     conn: Connection, key: uuid.UUID, actor: str | None, action: str, changes: dict[str, Any]
 ) -> Token:
-    row = conn.execute(
-        tokens.update().where(tokens.c.id == key).values(**changes).returning(*_COLUMNS)
-    ).first()
-    if row is None:
-        raise NotFoundError(f"no token with id {key}")
+    row = found(
+        conn.execute(
+            tokens.update().where(tokens.c.id == key).values(**changes).returning(*_COLUMNS)
+        ).first(),
+        "token",
+        key,
+    )
     token = _token(tuple(row))
     _audit(conn, actor, action, token)
     return token

@@ -15,10 +15,10 @@ from collections import defaultdict
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from llmstore._core.errors import NotFoundError
 from llmstore._core.ids import utcnow
 from llmstore._core.validate import check_id
 from llmstore._db.operations import Repository, first_or_explain, reads, writes
+from llmstore._db.queries import found
 
 from . import money, refusals
 from .records import (
@@ -66,9 +66,11 @@ class Holds(Repository):
     def get_reservation(self, conn: Connection, reservation_id: uuid.UUID | str) -> Reservation:
         """The hold with this id; NotFoundError if there is none."""
         key = check_id(reservation_id, "reservation id")
-        row = conn.execute(sa.select(*RESERVATION_COLUMNS).where(R.c.id == key)).first()
-        if row is None:
-            raise NotFoundError(f"no reservation with id {key}")
+        row = found(
+            conn.execute(sa.select(*RESERVATION_COLUMNS).where(R.c.id == key)).first(),
+            "reservation",
+            key,
+        )
         return reservation(tuple(row))
 
     @writes(single=True)

@@ -24,8 +24,14 @@ from llmstore._core.secrets import (
     check_bearer_secret,
     new_bearer_secret,
 )
-from llmstore._core.validate import check_aware, check_id, check_json_mapping, check_limit
+from llmstore._core.validate import (
+    check_aware,
+    check_id,
+    check_json_mapping,
+    check_optional_id,
+)
 from llmstore._db.operations import reads, writes
+from llmstore._db.queries import found, id_page
 from llmstore._db.runner import Runner
 from llmstore._db.schema import projects, reservations, withdrawals
 
@@ -132,9 +138,7 @@ class ApiKeys(Holds, Ledger, Withdrawals):
     def get(self, conn: Connection, key_id: uuid.UUID | str) -> ApiKey:
         """The key with this id (never its secret); NotFoundError if there is none."""
         key = check_id(key_id, "API key id")
-        row = conn.execute(_SELECT.where(K.c.id == key)).first()
-        if row is None:
-            raise NotFoundError(f"no API key with id {key}")
+        row = found(conn.execute(_SELECT.where(K.c.id == key)).first(), "API key", key)
         return api_key(tuple(row))
 
     @reads()
@@ -146,11 +150,10 @@ class ApiKeys(Holds, Ledger, Withdrawals):
         after: uuid.UUID | str | None = None,
     ) -> builtins.list[ApiKey]:
         """Keys in creation order, optionally one project's; ``after``: a page's last id."""
-        statement = _SELECT.order_by(K.c.id).limit(check_limit(limit))
-        if project_id is not None:
-            statement = statement.where(K.c.project_id == check_id(project_id, "project id"))
-        if after is not None:
-            statement = statement.where(K.c.id > check_id(after, "after"))
+        project = check_optional_id(project_id, "project id")
+        statement = id_page(
+            _SELECT, K.c.id, limit=limit, after=after, equal=[(K.c.project_id, project)]
+        )
         return [api_key(tuple(row)) for row in conn.execute(statement)]
 
     @reads(single=False, snapshot=True)

@@ -18,11 +18,12 @@ from llmstore._core.validate import (
     check_choice,
     check_http_url,
     check_id,
-    check_limit,
+    check_optional_id,
     check_secret,
     check_text,
 )
 from llmstore._db.operations import Repository, reads, writes
+from llmstore._db.queries import found, id_page
 from llmstore._db.runner import Runner
 from llmstore._db.schema import withdrawals
 
@@ -99,9 +100,11 @@ class Withdrawals(Repository):
     def get_withdrawal(self, conn: Connection, withdrawal_id: uuid.UUID | str) -> Withdrawal:
         """The withdrawal with this id (never its token); NotFoundError if there is none."""
         key = check_id(withdrawal_id, "withdrawal id")
-        row = conn.execute(sa.select(*_WITHDRAWAL_COLUMNS).where(W.c.id == key)).first()
-        if row is None:
-            raise NotFoundError(f"no withdrawal with id {key}")
+        row = found(
+            conn.execute(sa.select(*_WITHDRAWAL_COLUMNS).where(W.c.id == key)).first(),
+            "withdrawal",
+            key,
+        )
         return _withdrawal(row)
 
     @reads()
@@ -114,13 +117,12 @@ class Withdrawals(Repository):
         after: uuid.UUID | str | None = None,
     ) -> builtins.list[Withdrawal]:
         """Withdrawals in creation order, optionally of one key and one status."""
-        statement = sa.select(*_WITHDRAWAL_COLUMNS).order_by(W.c.id).limit(check_limit(limit))
-        if key_id is not None:
-            statement = statement.where(W.c.api_key_id == check_id(key_id, "API key id"))
-        if status is not None:
-            statement = statement.where(W.c.status == check_choice(status, "status", STATUSES))
-        if after is not None:
-            statement = statement.where(W.c.id > check_id(after, "after"))
+        equal = [
+            (W.c.api_key_id, check_optional_id(key_id, "API key id")),
+            (W.c.status, None if status is None else check_choice(status, "status", STATUSES)),
+        ]
+        select = sa.select(*_WITHDRAWAL_COLUMNS)
+        statement = id_page(select, W.c.id, limit=limit, after=after, equal=equal)
         return [_withdrawal(row) for row in conn.execute(statement)]
 
     @reads()

@@ -169,6 +169,11 @@ def check_id(value: object, what: str = "id") -> uuid.UUID:
     raise ValidationError(f"{what} must be a UUID, not {describe(value, 60)}")
 
 
+def check_optional_id(value: object, what: str) -> uuid.UUID | None:
+    """``value`` checked as an id, or None when it is None (no filter, no reference)."""
+    return None if value is None else check_id(value, what)
+
+
 def check_int(value: object, what: str, *, minimum: int, maximum: int) -> int:
     """An integer from ``minimum`` to ``maximum``: bools, floats and strings are refused."""
     number = plain_int(value, what)

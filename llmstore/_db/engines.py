@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from typing import Any
 
 import sqlalchemy as sa
@@ -50,7 +51,7 @@ def sqlite_engine(
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         if not memory:
-            cursor.execute("PRAGMA journal_mode=WAL")
+            _switch_to_wal(cursor, busy_timeout)
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
         cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
@@ -96,3 +97,24 @@ def with_schema(engine: AsyncEngine, schema: str | None) -> AsyncEngine:
     if schema is None:
         return engine
     return engine.execution_options(schema_translate_map={None: schema})
+
+
+def _switch_to_wal(cursor: sqlite3.Cursor, busy_timeout: float) -> None:
+    """``PRAGMA journal_mode=WAL``, waiting up to ``busy_timeout`` for the file's lock.
+
+    On a new file, still in rollback-journal mode, processes that connect together each
+    need an exclusive lock to switch it: SQLite then answers "database is locked" at once,
+    without calling the busy handler (waiting could deadlock). Once one has switched it,
+    the pragma changes nothing and takes no lock, so the others succeed on a retry.
+    """
+    deadline = time.monotonic() + busy_timeout
+    pause = 0.005
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.1)

@@ -19,7 +19,6 @@ from sqlalchemy.engine import Connection
 
 from llmstore._core.errors import ConflictError, ValidationError
 from llmstore._core.validate import (
-    check_aware,
     check_id,
     check_limit,
     check_name,
@@ -27,6 +26,7 @@ from llmstore._core.validate import (
     check_positive_int,
 )
 from llmstore._db.operations import Repository, reads, writes
+from llmstore._db.queries import in_period
 from llmstore._db.runner import Runner
 from llmstore._db.schema import usage_logs
 
@@ -101,10 +101,7 @@ class Usage(Repository):
             statement = statement.where(U.c.model == check_name(model, "model"))
         if check_optional_bool(success, "success") is not None:
             statement = statement.where(U.c.success == success)
-        if since is not None:
-            statement = statement.where(U.c.created_at >= check_aware(since, "since"))
-        if until is not None:
-            statement = statement.where(U.c.created_at < check_aware(until, "until"))
+        statement = in_period(statement, U.c.created_at, since, until)
         if after is not None:
             last = check_positive_int(after, "after")
             boundary = sa.select(U.c.created_at).where(U.c.id == last).scalar_subquery()
