@@ -203,9 +203,7 @@ class Audit(Repository):
     def get(self, conn: Connection, event_id: uuid.UUID | str) -> AuditEvent:
         """The event with this id; NotFoundError if there is none."""
         key = check_id(event_id, "event id")
-        row = found(
-            conn.execute(_SELECT.where(audit_events.c.id == key)).first(), "audit event", key
-        )
+        row = found(conn, _SELECT.where(audit_events.c.id == key), "audit event", key)
         return _event(row)
 
     @reads(single=False)

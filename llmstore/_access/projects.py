@@ -116,7 +116,7 @@ class Projects(Repository):
     def get(self, conn: Connection, project_id: uuid.UUID | str) -> Project:
         """The project with this id; NotFoundError if there is none."""
         key = check_id(project_id, "project id")
-        row = found(conn.execute(_BY_ID, {"key": key}).first(), "project", key)
+        row = found(conn, _BY_ID, "project", key, {"key": key})
         return _record(row)
 
     @reads()
@@ -203,9 +203,8 @@ class Projects(Repository):
         key = check_id(project_id, "project id")
         actor = check_actor(actor)
         row = found(
-            conn.execute(
-                projects.delete().where(projects.c.id == key).returning(*_RETURNED)
-            ).first(),
+            conn,
+            projects.delete().where(projects.c.id == key).returning(*_RETURNED),
             "project",
             key,
         )
@@ -216,9 +215,8 @@ class Projects(Repository):
         """The decrypted upstream key, or None when the project has none."""
         key = check_id(project_id, "project id")
         row = found(
-            conn.execute(
-                sa.select(projects.c.api_key_encrypted).where(projects.c.id == key)
-            ).first(),
+            conn,
+            sa.select(projects.c.api_key_encrypted).where(projects.c.id == key),
             "project",
             key,
         )
@@ -235,9 +233,8 @@ def _audited(conn: Connection, actor: str | None, action: str, project: Project)
 
 def _change(conn: Connection, key: uuid.UUID, **values: Any) -> Project:
     row = found(
-        conn.execute(
-            projects.update().where(projects.c.id == key).values(**values).returning(*_RETURNED)
-        ).first(),
+        conn,
+        projects.update().where(projects.c.id == key).values(**values).returning(*_RETURNED),
         "project",
         key,
     )

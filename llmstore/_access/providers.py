@@ -261,7 +261,8 @@ class Providers(Repository):
         key = check_id(credential_id, "credential id")
         actor = check_actor(actor)
         row = found(
-            conn.execute(_TABLE.delete().where(_TABLE.c.id == key).returning(*_COLUMNS)).first(),
+            conn,
+            _TABLE.delete().where(_TABLE.c.id == key).returning(*_COLUMNS),
             "provider credential",
             key,
         )
@@ -365,15 +366,12 @@ class Providers(Repository):
         conn.execute(statement.values(is_active=False, updated_at=now))
 
     def _row(self, conn: Connection, key: uuid.UUID) -> Any:
-        return found(
-            conn.execute(_SELECT.where(_TABLE.c.id == key)).first(), "provider credential", key
-        )
+        return found(conn, _SELECT.where(_TABLE.c.id == key), "provider credential", key)
 
     def _change(self, conn: Connection, key: uuid.UUID, **values: Any) -> ProviderCredential:
         row = found(
-            conn.execute(
-                _TABLE.update().where(_TABLE.c.id == key).values(**values).returning(*_COLUMNS)
-            ).first(),
+            conn,
+            _TABLE.update().where(_TABLE.c.id == key).values(**values).returning(*_COLUMNS),
             "provider credential",
             key,
         )

@@ -274,7 +274,7 @@ class Tokens(Repository):
     def get(self, conn: Connection, token_id: uuid.UUID | str) -> Token:
         """The token with this id; NotFoundError if there is none."""
         key = check_id(token_id, "token id")
-        row = found(conn.execute(_BY_ID, {"key": key}).first(), "token", key)
+        row = found(conn, _BY_ID, "token", key, {"key": key})
         return _token(tuple(row))
 
     @reads()
@@ -352,9 +352,7 @@ class Tokens(Repository):
         key = check_id(token_id, "token id")
         actor = check_actor(actor)
         row = found(
-            conn.execute(tokens.delete().where(tokens.c.id == key).returning(*_COLUMNS)).first(),
-            "token",
-            key,
+            conn, tokens.delete().where(tokens.c.id == key).returning(*_COLUMNS), "token", key
         )
         _audit(conn, actor, "token.delete", _token(tuple(row)))
 
@@ -363,9 +361,8 @@ def _change(
     conn: Connection, key: uuid.UUID, actor: str | None, action: str, changes: dict[str, Any]
 ) -> Token:
     row = found(
-        conn.execute(
-            tokens.update().where(tokens.c.id == key).values(**changes).returning(*_COLUMNS)
-        ).first(),
+        conn,
+        tokens.update().where(tokens.c.id == key).values(**changes).returning(*_COLUMNS),
         "token",
         key,
     )

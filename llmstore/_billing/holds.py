@@ -66,11 +66,7 @@ class Holds(Repository):
     def get_reservation(self, conn: Connection, reservation_id: uuid.UUID | str) -> Reservation:
         """The hold with this id; NotFoundError if there is none."""
         key = check_id(reservation_id, "reservation id")
-        row = found(
-            conn.execute(sa.select(*RESERVATION_COLUMNS).where(R.c.id == key)).first(),
-            "reservation",
-            key,
-        )
+        row = found(conn, sa.select(*RESERVATION_COLUMNS).where(R.c.id == key), "reservation", key)
         return reservation(tuple(row))
 
     @writes(single=True)

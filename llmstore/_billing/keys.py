@@ -138,7 +138,7 @@ class ApiKeys(Holds, Ledger, Withdrawals):
     def get(self, conn: Connection, key_id: uuid.UUID | str) -> ApiKey:
         """The key with this id (never its secret); NotFoundError if there is none."""
         key = check_id(key_id, "API key id")
-        row = found(conn.execute(_SELECT.where(K.c.id == key)).first(), "API key", key)
+        row = found(conn, _SELECT.where(K.c.id == key), "API key", key)
         return api_key(tuple(row))
 
     @reads()

@@ -100,11 +100,7 @@ class Withdrawals(Repository):
     def get_withdrawal(self, conn: Connection, withdrawal_id: uuid.UUID | str) -> Withdrawal:
         """The withdrawal with this id (never its token); NotFoundError if there is none."""
         key = check_id(withdrawal_id, "withdrawal id")
-        row = found(
-            conn.execute(sa.select(*_WITHDRAWAL_COLUMNS).where(W.c.id == key)).first(),
-            "withdrawal",
-            key,
-        )
+        row = found(conn, sa.select(*_WITHDRAWAL_COLUMNS).where(W.c.id == key), "withdrawal", key)
         return _withdrawal(row)
 
     @reads()

@@ -108,13 +108,7 @@ def _parser() -> argparse.ArgumentParser:
         commands.rotate_keys,
         "re-encrypt every stored secret under the first key of LLMSTORE_ENCRYPTION_KEYS",
     )
-    sub.add_argument(
-        "--batch-size",
-        type=commands.batch_size,
-        default=500,
-        metavar="N",
-        help="values per transaction (default: 500)",
-    )
+    _batch_size_option(sub, 500, "values")
     add(
         "verify",
         commands.verify_ledger,
@@ -161,15 +155,19 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="first write the rows to FILE, a new .jsonl or .csv file (never overwritten)",
     )
-    purge.add_argument(
-        "--batch-size",
-        type=commands.batch_size,
-        default=10_000,
-        metavar="N",
-        help="rows per transaction (default: 10000)",
-    )
+    _batch_size_option(purge, 10_000, "rows")
     purge.set_defaults(handler=commands.usage_purge)
     return parser
+
+
+def _batch_size_option(sub: argparse.ArgumentParser, default: int, what: str) -> None:
+    sub.add_argument(
+        "--batch-size",
+        type=commands.batch_size,
+        default=default,
+        metavar="N",
+        help=f"{what} per transaction (default: {default})",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

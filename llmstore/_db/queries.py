@@ -7,20 +7,27 @@ depth.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Row
 
 from llmstore._core.errors import NotFoundError
 from llmstore._core.validate import check_aware, check_id, check_limit
 
-T = TypeVar("T")
 Q = TypeVar("Q", bound="sa.Select[Any]")
 
 
-def found(row: T | None, what: str, key: object) -> T:
-    """``row``, or NotFoundError ("no {what} with id {key}") when there is none."""
+def found(
+    conn: Connection,
+    statement: sa.Executable,
+    what: str,
+    key: object,
+    params: Mapping[str, Any] | None = None,
+) -> Row[Any]:
+    """The first row of ``statement``, or NotFoundError ("no {what} with id {key}")."""
+    row = conn.execute(statement, params).first()
     if row is None:
         raise NotFoundError(f"no {what} with id {key}")
     return row

@@ -61,6 +61,13 @@ class UTCDateTime(sa.TypeDecorator[dt.datetime]):
         return utc
 
 
+def _reference(name: str, table: str, *, ondelete: str, nullable: bool) -> sa.Column[Any]:
+    """A UUID column referencing ``table``'s id."""
+    return sa.Column(
+        name, sa.Uuid(), sa.ForeignKey(f"{table}.id", ondelete=ondelete), nullable=nullable
+    )
+
+
 projects = sa.Table(
     "llmstore_projects",
     metadata,
@@ -80,12 +87,7 @@ tokens = sa.Table(
     "llmstore_tokens",
     metadata,
     sa.Column("id", sa.Uuid(), primary_key=True),
-    sa.Column(
-        "project_id",
-        sa.Uuid(),
-        sa.ForeignKey("llmstore_projects.id", ondelete="CASCADE"),
-        nullable=False,
-    ),
+    _reference("project_id", "llmstore_projects", ondelete="CASCADE", nullable=False),
     # SHA-256 (or HMAC-SHA256 under LLMSTORE_TOKEN_PEPPER) of the secret, hex; never the secret.
     sa.Column("secret_digest", sa.String(64), nullable=False),
     sa.Column("prefix", sa.String(16), nullable=False),
@@ -164,12 +166,7 @@ provider_credentials = sa.Table(
     "llmstore_provider_credentials",
     metadata,
     sa.Column("id", sa.Uuid(), primary_key=True),
-    sa.Column(
-        "project_id",
-        sa.Uuid(),
-        sa.ForeignKey("llmstore_projects.id", ondelete="CASCADE"),
-        nullable=True,
-    ),
+    _reference("project_id", "llmstore_projects", ondelete="CASCADE", nullable=True),
     # The project id as text, or "global": one column the partial unique index can cover.
     sa.Column("scope", sa.String(36), nullable=False),
     sa.Column("provider", sa.String(50), nullable=False),
@@ -199,12 +196,7 @@ api_keys = sa.Table(
     sa.Column("secret_digest", sa.String(64), nullable=False),
     sa.Column("prefix", sa.String(16), nullable=False),
     # Money outlives projects: deleting a project detaches its keys.
-    sa.Column(
-        "project_id",
-        sa.Uuid(),
-        sa.ForeignKey("llmstore_projects.id", ondelete="SET NULL"),
-        nullable=True,
-    ),
+    _reference("project_id", "llmstore_projects", ondelete="SET NULL", nullable=True),
     # Integer minor units (millisatoshis, cents, ...). reserved is held out of balance.
     sa.Column("balance", sa.BigInteger(), nullable=False),
     sa.Column("reserved", sa.BigInteger(), nullable=False),
@@ -237,12 +229,7 @@ ledger_entries = sa.Table(
     metadata,
     # 64-bit and increasing: newest first is id order, and pages stay cheap at any depth.
     sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
-    sa.Column(
-        "api_key_id",
-        sa.Uuid(),
-        sa.ForeignKey("llmstore_api_keys.id", ondelete="CASCADE"),
-        nullable=False,
-    ),
+    _reference("api_key_id", "llmstore_api_keys", ondelete="CASCADE", nullable=False),
     sa.Column("kind", sa.String(20), nullable=False),
     # Signed: credits are positive, debits negative.
     sa.Column("amount", sa.BigInteger(), nullable=False),
@@ -272,12 +259,7 @@ reservations = sa.Table(
     "llmstore_reservations",
     metadata,
     sa.Column("id", sa.Uuid(), primary_key=True),
-    sa.Column(
-        "api_key_id",
-        sa.Uuid(),
-        sa.ForeignKey("llmstore_api_keys.id", ondelete="CASCADE"),
-        nullable=False,
-    ),
+    _reference("api_key_id", "llmstore_api_keys", ondelete="CASCADE", nullable=False),
     sa.Column("amount", sa.BigInteger(), nullable=False),
     sa.Column("status", sa.String(10), nullable=False),
     sa.Column("created_at", UTCDateTime(), nullable=False),
@@ -294,12 +276,7 @@ withdrawals = sa.Table(
     "llmstore_withdrawals",
     metadata,
     sa.Column("id", sa.Uuid(), primary_key=True),
-    sa.Column(
-        "api_key_id",
-        sa.Uuid(),
-        sa.ForeignKey("llmstore_api_keys.id", ondelete="CASCADE"),
-        nullable=False,
-    ),
+    _reference("api_key_id", "llmstore_api_keys", ondelete="CASCADE", nullable=False),
     sa.Column("amount", sa.BigInteger(), nullable=False),
     # Fernet ciphertext of the eCash token; never the token.
     sa.Column("token_encrypted", sa.Text(), nullable=False),
