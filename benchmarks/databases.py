@@ -11,15 +11,40 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg  # type: ignore[import-untyped]
-from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 
 from llmstore import Store, StoreConfig
 from llmstore.migrations import upgrade
 
 from .common import Context, Driver, postgres_dsn
 from .orm_models import OrmBase, orm_sqlite_engine
-from .raw_driver import RawPostgres, RawSQLite
+from .raw_driver import RawDB, RawPostgres, RawSQLite
 from .raw_schema import raw_ddl
+
+
+async def create_tables(
+    driver: Driver, raw: RawDB, engine: AsyncEngine
+) -> async_sessionmaker[AsyncSession]:
+    """The raw tables and the ORM's beside llmstore's (already migrated); the ORM's sessions."""
+    for ddl in raw_ddl(driver):
+        await raw.execute(ddl)
+    async with engine.begin() as conn:
+        await conn.run_sync(OrmBase.metadata.create_all)
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+async def drop_schema(dsn: str, schema: str) -> None:
+    """Drop the Postgres ``schema`` and everything in it."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
 
 
 @contextlib.asynccontextmanager
@@ -32,11 +57,7 @@ async def sqlite_context() -> AsyncIterator[Context]:
         await raw.open()
         engine = orm_sqlite_engine(path)
         try:
-            for ddl in raw_ddl("sqlite"):
-                await raw.execute(ddl)
-            async with engine.begin() as conn:
-                await conn.run_sync(OrmBase.metadata.create_all)
-            sessions = async_sessionmaker(engine, expire_on_commit=False)
+            sessions = await create_tables("sqlite", raw, engine)
             async with Store.from_url(
                 url, allow_plaintext_secrets=True, token_pepper=None
             ) as store:
@@ -58,11 +79,7 @@ async def postgres_context(url: str) -> AsyncIterator[Context]:
             orm_url, connect_args={"server_settings": {"search_path": schema}}
         )
         try:
-            for ddl in raw_ddl("postgres"):
-                await raw.execute(ddl)
-            async with engine.begin() as conn:
-                await conn.run_sync(OrmBase.metadata.create_all)
-            sessions = async_sessionmaker(engine, expire_on_commit=False)
+            sessions = await create_tables("postgres", raw, engine)
             store = Store.from_url(
                 url, schema_name=schema, allow_plaintext_secrets=True, token_pepper=None
             )
@@ -72,11 +89,7 @@ async def postgres_context(url: str) -> AsyncIterator[Context]:
             await engine.dispose()
             await raw.close()
     finally:
-        conn = await asyncpg.connect(dsn)
-        try:
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        finally:
-            await conn.close()
+        await drop_schema(dsn, schema)
 
 
 async def postgres_reachable(url: str) -> str | None:

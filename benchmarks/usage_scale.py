@@ -35,7 +35,7 @@ from llmstore import Store, StoreConfig, UsageRecord
 from llmstore.migrations import upgrade
 
 from .common import DRIVERS, Driver, masked, positive, postgres_dsn, postgres_url
-from .databases import postgres_reachable
+from .databases import drop_schema, postgres_reachable
 from .usage_data import UsageRows
 
 DEFAULT_ROWS: Final = 1_000_000
@@ -88,11 +88,7 @@ async def fresh_store(
         async with Store(config) as store:
             yield store, analyze_postgres
     finally:
-        conn = await asyncpg.connect(dsn)
-        try:
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        finally:
-            await conn.close()
+        await drop_schema(dsn, schema)
 
 
 async def load(store: Store, source: UsageRows, rows: int, end: dt.datetime) -> Counter[uuid.UUID]:

@@ -5,11 +5,8 @@ the harness's ids being time-ordered UUIDs as llmstore's are."""
 
 from __future__ import annotations
 
-import os
 import re
 import sqlite3
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -19,24 +16,11 @@ import pytest
 from benchmarks.common import DRIVERS, Driver, new_id
 from benchmarks.operations import OPERATIONS
 from benchmarks.raw_schema import RAW_TABLES, USAGE_COLUMN_NAMES, llmstore_table, raw_ddl
-from tests.helpers import require_postgres
+from tests.helpers import require_postgres, run_module
 
 ROOT = Path(__file__).resolve().parents[2]
 RATE = r"\d[\d,]*(?:\.\d\d)?"
 RATIO = r"\d+\.\d\d"
-
-
-def run_harness(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """``python -m benchmarks.run *args`` from the checkout, with ``env`` on top of this one's."""
-    return subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        cwd=ROOT,
-        timeout=120,
-        check=False,
-    )
 
 
 def ratio_line(report: str, driver: str, operation: str) -> tuple[float, float]:
@@ -52,7 +36,8 @@ def ratio_line(report: str, driver: str, operation: str) -> tuple[float, float]:
 @pytest.mark.parametrize("driver", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def test_the_harness_reports_a_ratio_line_per_operation(driver: str) -> None:
     env = {"LLMSTORE_BENCH_POSTGRES_URL": require_postgres()} if driver == "postgres" else {}
-    done = run_harness("--driver", driver, "--ops", "1", "--rounds", "2", "-v", env=env)
+    args = ("--driver", driver, "--ops", "1", "--rounds", "2", "-v")
+    done = run_module("benchmarks.run", *args, env=env, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     report = done.stdout
     assert "1 sequential ops per round and variant, 2 rounds (medians shown)" in report
