@@ -29,14 +29,13 @@ from typing import Any, Final
 
 import asyncpg  # type: ignore[import-untyped]
 import sqlalchemy as sa
-from sqlalchemy.engine import make_url
 
 import llmstore
 from llmstore import Store, StoreConfig, UsageRecord
-from llmstore._db.schema import usage_logs
-from llmstore.migrations._commands import upgrade
+from llmstore.migrations import upgrade
 
-from .run import DRIVERS, Driver, masked, positive, postgres_reachable, postgres_url
+from .common import DRIVERS, Driver, masked, positive, postgres_dsn, postgres_url
+from .databases import drop_schema, postgres_reachable
 from .usage_data import UsageRows
 
 DEFAULT_ROWS: Final = 1_000_000
@@ -46,6 +45,7 @@ REPEATS: Final = 5
 PAGE: Final = 100
 DEEP_PAGE: Final = 1_000
 TARGET_SECONDS: Final = 1.0
+USAGE_TABLE: Final = "llmstore_usage_logs"
 
 
 @contextlib.asynccontextmanager
@@ -57,7 +57,7 @@ async def fresh_store(
         with tempfile.TemporaryDirectory(prefix="llmstore-scale-") as tmp:
             path = Path(tmp) / "scale.db"
             config = StoreConfig.from_url(f"sqlite:///{path}")
-            await upgrade(config)
+            await upgrade(config, backup=False)
 
             async def analyze_sqlite() -> None:
                 def run() -> None:
@@ -74,29 +74,21 @@ async def fresh_store(
         return
     schema = f"bench_scale_{secrets.token_hex(6)}"
     config = StoreConfig.from_url(url, schema_name=schema)
-    dsn = (
-        make_url(config.url.get_secret_value())
-        .set(drivername="postgresql")
-        .render_as_string(hide_password=False)
-    )
+    dsn = postgres_dsn(url)
     try:
-        await upgrade(config)
+        await upgrade(config, backup=False)
 
         async def analyze_postgres() -> None:
             conn = await asyncpg.connect(dsn)
             try:
-                await conn.execute(f'ANALYZE "{schema}".{usage_logs.name}')
+                await conn.execute(f'ANALYZE "{schema}".{USAGE_TABLE}')
             finally:
                 await conn.close()
 
         async with Store(config) as store:
             yield store, analyze_postgres
     finally:
-        conn = await asyncpg.connect(dsn)
-        try:
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        finally:
-            await conn.close()
+        await drop_schema(dsn, schema)
 
 
 async def load(store: Store, source: UsageRows, rows: int, end: dt.datetime) -> Counter[uuid.UUID]:

@@ -130,8 +130,15 @@ def run_llmstore(
     *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     """``python -m llmstore *args`` in a subprocess, with ``env`` on top of this one's."""
+    return run_module("llmstore", *args, env=env, cwd=cwd)
+
+
+def run_module(
+    module: str, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python -m module *args`` in a subprocess, with ``env`` on top of this one's."""
     return subprocess.run(
-        [sys.executable, "-m", "llmstore", *args],
+        [sys.executable, "-m", module, *args],
         capture_output=True,
         text=True,
         env={**os.environ, **(env or {})},

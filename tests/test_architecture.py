@@ -9,7 +9,10 @@
   ``migrations``, which sit above it;
 * nothing but the package's ``__init__`` and ``__main__`` imports the command line;
 * a domain never asks which database it is on (no ``"postgresql"`` or ``"sqlite"``
-  compared, no ``dialect.name``): it asks its runner's capabilities, or calls ``_db``.
+  compared, no ``dialect.name``): it asks its runner's capabilities, or calls ``_db``;
+* the benchmarks (``benchmarks/``) use llmstore's public API: no private module of
+  llmstore's (``llmstore._x``), but for ``benchmarks.raw_schema``'s ``llmstore._db.schema``
+  (its ``MetaData``, which llmstore does not expose).
 
 Each rule is also shown to fail on a module that breaks it.
 """
@@ -23,6 +26,10 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "llmstore"
+BENCHMARKS = PACKAGE.parent / "benchmarks"
+#: (benchmark module, private module of llmstore's) pairs allowed: the raw tables are
+#: generated from llmstore's MetaData, which no public module exposes.
+BENCHMARK_PRIVATE_IMPORTS = {("benchmarks.raw_schema", "llmstore._db.schema")}
 DOMAINS = ("_access", "_billing", "_usage")
 DRIVERS = ("sqlite3", "asyncpg", "aiosqlite", "psycopg", "psycopg2")
 CONCRETE_RUNNERS = ("SQLiteRunner", "AsyncEngineRunner", "PostgresLane")
@@ -223,3 +230,54 @@ def test_a_broken_rule_is_reported(name: str, source: str, rule: str) -> None:
 )
 def test_an_allowed_import_is_not_reported(name: str, source: str) -> None:
     assert violations(name, source) == []
+
+
+def benchmark_violations(name: str, source: str) -> list[str]:
+    """Where the benchmark module ``name`` imports a private module of llmstore's."""
+    broken: list[str] = []
+    for imp in imports_of(name, source):
+        if imp.module.split(".")[0] != "llmstore":
+            continue
+        private = [part for part in imp.module.split(".") if part.startswith("_")]
+        private += [f"{imp.module}.{n}" for n in imp.names if n.startswith("_")]
+        allowed = (name, imp.module) in BENCHMARK_PRIVATE_IMPORTS
+        if private and not allowed:
+            broken.append(f"{name}:{imp.line} imports {imp.module}: use llmstore's public API")
+    return broken
+
+
+def test_the_benchmarks_use_the_public_api() -> None:
+    paths = sorted(BENCHMARKS.glob("*.py"))
+    assert paths
+    broken = [
+        line for path in paths for line in benchmark_violations(module_name(path), path.read_text())
+    ]
+    assert broken == []
+
+
+@pytest.mark.parametrize(
+    ("name", "source"),
+    [
+        ("benchmarks.run", "from llmstore._core.ids import new_id"),
+        ("benchmarks.ops_usage", "from llmstore._db.schema import usage_logs"),
+        ("benchmarks.raw_schema", "from llmstore.migrations._commands import upgrade"),
+        ("benchmarks.common", "from llmstore import _store"),
+        ("benchmarks.common", "import llmstore._billing.ledger"),
+    ],
+)
+def test_a_private_import_in_the_benchmarks_is_reported(name: str, source: str) -> None:
+    assert len(benchmark_violations(name, source)) == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "source"),
+    [
+        ("benchmarks.raw_schema", "from llmstore._db.schema import metadata"),
+        ("benchmarks.databases", "from llmstore.migrations import upgrade"),
+        ("benchmarks.ops_usage", "from llmstore import UsageRecord"),
+        ("benchmarks.common", "from llmstore.pytest_plugin import run_sql"),
+        ("benchmarks.common", "import sqlalchemy._private"),
+    ],
+)
+def test_a_public_import_in_the_benchmarks_is_not_reported(name: str, source: str) -> None:
+    assert benchmark_violations(name, source) == []

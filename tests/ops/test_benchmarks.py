@@ -1,0 +1,95 @@
+"""The benchmark harness (``benchmarks/``): ``python -m benchmarks.run`` end to end with tiny
+numbers on each driver, its report holding a ratio line for every operation; the raw
+tables, generated from llmstore's schema, being llmstore's tables under other names; and
+the harness's ids being time-ordered UUIDs as llmstore's are."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from benchmarks.common import DRIVERS, Driver, new_id
+from benchmarks.operations import OPERATIONS
+from benchmarks.raw_schema import RAW_TABLES, USAGE_COLUMN_NAMES, llmstore_table, raw_ddl
+from tests.helpers import require_postgres, run_module
+
+ROOT = Path(__file__).resolve().parents[2]
+RATE = r"\d[\d,]*(?:\.\d\d)?"
+RATIO = r"\d+\.\d\d"
+
+
+def ratio_line(report: str, driver: str, operation: str) -> tuple[float, float]:
+    """The ``llmstore/raw`` and ``llmstore/orm`` ratios of the operation's line."""
+    pattern = rf"^{driver} +{re.escape(operation)} +(?:{RATE} +){{3}}({RATIO}) +({RATIO})$"
+    found = re.findall(pattern, report, flags=re.MULTILINE)
+    assert len(found) == 1, f"no single ratio line for {driver} {operation}:\n{report}"
+    to_raw, to_orm = found[0]
+    return float(to_raw), float(to_orm)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("driver", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_the_harness_reports_a_ratio_line_per_operation(driver: str) -> None:
+    env = {"LLMSTORE_BENCH_POSTGRES_URL": require_postgres()} if driver == "postgres" else {}
+    args = ("--driver", driver, "--ops", "1", "--rounds", "2", "-v")
+    done = run_module("benchmarks.run", *args, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    report = done.stdout
+    assert "1 sequential ops per round and variant, 2 rounds (medians shown)" in report
+    header = (
+        r"^driver +operation +llmstore ops/s +raw ops/s +orm ops/s +llmstore/raw +llmstore/orm$"
+    )
+    assert len(re.findall(header, report, flags=re.MULTILINE)) == 1
+    for operation in OPERATIONS:
+        to_raw, to_orm = ratio_line(report, driver, operation)
+        assert to_raw > 0 and to_orm > 0
+    # Every operation's rounds (-v), two figures per variant; the bulk write's rows/s.
+    rounds = re.findall(r"^    rounds: (.*)$", report, flags=re.MULTILINE)
+    assert len(rounds) == len(OPERATIONS)
+    for line in rounds:
+        assert [len(part.split()) for part in line.split(" | ")] == [3, 3, 3]
+    assert re.search(r"^    rows/s \(10,000 per call\): llmstore [\d,]+ \|", report, re.MULTILINE)
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_the_raw_ddl_names_no_table_of_llmstore(driver: Driver) -> None:
+    ddl = raw_ddl(driver)
+    assert not [statement for statement in ddl if "llmstore_" in statement]
+    created = [s.split()[2] for s in ddl if s.startswith("CREATE TABLE")]
+    assert created == [f"raw_{name}" for name in RAW_TABLES]
+    assert "REFERENCES raw_projects (id)" in ddl[1]
+
+
+def test_the_raw_tables_are_llmstores_under_other_names() -> None:
+    conn = sqlite3.connect(":memory:")
+    try:
+        for statement in raw_ddl("sqlite"):
+            conn.execute(statement)
+        for name in RAW_TABLES:
+            info = conn.execute(f"PRAGMA table_info(raw_{name})").fetchall()
+            columns = [(row[1], bool(row[3])) for row in info]  # name, NOT NULL
+            table = llmstore_table(name)
+            assert columns == [(column.name, not column.nullable) for column in table.columns]
+            indexes = conn.execute(f"PRAGMA index_list(raw_{name})").fetchall()
+            named = {row[1] for row in indexes if not row[1].startswith("sqlite_autoindex")}
+            assert named == {
+                str(index.name).replace("llmstore_", "raw_") for index in table.indexes
+            }
+        usage = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'raw_usage_logs'")
+        assert "PRIMARY KEY AUTOINCREMENT" in usage.fetchone()[0]  # as llmstore's own
+    finally:
+        conn.close()
+    assert USAGE_COLUMN_NAMES[0] == "created_at" and "id" not in USAGE_COLUMN_NAMES
+
+
+def test_the_benchmarks_ids_are_time_ordered_like_llmstores() -> None:
+    ids = [new_id() for _ in range(10_000)]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert {(value.version, value.variant) for value in ids} == {(7, uuid.RFC_4122)}
+    millis = ids[-1].int >> 80
+    assert abs(millis - time.time_ns() // 1_000_000) < 60_000
