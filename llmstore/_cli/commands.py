@@ -17,19 +17,16 @@ from collections.abc import Callable
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
-from sqlalchemy.ext.asyncio import create_async_engine
-from sqlalchemy.pool import NullPool
 
 from llmstore._access.audit import AuditVerification
 from llmstore._billing.records import LedgerReport
-from llmstore._core.config import StoreConfig, ensure_parent
+from llmstore._core.config import StoreConfig
 from llmstore._core.errors import ConfigError
 from llmstore._core.secrets import generate_key
 from llmstore._core.signing import generate_signing_key
 from llmstore._core.validate import MAX_BATCH_SIZE
-from llmstore._db.engines import sqlite_engine
+from llmstore._db.backends import create_database
 from llmstore._db.schema import metadata
-from llmstore._db.translate import translated
 from llmstore._ops.backup import backup_database
 from llmstore._ops.restore import restore_database
 from llmstore._store import Store
@@ -182,41 +179,9 @@ def check(args: argparse.Namespace) -> int:
 
 def create_db(args: argparse.Namespace) -> int:
     config = _config(args)
-    if config.driver == "sqlite":
-        path = config.sqlite_path or ":memory:"
-        if config.is_memory:
-            raise ConfigError("create-db needs a file, not sqlite:///:memory:")
-        ensure_parent(path)
-        engine = sqlite_engine(path, busy_timeout=config.busy_timeout, pool_size=0)
-        with translated(), engine.connect():
-            pass
-        engine.dispose()
-        print(f"{config.masked_url}: ready")
-        return EXIT_OK
-    created = asyncio.run(_create_postgres_database(config))
+    created = asyncio.run(create_database(config))
     print(f"{config.masked_url}: {'created' if created else 'already exists'}")
     return EXIT_OK
-
-
-async def _create_postgres_database(config: StoreConfig) -> bool:
-    url = sa.make_url(config.url.get_secret_value())
-    name = url.database
-    admin = create_async_engine(
-        url.set(database="postgres"), poolclass=NullPool, isolation_level="AUTOCOMMIT"
-    )
-    try:
-        with translated():
-            async with admin.connect() as conn:
-                exists = await conn.scalar(
-                    sa.text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": name}
-                )
-                if exists:
-                    return False
-                quoted = conn.dialect.identifier_preparer.quote(name or "")
-                await conn.exec_driver_sql(f"CREATE DATABASE {quoted}")
-                return True
-    finally:
-        await admin.dispose()
 
 
 def info(args: argparse.Namespace) -> int:

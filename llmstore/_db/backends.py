@@ -14,11 +14,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeAlias
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
 
-from llmstore._core.config import StoreConfig
-from llmstore._core.errors import SchemaOutOfDateError
+from llmstore._core.config import StoreConfig, ensure_parent
+from llmstore._core.errors import ConfigError, SchemaOutOfDateError
 
 from .engine_runner import AsyncEngineRunner
 from .engines import postgres_engine, sqlite_engine, with_schema
@@ -89,6 +91,51 @@ def _postgres_runner(config: StoreConfig) -> AsyncEngineRunner:
             engine, size=lane_size, schema=config.schema_name, max_lifetime=config.conn_max_lifetime
         )
     return AsyncEngineRunner(engine, owned=True, lane=lane)
+
+
+async def create_database(config: StoreConfig) -> bool:
+    """Create the database of ``config`` if it is missing; whether it was created.
+
+    SQLite: the file (and its folder). Postgres: the database named in the URL, created
+    from the server's ``postgres`` database.
+    """
+    if config.driver == "postgresql":
+        return await _create_postgres_database(config)
+    if config.is_memory:
+        raise ConfigError("create-db needs a file, not sqlite:///:memory:")
+    path = config.sqlite_path or ""
+    if await _exists(path):
+        return False
+    with translated():  # a folder that cannot be made is an OSError
+        ensure_parent(path)
+    engine = sqlite_engine(path, busy_timeout=config.busy_timeout, pool_size=0)
+    try:
+        with translated(), engine.connect():
+            pass
+    finally:
+        engine.dispose()
+    return True
+
+
+async def _create_postgres_database(config: StoreConfig) -> bool:
+    url = sa.make_url(config.url.get_secret_value())
+    admin = create_async_engine(
+        url.set(database="postgres"), poolclass=NullPool, isolation_level="AUTOCOMMIT"
+    )
+    try:
+        with translated():
+            async with admin.connect() as conn:
+                exists = await conn.scalar(
+                    sa.text("SELECT 1 FROM pg_database WHERE datname = :name"),
+                    {"name": url.database},
+                )
+                if exists:
+                    return False
+                quoted = conn.dialect.identifier_preparer.quote(url.database or "")
+                await conn.exec_driver_sql(f"CREATE DATABASE {quoted}")
+                return True
+    finally:
+        await admin.dispose()
 
 
 async def _started(runner: SQLiteRunner, prepare: Callable[[Connection], None] | None) -> None:

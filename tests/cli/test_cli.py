@@ -64,7 +64,9 @@ def test_create_db_sqlite_makes_the_file(
     path = tmp_path / "nested" / "new.db"
     assert main(["create-db", "--url", f"sqlite:///{path}"]) == EXIT_OK
     assert path.exists()
-    assert "ready" in capsys.readouterr().out
+    assert "created" in capsys.readouterr().out
+    assert main(["create-db", "--url", f"sqlite:///{path}"]) == EXIT_OK
+    assert "already exists" in capsys.readouterr().out
 
 
 @pytest.mark.postgres
