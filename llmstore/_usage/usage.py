@@ -11,7 +11,7 @@ import builtins
 import datetime as dt
 import os
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -56,8 +56,12 @@ class Usage(Repository):
             raise ValidationError(f"record must be a UsageRecord, not {type(record).__name__}")
         return await self.record_many([record])
 
-    async def record_many(self, records: Iterable[UsageRecord]) -> RecordResult:
-        """Write a batch in one transaction: all of it, or (on any error) none of it."""
+    async def record_many(self, records: Iterable[UsageRecord | Mapping[str, Any]]) -> RecordResult:
+        """Write a batch in one transaction: all of it, or (on any error) none of it.
+
+        Each item is a UsageRecord or a mapping of its fields (checked as one); a bad item
+        raises ValidationError naming its index before anything is written.
+        """
         checked = check_records(records)
         if not checked:
             return RecordResult(written=0, duplicate_request_ids=[], ids=[])
