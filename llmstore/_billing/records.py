@@ -22,7 +22,7 @@ from llmstore._core.validate import (
     plain_text,
 )
 from llmstore._db.lean import Row
-from llmstore._db.schema import api_keys, ledger_entries, reservations
+from llmstore._db.schema import LedgerKind, api_keys, ledger_entries, reservations
 
 K = api_keys
 L = ledger_entries
@@ -32,15 +32,7 @@ API_KEY_PREFIX: Final = "lsk_"
 DESCRIPTION_MAX = 500
 MAX_TTL = dt.timedelta(days=7)
 
-EntryKind = Literal[
-    "deposit",
-    "charge",
-    "settlement",
-    "transfer_in",
-    "transfer_out",
-    "withdrawal",
-    "withdrawal_refund",
-]
+EntryKind = LedgerKind
 ReservationStatus = Literal["active", "settled", "released", "expired"]
 CREDITS = frozenset({"deposit", "transfer_in", "withdrawal_refund"})
 SPENT = frozenset({"charge", "settlement"})

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import Any, Literal, get_args
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
@@ -214,7 +214,8 @@ api_keys = sa.Table(
     sa.Index(None, "expires_at"),
 )
 
-LEDGER_KINDS = (
+#: What moved a key's balance; the ledger's CHECK constraint and ``LedgerEntry.kind``.
+LedgerKind = Literal[
     "deposit",
     "charge",
     "settlement",
@@ -222,7 +223,8 @@ LEDGER_KINDS = (
     "transfer_out",
     "withdrawal",
     "withdrawal_refund",
-)
+]
+LEDGER_KINDS: tuple[LedgerKind, ...] = get_args(LedgerKind)
 
 ledger_entries = sa.Table(
     "llmstore_ledger_entries",

@@ -40,6 +40,7 @@ from llmstore._core.config import StoreConfig
 from llmstore._core.errors import BackupError
 from llmstore._core.files import fsync_directory
 from llmstore._db.schema import LEGACY_VERSION_TABLE, TABLE_PREFIX, VERSION_TABLE
+from llmstore._db.traits import traits
 from llmstore.migrations._schema import is_known
 
 SUFFIX = ".backup"
@@ -76,7 +77,7 @@ def pg_dump_path() -> str | None:
 
 def backup_prefix(config: StoreConfig) -> tuple[Path, str]:
     """The folder of the database's default-named backups and their common name."""
-    if config.driver == "sqlite":
+    if traits(config.driver).single_file:
         if config.is_memory:
             raise BackupError("an in-memory database cannot be backed up")
         database = Path(config.sqlite_path or "")
@@ -113,7 +114,7 @@ def backup_database(
         raise BackupError(f"cannot create the backup folder {str(final.parent)!r}: {exc}") from None
     partial = final.with_name(final.name + _PARTIAL)
     try:
-        if config.driver == "sqlite":
+        if traits(config.driver).single_file:
             revision = _sqlite_copy(config, partial, progress)
         else:
             revision = _pg_dump(config, partial, progress)
@@ -244,7 +245,7 @@ def libpq_target(config: StoreConfig) -> tuple[str, dict[str, str]]:
     if url.password is not None:
         environ["PGPASSWORD"] = str(url.password)
     plain = sa.engine.URL.create(
-        "postgresql",
+        url.get_backend_name(),  # libpq's own scheme, without SQLAlchemy's driver
         username=url.username,
         host=url.host,
         port=url.port,

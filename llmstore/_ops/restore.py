@@ -53,6 +53,7 @@ from typing import IO
 from llmstore._core.config import StoreConfig
 from llmstore._core.errors import BackupError
 from llmstore._db.schema import VERSION_TABLE, metadata
+from llmstore._db.traits import traits
 from llmstore.migrations import _commands as _migrations
 from llmstore.migrations._commands import MIGRATION_LOCK_ID
 
@@ -100,11 +101,11 @@ def restore_database(
     the restore fails. Blocking: call it from a thread in async code.
     """
     path = Path(os.fspath(source))
-    if config.driver == "sqlite" and config.is_memory:
+    if config.is_memory:
         raise BackupError("an in-memory database cannot be restored into")
     if not path.is_file():
         raise BackupError(f"there is no backup file at {str(path)!r}")
-    if config.driver == "sqlite":
+    if traits(config.driver).single_file:
         return _restore_sqlite(config, path, progress)
     return _restore_postgres(config, path, progress)
 

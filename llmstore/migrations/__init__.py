@@ -31,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from llmstore._core.config import StoreConfig
 from llmstore._core.errors import ConfigError, ValidationError
 from llmstore._db.schema import TABLE_PREFIX
+from llmstore._db.traits import traits
 from llmstore.migrations import _commands as _migrations
 
 __all__ = [
@@ -68,11 +69,9 @@ def _resolve(target: object) -> tuple[StoreConfig, AsyncEngine | None]:
     if isinstance(target, str):
         return StoreConfig.from_env(url=target), None
     if isinstance(target, AsyncEngine):
-        dialect = target.dialect.name
-        if dialect not in ("sqlite", "postgresql"):
-            raise ConfigError(f"llmstore migrates SQLite and PostgreSQL, not {dialect}")
         # The engine's own driver does the work; the URL only locates backups and pg_dump.
-        url = target.url.set(drivername=dialect).render_as_string(hide_password=False)
+        driver = traits(target.dialect).driver  # refuses a database llmstore does not migrate
+        url = target.url.set(drivername=driver).render_as_string(hide_password=False)
         return StoreConfig.from_env(url=url), target
     raise ConfigError(
         f"a migration target is a URL, a StoreConfig or an AsyncEngine, not {type(target).__name__}"

@@ -30,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from llmstore._core.config import StoreConfig, ensure_parent
 from llmstore._core.errors import BackupError, MigrationError
 from llmstore._db.engines import postgres_engine, sqlite_engine
+from llmstore._db.traits import traits
 from llmstore._db.translate import translate, translated
 from llmstore._ops.backup import BackupFile, Progress, backup_database, pg_dump_path
 
@@ -72,7 +73,7 @@ def migration_session(conn: Connection, schema: str | None) -> Iterator[None]:
     host's pool holding the lock. SQLite: nothing, the caller's ``BEGIN IMMEDIATE`` holds
     the write lock.
     """
-    if conn.dialect.name != "postgresql":
+    if traits(conn.dialect).single_file:
         yield
         return
     _wait_for_lock(conn)
@@ -146,7 +147,7 @@ def migrate_on(
     first (nothing may have been written). ``applied`` is called with each revision once
     its step has run; ``before_commit`` runs last, inside the transaction.
     """
-    sqlite = conn.dialect.name == "sqlite"
+    sqlite = traits(conn.dialect).single_file
     if not sqlite and conn.in_transaction():
         conn.commit()
     cfg = alembic_config(connection=conn, schema=schema)
@@ -171,7 +172,7 @@ def migrating(conn: Connection, schema: str | None) -> Iterator[None]:
     failure or not. Postgres: ``migration_session``, its settings put back at the end.
     Anything raised rolls the whole command back.
     """
-    sqlite = conn.dialect.name == "sqlite"
+    sqlite = traits(conn.dialect).single_file
     foreign_keys = 1
     if sqlite:
         if conn.in_transaction():
@@ -234,7 +235,7 @@ async def with_migration_connection(
     config: StoreConfig, fn: Callable[[Connection], T], *, write: bool = True
 ) -> T:
     """Run ``fn`` on a fresh connection in one transaction, committed if it returns."""
-    if config.driver == "sqlite":
+    if traits(config.driver).single_file:
         return await asyncio.to_thread(_sqlite_migration_unit, config, fn, write)
     engine = postgres_engine(config, pooled=False)
     try:
@@ -347,7 +348,7 @@ def _migrate_locked(
         if fresh:
             install_head(conn, schema)
             _validate(conn, schema, read_revision(conn, schema))
-            if conn.dialect.name != "sqlite":  # SQLite: the caller's one transaction
+            if not traits(conn.dialect).single_file:  # SQLite: the caller's one transaction
                 conn.commit()
         else:
             migrate_on(
@@ -376,7 +377,7 @@ def _migrate_locked(
 
 def _where_after_failure(conn: Connection, schema: str | None, before: str | None) -> str:
     still = f"the database is still at {before or 'empty'}"
-    if conn.dialect.name == "sqlite":
+    if traits(conn.dialect).single_file:
         return still  # the caller rolls its one transaction back
     try:
         conn.rollback()
@@ -409,19 +410,20 @@ def _backup_first(
         return None, "not asked for"
     if before is None:
         return None, "the database is empty"
-    if config.driver == "sqlite" and config.is_memory:
+    if config.is_memory:
         return None, "the database is in memory"
     try:
         return backup_database(config, progress=progress), None
     except BackupError as exc:
-        if config.env == "prod" or (config.driver == "postgresql" and pg_dump_path() is None):
+        no_dump = not traits(config.driver).single_file and pg_dump_path() is None
+        if config.env == "prod" or no_dump:
             raise MigrationError(f"no backup could be made, so nothing was changed: {exc}") from exc
         logger.warning("going on without a backup (LLMSTORE_ENV=%s): %s", config.env, exc)
         return None, str(exc)
 
 
 def _validate(conn: Connection, schema: str | None, after: str | None) -> None:
-    if conn.dialect.name == "sqlite":
+    if traits(conn.dialect).single_file:
         problems = [row[0] for row in conn.exec_driver_sql("PRAGMA integrity_check")]
         if problems != ["ok"]:
             raise MigrationError(f"PRAGMA integrity_check: {problems[0]}")
@@ -464,7 +466,7 @@ async def current(config: StoreConfig, engine: AsyncEngine | None = None) -> str
             engine, schema, lambda conn: _read_current(conn, schema), write=False
         )
     if (
-        config.driver == "sqlite"
+        traits(config.driver).single_file
         and not config.is_memory
         and not await asyncio.to_thread(Path(config.sqlite_path or "").exists)
     ):

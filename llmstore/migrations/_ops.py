@@ -34,6 +34,7 @@ from alembic import op
 from alembic.runtime.migration import MigrationContext
 
 from llmstore._core.errors import MigrationError
+from llmstore._db.traits import traits
 
 logger = logging.getLogger("llmstore")
 
@@ -51,7 +52,7 @@ def set_lock_timeout(timeout: str = DEFAULT_LOCK_TIMEOUT) -> None:
     """
     if _TIMEOUT.fullmatch(timeout) is None:
         raise MigrationError(f"lock timeout must look like 500ms, 5s or 2min, not {timeout!r}")
-    if op.get_context().dialect.name == "postgresql":
+    if traits(op.get_context().dialect).online_ddl:
         op.execute(f"SET lock_timeout = '{timeout}'")
 
 
@@ -60,7 +61,7 @@ def create_index_concurrently(
 ) -> None:
     """``CREATE INDEX CONCURRENTLY`` on Postgres, rebuilding an invalid index of that name."""
     context = op.get_context()
-    if context.dialect.name != "postgresql":
+    if not traits(context.dialect).online_ddl:
         op.create_index(index_name, table_name, list(columns), **kw)
         return
     with _concurrently(context):
@@ -89,7 +90,7 @@ def create_index_concurrently(
 def drop_index_concurrently(index_name: str, table_name: str) -> None:
     """``DROP INDEX CONCURRENTLY IF EXISTS`` on Postgres; a plain drop elsewhere."""
     context = op.get_context()
-    if context.dialect.name != "postgresql":
+    if not traits(context.dialect).online_ddl:
         op.drop_index(index_name, table_name=table_name)
         return
     with _concurrently(context):

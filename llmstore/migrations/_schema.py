@@ -31,6 +31,7 @@ from llmstore._db.schema import (
     VERSION_TABLE,
     metadata,
 )
+from llmstore._db.traits import traits
 
 
 def script_location() -> Path:
@@ -154,10 +155,10 @@ def install_head(conn: Connection, schema: str | None) -> None:
     proves that both ways give the same schema. Postgres: in a transaction of its own,
     after what was read under the lock; the caller commits it.
     """
-    if conn.dialect.name == "postgresql":
+    if not traits(conn.dialect).single_file:
         if conn.in_transaction():
             conn.commit()
-        if schema is not None:
+        if schema is not None and traits(conn.dialect).named_schemas:
             conn.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
     # checkfirst=False: a table of that name that is not llmstore's is an error, not reused.
     metadata.create_all(conn, checkfirst=False)
@@ -208,11 +209,11 @@ class SchemaDiff:
 
 
 def diff_schema(conn: Connection, schema: str | None) -> list[SchemaDiff]:
-    if conn.dialect.name == "postgresql" and schema is not None:
+    if traits(conn.dialect).named_schemas and schema is not None:
         conn.exec_driver_sql(f'SET LOCAL search_path TO "{schema}"')
     context = version_context(conn, schema, compare_type=True, include_object=is_own_object)
     diffs = [SchemaDiff(_describe(entry)) for entry in compare_metadata(context, metadata)]
-    if conn.dialect.name == "postgresql":
+    if traits(conn.dialect).online_ddl:
         diffs += [
             SchemaDiff(f"invalid index: {name} (a concurrent build failed; `upgrade` rebuilds it)")
             for name in conn.execute(_INVALID_INDEXES).scalars()

@@ -29,6 +29,7 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 from llmstore._core.config import StoreConfig
 from llmstore._core.errors import ConfigError
 from llmstore._db.schema import INITIAL_ROWS, VERSION_TABLE, metadata
+from llmstore._db.traits import traits
 from llmstore.migrations._commands import (
     adopt_legacy_version,
     head_revision,
@@ -67,7 +68,7 @@ def _run_on(connection: Connection, schema: str | None, attributes: dict[str, An
     context.configure(
         connection=connection,
         target_metadata=metadata,
-        render_as_batch=connection.dialect.name == "sqlite",
+        render_as_batch=traits(connection.dialect).alters_by_rebuilding,
         version_table=VERSION_TABLE,
         version_table_schema=schema,
         include_object=is_own_object,
@@ -78,7 +79,7 @@ def _run_on(connection: Connection, schema: str | None, attributes: dict[str, An
     # SQLite: the caller's transaction, so this is a no-op. Postgres: the one transaction,
     # which an autocommit block in a revision commits and begins again.
     with context.begin_transaction():
-        if schema is not None and connection.dialect.name == "postgresql":
+        if schema is not None and traits(connection.dialect).named_schemas:
             connection.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
         if not context.is_offline_mode():
             adopt_legacy_version(connection, schema)
@@ -95,13 +96,13 @@ def run_offline() -> None:
         url=store_config.url.get_secret_value(),
         target_metadata=metadata,
         literal_binds=True,
-        render_as_batch=store_config.driver == "sqlite",
+        render_as_batch=traits(store_config.driver).alters_by_rebuilding,
         version_table=VERSION_TABLE,
         version_table_schema=schema,
         dialect_opts={"paramstyle": "named"},
     )
     with context.begin_transaction():
-        if store_config.driver == "postgresql":
+        if traits(store_config.driver).online_ddl:
             context.execute(f"SET lock_timeout = '{DEFAULT_LOCK_TIMEOUT}'")
         if schema is not None:
             context.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
