@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import (
 from llmstore import Store, StoreConfig
 from llmstore.migrations import upgrade
 
-from .common import Context, Driver, postgres_dsn
+from .common import Context, Driver, masked, postgres_dsn
 from .orm_models import OrmBase, orm_sqlite_engine
 from .raw_driver import RawDB, RawPostgres, RawSQLite
 from .raw_schema import raw_ddl
@@ -100,6 +100,14 @@ async def postgres_reachable(url: str) -> str | None:
         return f"{type(exc).__name__}: {exc}"
     await conn.close()
     return None
+
+
+async def postgres_unreachable(url: str) -> bool:
+    """Whether the Postgres server at ``url`` does not answer (and the run skips it)."""
+    problem = await postgres_reachable(url)
+    if problem is not None:
+        print(f"postgres: skipped, cannot connect to {masked(url)}: {problem}")
+    return problem is not None
 
 
 def context_for(driver: Driver, url: str) -> contextlib.AbstractAsyncContextManager[Context]:

@@ -72,6 +72,18 @@ async def raw_create_api_key(db: RawDB, balance: int) -> object:
     return await db.transaction(steps)
 
 
+async def orm_key_with_available(
+    session: AsyncSession, key_id: uuid.UUID, amount: int
+) -> OrmApiKey:
+    """The key, locked until the session ends, if ``amount`` of its balance is available."""
+    key = await session.get(OrmApiKey, key_id, with_for_update=True)
+    if key is None:
+        raise LedgerRefused("unknown key")
+    if key.balance - key.reserved < amount:
+        raise LedgerRefused("insufficient balance")
+    return key
+
+
 async def orm_create_api_key(sessions: async_sessionmaker[AsyncSession], balance: int) -> uuid.UUID:
     secret = new_api_key_secret()
     key = OrmApiKey(
@@ -160,11 +172,7 @@ class ApiKeysCharge:
 
         async def call() -> object:
             async with sessions() as session:
-                key = await session.get(OrmApiKey, key_id, with_for_update=True)
-                if key is None:
-                    raise LedgerRefused("unknown key")
-                if key.balance - key.reserved < CHARGE_AMOUNT:
-                    raise LedgerRefused("insufficient balance")
+                key = await orm_key_with_available(session, key_id, CHARGE_AMOUNT)
                 now = utcnow()
                 key.balance -= CHARGE_AMOUNT
                 key.total_spent += CHARGE_AMOUNT
@@ -310,11 +318,7 @@ class ApiKeysReserveSettle:
 
         async def reserve() -> OrmReservation:
             async with sessions() as session:
-                key = await session.get(OrmApiKey, key_id, with_for_update=True)
-                if key is None:
-                    raise LedgerRefused("unknown key")
-                if key.balance - key.reserved < HOLD_AMOUNT:
-                    raise LedgerRefused("insufficient balance")
+                key = await orm_key_with_available(session, key_id, HOLD_AMOUNT)
                 now = utcnow()
                 key.reserved += HOLD_AMOUNT
                 key.last_used_at = now

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from typing import Final
 
 from .common import DRIVERS, POSTGRES_URL_VARIABLE, Driver, masked, positive, postgres_url
-from .databases import context_for, postgres_reachable
+from .databases import context_for, postgres_unreachable
 from .measure import bench, calls_per_round
 from .operations import OPERATIONS
 from .report import header_line, result_lines, versions_line
@@ -79,13 +79,10 @@ async def main_async(args: argparse.Namespace) -> int:
     print()
     header_printed = False
     for driver in drivers:
-        if driver == "postgres":
-            problem = await postgres_reachable(url)
-            if problem is not None:
-                print(f"postgres: skipped, cannot connect to {masked(url)}: {problem}")
-                if args.driver == "postgres":
-                    return 1
-                continue
+        if driver == "postgres" and await postgres_unreachable(url):
+            if args.driver == "postgres":
+                return 1
+            continue
         async with context_for(driver, url) as ctx:
             for name in names:
                 operation = OPERATIONS[name]
