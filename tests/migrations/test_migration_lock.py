@@ -27,7 +27,7 @@ from llmstore._ops.backup import archive_revision
 from llmstore.migrations._commands import MIGRATION_LOCK_ID, check, current, head_revision, upgrade
 from llmstore.migrations._ops import DEFAULT_LOCK_TIMEOUT
 
-from .test_migration_data import assert_rows_intact, on_database, seed
+from .data_support import assert_rows_intact, on_database, seed
 
 pytestmark = pytest.mark.slow
 

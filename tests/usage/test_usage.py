@@ -19,8 +19,8 @@ from llmstore import (
     ValidationError,
 )
 from llmstore._db.schema import usage_logs
-from llmstore.pytest_plugin import run_sql
 from tests.helpers import count_rows
+from tests.usage.usage_support import refuse_usage_rows
 
 T0 = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
 
@@ -226,16 +226,9 @@ async def test_a_row_the_database_refuses_is_a_validation_error_and_writes_nothi
     store: Store,
 ) -> None:
     # A constraint of the operator's own, met by the bulk path (raw sqlite3 or COPY).
-    if store.driver == "postgresql":
-        schema = store.config.schema_name
-        table = usage_logs.name if schema is None else f'"{schema}".{usage_logs.name}'
-        sql = f"ALTER TABLE {table} ADD CONSTRAINT no_free_rows CHECK (cost > 0) NOT VALID"
-    else:
-        sql = (
-            f"CREATE TRIGGER no_free_rows BEFORE INSERT ON {usage_logs.name} WHEN NEW.cost = 0 "
-            "BEGIN SELECT RAISE(ABORT, 'no free rows'); END"
-        )
-    await run_sql(store, lambda conn: conn.exec_driver_sql(sql), write=True)
+    await refuse_usage_rows(
+        store, "no_free_rows", check="cost > 0", when="NEW.cost = 0", message="no free rows"
+    )
     for request_id in (None, "with-id"):
         batch = [UsageRecord(cost=1), UsageRecord(cost=0, request_id=request_id)]
         with pytest.raises(ValidationError, match="constraint"):
