@@ -1,5 +1,12 @@
 """Constants and ledger checks shared by the ``test_concurrency_api_keys_*`` modules:
-the cross-table invariants that verify() does not look at, read from the tables."""
+the cross-table invariants that verify() does not look at, read from the tables.
+
+Those modules start worker processes ("spawn") against one SQLite file or one Postgres
+schema, as in ``tests/access/test_concurrency_tokens.py``: each worker opens its own store,
+waits until every worker is ready, then all of them start together. Workers never let an
+exception escape; they report what they did, and the test checks the database against it:
+the balances, the ledger, the holds and the withdrawals.
+"""
 
 from __future__ import annotations
 

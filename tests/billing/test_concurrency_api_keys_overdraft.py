@@ -1,11 +1,7 @@
 """Prepaid API keys under several OS processes: charges and overrunning settlements never
 overdraw a key.
 
-The multi-process tests start worker processes ("spawn") against one SQLite file or one
-Postgres schema, as in ``tests/access/test_concurrency_tokens.py``: each worker opens its
-own store, waits until every worker is ready, then all of them start together. Workers never let an
-exception escape; they report what they did, and the test checks the database against it:
-the balances, the ledger, the holds and the withdrawals.
+How the workers run and what is checked: ``concurrency_api_keys_support``.
 """
 
 from __future__ import annotations
