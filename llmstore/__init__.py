@@ -7,6 +7,22 @@ from ._access.audit import Audit, AuditEvent, AuditVerification, Outcome
 from ._access.projects import Project, Projects
 from ._access.providers import ProviderCredential, Providers
 from ._access.tokens import IssuedToken, Token, Tokens
+from ._admission.admissions import Admissions
+from ._admission.budgets import Budgets
+from ._admission.rate_limits import RateLimits
+from ._admission.records import (
+    Admission,
+    Budget,
+    BudgetCrossing,
+    BudgetMismatch,
+    BudgetPeriodSpend,
+    BudgetRemaining,
+    BudgetReport,
+    BudgetStatus,
+    RateLimit,
+    RateLimitStatus,
+    Settlement,
+)
 from ._billing.keys import ApiKeys
 from ._billing.records import (
     ApiKey,
@@ -22,6 +38,7 @@ from ._core.errors import (
     ApiKeyRejectedError,
     ApiKeyRejectionReason,
     BackupError,
+    BudgetExceededError,
     ConfigError,
     ConflictError,
     DatabaseError,
@@ -33,6 +50,7 @@ from ._core.errors import (
     LlmstoreError,
     MigrationError,
     NotFoundError,
+    RateLimitedError,
     SchemaError,
     SchemaOutOfDateError,
     StoreClosedError,
@@ -56,6 +74,8 @@ from ._usage.writer import UsageWriter
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "Admission",
+    "Admissions",
     "ApiKey",
     "ApiKeyRejectedError",
     "ApiKeyRejectionReason",
@@ -64,6 +84,15 @@ __all__ = [
     "AuditEvent",
     "AuditVerification",
     "BackupError",
+    "Budget",
+    "BudgetCrossing",
+    "BudgetExceededError",
+    "BudgetMismatch",
+    "BudgetPeriodSpend",
+    "BudgetRemaining",
+    "BudgetReport",
+    "BudgetStatus",
+    "Budgets",
     "ConfigError",
     "ConflictError",
     "DatabaseError",
@@ -86,11 +115,16 @@ __all__ = [
     "Projects",
     "ProviderCredential",
     "Providers",
+    "RateLimit",
+    "RateLimitStatus",
+    "RateLimitedError",
+    "RateLimits",
     "Receipt",
     "RecordResult",
     "Reservation",
     "SchemaError",
     "SchemaOutOfDateError",
+    "Settlement",
     "Store",
     "StoreClosedError",
     "StoreConfig",

@@ -17,6 +17,10 @@ from ._access.audit import Audit
 from ._access.projects import Projects
 from ._access.providers import Providers
 from ._access.tokens import Tokens
+from ._admission.admissions import Admissions
+from ._admission.budgets import Budgets
+from ._admission.limits import Clock
+from ._admission.rate_limits import RateLimits
 from ._billing.keys import ApiKeys
 from ._core.config import Driver, StoreConfig
 from ._core.errors import (
@@ -25,6 +29,7 @@ from ._core.errors import (
     StoreClosedError,
     UnknownRevisionError,
 )
+from ._core.ids import utcnow
 from ._core.secrets import SecretBox, SecretDigester
 from ._db.backends import StoreRunner, open_runner
 from ._db.runner import Runner
@@ -56,6 +61,7 @@ class _Repositories:
         secrets: SecretBox,
         digester: SecretDigester,
         signer: ReceiptSigner,
+        clock: Clock,
     ) -> None:
         self.projects = Projects(runner, secrets)
         self.tokens = Tokens(runner, digester)
@@ -63,6 +69,9 @@ class _Repositories:
         self.providers = Providers(runner, secrets)
         self.api_keys = ApiKeys(runner, secrets, digester)
         self.usage = Usage(runner, signer)
+        self.budgets = Budgets(runner, clock)
+        self.rate_limits = RateLimits(runner, clock)
+        self.admissions = Admissions(runner, clock, digester)
 
 
 class Transaction(_Repositories):
@@ -79,6 +88,9 @@ class Store:
     """The llmstore data layer over SQLite or PostgreSQL.
 
     Constructors do no I/O: open with ``async with store:`` or ``await store.open()``.
+    ``clock`` (a callable returning an aware datetime; the system's UTC time by default)
+    is the time budgets, rate limits and admissions decide by, so that a test can move
+    it to the next period instead of waiting for it.
     """
 
     def __init__(
@@ -88,6 +100,7 @@ class Store:
         engine: AsyncEngine | None = None,
         auto_upgrade: bool = False,
         allow_plaintext_secrets: bool = False,
+        clock: Clock | None = None,
     ) -> None:
         if not isinstance(config, StoreConfig):
             raise ConfigError(f"config must be a StoreConfig, not {type(config).__name__}")
@@ -101,7 +114,10 @@ class Store:
             raise ConfigError(
                 f"engine must be a SQLAlchemy AsyncEngine, not {type(engine).__name__}"
             )
+        if clock is not None and not callable(clock):
+            raise ConfigError(f"clock must be a callable, not {type(clock).__name__}")
         self._config = config
+        self._clock: Clock = utcnow if clock is None else clock
         self._engine = engine
         self._auto_upgrade = auto_upgrade
         self._secrets = SecretBox(config.encryption_keys, allow_plaintext=allow_plaintext_secrets)
@@ -113,13 +129,19 @@ class Store:
 
     @classmethod
     def from_env(
-        cls, *, auto_upgrade: bool = False, allow_plaintext_secrets: bool = False, **overrides: Any
+        cls,
+        *,
+        auto_upgrade: bool = False,
+        allow_plaintext_secrets: bool = False,
+        clock: Clock | None = None,
+        **overrides: Any,
     ) -> Store:
         """A store configured by the environment; ``overrides`` set ``StoreConfig`` fields."""
         return cls(
             StoreConfig.from_env(**overrides),
             auto_upgrade=auto_upgrade,
             allow_plaintext_secrets=allow_plaintext_secrets,
+            clock=clock,
         )
 
     @classmethod
@@ -129,6 +151,7 @@ class Store:
         *,
         auto_upgrade: bool = False,
         allow_plaintext_secrets: bool = False,
+        clock: Clock | None = None,
         **options: Any,
     ) -> Store:
         """A store for ``url``; ``options`` set other ``StoreConfig`` fields."""
@@ -136,6 +159,7 @@ class Store:
             StoreConfig.from_url(url, **options),
             auto_upgrade=auto_upgrade,
             allow_plaintext_secrets=allow_plaintext_secrets,
+            clock=clock,
         )
 
     @classmethod
@@ -147,6 +171,7 @@ class Store:
         encryption_keys: str | None = None,
         auto_upgrade: bool = False,
         allow_plaintext_secrets: bool = False,
+        clock: Clock | None = None,
     ) -> Store:
         """A store on a host application's ``AsyncEngine`` (asyncpg or aiosqlite).
 
@@ -166,6 +191,7 @@ class Store:
             engine=engine,
             auto_upgrade=auto_upgrade,
             allow_plaintext_secrets=allow_plaintext_secrets,
+            clock=clock,
         )
 
     @property
@@ -208,6 +234,21 @@ class Store:
         """Usage logs, metrics, retention and receipts (:class:`Usage`)."""
         return self._open_repositories().usage
 
+    @property
+    def budgets(self) -> Budgets:
+        """Spending limits per calendar or fixed period (:class:`Budgets`)."""
+        return self._open_repositories().budgets
+
+    @property
+    def rate_limits(self) -> RateLimits:
+        """Requests and tokens per window (:class:`RateLimits`)."""
+        return self._open_repositories().rate_limits
+
+    @property
+    def admissions(self) -> Admissions:
+        """The per-request decision: admit, settle, release (:class:`Admissions`)."""
+        return self._open_repositories().admissions
+
     def _open_repositories(self) -> _Repositories:
         self._require_open()
         assert self._repositories is not None
@@ -247,7 +288,9 @@ class Store:
             await runner.close()
             raise
         self._runner = runner
-        self._repositories = _Repositories(runner, self._secrets, self._digester, self._signer)
+        self._repositories = _Repositories(
+            runner, self._secrets, self._digester, self._signer, self._clock
+        )
         self._state = _State.OPEN
 
     async def _upgrade(self, engine: AsyncEngine | None) -> None:
@@ -327,7 +370,7 @@ class Store:
         """One database transaction: committed on exit, rolled back on error or cancel."""
         runner = self._require_open()
         async with runner.transaction() as tx_runner:
-            yield Transaction(tx_runner, self._secrets, self._digester, self._signer)
+            yield Transaction(tx_runner, self._secrets, self._digester, self._signer, self._clock)
 
 
 def _copy_head_schema(conn: Connection) -> None:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.engine import Connection
 
 from llmstore._core.errors import (
+    ConflictError,
     NotFoundError,
     TokenRejectedError,
     TokenRejectionReason,
@@ -176,6 +177,36 @@ def _explain_refusal(conn: Connection, *, digest: str, cache_hit: bool) -> None:
     reason = rejection_reason(conn, digest=digest, now=utcnow(), cache_hit=cache_hit)
     if reason is not None:
         raise TokenRejectedError(reason)
+
+
+def use_token(
+    conn: Connection,
+    digest: str | None,
+    now: dt.datetime,
+    *,
+    token_id: uuid.UUID | None = None,
+) -> Token:
+    """Inside a unit: spend one request of the token with this digest (or id), or raise
+    ``TokenRejectedError``, as ``tokens.use()`` does."""
+    if digest is None:
+        digest = conn.execute(
+            sa.select(tokens.c.secret_digest).where(tokens.c.id == token_id)
+        ).scalar()
+        if digest is None:
+            raise NotFoundError(f"no token with id {token_id}")
+    row = _USE.first_any(conn, {"digest": digest, "now": now})
+    if row is None:
+        reason = rejection_reason(conn, digest=digest, now=now, cache_hit=False)
+        if reason is None:  # changed between the two statements (READ COMMITTED)
+            raise ConflictError("the token changed while it was being used; try again")
+        raise TokenRejectedError(reason)
+    return _token(row)
+
+
+def find_token(conn: Connection, token_id: uuid.UUID) -> Token | None:
+    """Inside a unit: the token with this id, or None."""
+    row = conn.execute(_BY_ID, {"key": token_id}).first()
+    return None if row is None else _token(tuple(row))
 
 
 def _optional_expiry(value: object) -> dt.datetime | None:

@@ -11,11 +11,12 @@ import datetime as dt
 import functools
 import uuid
 from collections import defaultdict
+from collections.abc import Sequence
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from llmstore._core.ids import utcnow
+from llmstore._core.ids import new_id, utcnow
 from llmstore._core.validate import check_id
 from llmstore._db.operations import Repository, first_or_explain, reads, writes
 from llmstore._db.queries import found
@@ -60,6 +61,7 @@ class Holds(Repository):
             reservation,
             functools.partial(refusals.explain_hold, key_id=key, amount=checked),
             conflict="the balance kept changing while the hold was checked; try again",
+            explain_writes=True,
         )
 
     @reads()
@@ -120,6 +122,65 @@ class Holds(Repository):
             total += released
             if released == 0 or self._runner.in_transaction:
                 return total
+
+
+def place_hold(
+    conn: Connection, key_id: uuid.UUID, amount: int, *, now: dt.datetime, expires_at: dt.datetime
+) -> Reservation:
+    """Inside a unit: hold ``amount`` of the key until ``expires_at`` (lapsed holds in the
+    way are expired first), or raise ``InsufficientBalanceError`` / ``NotFoundError``."""
+    params = {
+        "reservation_id": new_id(),
+        "key_id": key_id,
+        "amount": amount,
+        "now": now,
+        "hold_expires_at": expires_at,
+    }
+    return money.reserve(conn, params)
+
+
+def settle_hold(
+    conn: Connection, reservation_id: uuid.UUID, actual: int, now: dt.datetime
+) -> LedgerEntry:
+    """Inside a unit: charge ``actual`` for the hold and free it, once.
+
+    A hold that a sweep expired first is charged all the same (the cost was incurred), as
+    a key without the hold can pay; a settled or released one is a ``ConflictError``.
+    """
+    row = conn.execute(
+        sa.select(R.c.status, R.c.api_key_id).where(R.c.id == reservation_id).with_for_update()
+    ).first()
+    if row is not None and row.status == "expired":
+        return money.settle_unheld(conn, row.api_key_id, actual, now, reservation_id)
+    return money.settle(conn, {"reservation_id": reservation_id, "actual": actual, "now": now})
+
+
+def extend_hold(conn: Connection, reservation_id: uuid.UUID, expires_at: dt.datetime) -> None:
+    """Inside a unit: move an active hold's expiry to ``expires_at`` (a finished one stays)."""
+    conn.execute(
+        R.update()
+        .where(R.c.id == reservation_id, R.c.status == "active")
+        .values(expires_at=expires_at)
+    )
+
+
+def finish_holds(
+    conn: Connection, reservation_ids: Sequence[uuid.UUID], status: str, now: dt.datetime
+) -> int:
+    """Inside a unit: release or expire those of the holds still active; how many."""
+    if not reservation_ids:
+        return 0
+    rows = conn.execute(
+        R.update()
+        .where(R.c.id.in_(sorted(reservation_ids)), R.c.status == "active")
+        .values(status=status, finished_at=now)
+        .returning(R.c.api_key_id, R.c.amount)
+    ).all()
+    held: dict[uuid.UUID, int] = defaultdict(int)
+    for row in rows:
+        held[row.api_key_id] += row.amount
+    _unhold(conn, held)
+    return len(rows)
 
 
 def _expire_batch(conn: Connection, now: dt.datetime) -> int:

@@ -60,6 +60,23 @@ def check_api_key_secret(secret: object) -> str:
     return check_bearer_secret(secret, API_KEY_PREFIX, "an API key")
 
 
+def check_usable(key: ApiKey, now: dt.datetime) -> None:
+    """ApiKeyRejectedError unless the key can be used at ``now``."""
+    if not key.is_active:
+        raise ApiKeyRejectedError("inactive")
+    if key.expires_at is not None and key.expires_at <= now:
+        raise ApiKeyRejectedError("expired")
+
+
+def find_key(
+    conn: Connection, *, digest: str | None = None, key_id: uuid.UUID | None = None
+) -> ApiKey | None:
+    """Inside a unit: the key with this secret digest (or id), or None."""
+    column = K.c.secret_digest if digest is not None else K.c.id
+    row = conn.execute(_SELECT.where(column == (digest if digest is not None else key_id))).first()
+    return None if row is None else api_key(tuple(row))
+
+
 class ApiKeys(Holds, Ledger, Withdrawals):
     """``store.api_keys`` and ``tx.api_keys``: each call is one unit of work."""
 
@@ -106,6 +123,8 @@ class ApiKeys(Holds, Ledger, Withdrawals):
                 "last_used_at": None,
                 "expires_at": expiry,
                 "key_metadata": checked_metadata,
+                "is_active": True,
+                "deactivated_at": None,
             },
         )
         if opening:
@@ -116,7 +135,7 @@ class ApiKeys(Holds, Ledger, Withdrawals):
 
     @reads()
     def authenticate(self, conn: Connection, secret: str) -> ApiKey:
-        """The key, or ``ApiKeyRejectedError`` (``.reason``: unknown, expired).
+        """The key, or ``ApiKeyRejectedError`` (``.reason``: unknown, inactive, expired).
 
         Anything not shaped like a key (another provider's ``sk-...``, not a string) is
         ``unknown`` too, not a ``ValidationError``: one error per outcome for a proxy.
@@ -130,8 +149,7 @@ class ApiKeys(Holds, Ledger, Withdrawals):
         if row is None:
             raise ApiKeyRejectedError("unknown")
         key = api_key(tuple(row))
-        if key.expires_at is not None and key.expires_at <= utcnow():
-            raise ApiKeyRejectedError("expired")
+        check_usable(key, utcnow())
         return key
 
     @reads()

@@ -68,6 +68,7 @@ class Ledger(Repository):
             entry,
             functools.partial(refusals.explain_movement, move=move),
             conflict="the balance kept changing while the debit was checked; try again",
+            explain_writes=True,
         )
 
     @writes()

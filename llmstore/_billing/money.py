@@ -38,6 +38,7 @@ from llmstore._core.validate import MAX_INT64
 from llmstore._db.lean import LeanStatement
 from llmstore._db.schema import UTCDateTime
 
+from .expiry import expire_key_holds
 from .records import (
     CREDITS,
     DESCRIPTION_MAX,
@@ -177,7 +178,10 @@ def apply(conn: Connection, move: Movement, now: dt.datetime) -> LedgerEntry:
     replayed = replay(conn, move)
     if replayed is not None:
         return replayed
-    row = _CHANGES[move.kind].first_any(conn, move.params(now))
+    change = _CHANGES[move.kind]
+    row = change.first_any(conn, move.params(now))
+    if row is None and move.kind not in CREDITS and expire_key_holds(conn, move.key_id, now):
+        row = change.first_any(conn, move.params(now))
     if row is None:
         raise refusal(conn, move)
     values = entry_values(
@@ -236,14 +240,15 @@ _INSERT_RESERVATION = _insert(R, RESERVATION_COLUMNS)
 
 def reserve_params(key_id: uuid.UUID, amount: int, ttl: dt.timedelta) -> dict[str, Any]:
     """A new hold's parameters, for either form."""
-    # Not "id": SQLAlchemy would add a parameter named after a column to the UPDATE's SET.
+    # Not "id" nor "expires_at": on the generic path SQLAlchemy adds a parameter named
+    # after a column of the key to the UPDATE's SET (the key's own expiry, here).
     now = utcnow()
     return {
         "reservation_id": new_id(),
         "key_id": key_id,
         "amount": amount,
         "now": now,
-        "expires_at": now + ttl,
+        "hold_expires_at": now + ttl,
     }
 
 
@@ -264,14 +269,17 @@ def _reservation_values(
 
 def reserve(conn: Connection, params: dict[str, Any]) -> Reservation:
     """In a transaction: hold the amount, then write the reservation."""
-    if _HOLD_LEAN.first_any(conn, params) is None:
+    held = _HOLD_LEAN.first_any(conn, params)
+    if held is None and expire_key_holds(conn, params["key_id"], params["now"]):
+        held = _HOLD_LEAN.first_any(conn, params)
+    if held is None:
         raise hold_refusal(conn, params["key_id"], params["amount"])
     values = _reservation_values(
         reservation_id=params["reservation_id"],
         key_id=params["key_id"],
         amount=params["amount"],
         now=params["now"],
-        expires_at=params["expires_at"],
+        expires_at=params["hold_expires_at"],
     )
     row = _INSERT_RESERVATION.first_any(conn, values)
     assert row is not None
@@ -286,7 +294,7 @@ def _reserve_in_one_statement() -> LeanStatement:
         key_id=holding.c.id,
         amount=_AMOUNT,
         now=_NOW,
-        expires_at=_P("expires_at", type_=UTCDateTime()),
+        expires_at=_P("hold_expires_at", type_=UTCDateTime()),
     )
     return _insert_from(R, values, holding, RESERVATION_COLUMNS)
 
@@ -380,6 +388,35 @@ def settle(conn: Connection, params: dict[str, Any]) -> LedgerEntry:
         balance_after=changed[0],
         reservation_id=finished.id,
         now=params["now"],
+    )
+    written = INSERT_ENTRY.first_any(conn, values)
+    assert written is not None
+    return entry(written)
+
+
+def settle_unheld(
+    conn: Connection,
+    key_id: uuid.UUID,
+    actual: int,
+    now: dt.datetime,
+    reservation_id: uuid.UUID | None = None,
+) -> LedgerEntry:
+    """In a transaction: a settlement with nothing held (a hold that expired before it
+    was settled, or none placed): the key pays what it has (``balance - reserved``) and
+    the rest is the entry's shortfall."""
+    account = {"key_id": key_id, "hold": 0, "actual": actual, "now": now}
+    chargeable = _CHARGEABLE.first_any(conn, account)
+    assert chargeable is not None
+    charged = chargeable[0]
+    changed = _SETTLE_KEY.first_any(conn, {**account, "charged": charged})
+    assert changed is not None
+    values = _settlement_values(
+        key_id=key_id,
+        actual=actual,
+        charged=charged,
+        balance_after=changed[0],
+        reservation_id=reservation_id,
+        now=now,
     )
     written = INSERT_ENTRY.first_any(conn, values)
     assert written is not None

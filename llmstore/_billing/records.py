@@ -54,6 +54,8 @@ class ApiKey(BaseModel):
     last_used_at: dt.datetime | None
     expires_at: dt.datetime | None
     metadata: dict[str, Any] | None
+    is_active: bool = True
+    deactivated_at: dt.datetime | None = None
 
     @property
     def available(self) -> int:
@@ -138,6 +140,8 @@ KEY_COLUMNS = (
     K.c.last_used_at,
     K.c.expires_at,
     K.c.key_metadata,
+    K.c.is_active,
+    K.c.deactivated_at,
 )
 ENTRY_COLUMNS = (
     L.c.id,

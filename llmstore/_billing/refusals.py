@@ -22,8 +22,10 @@ from llmstore._core.errors import (
     NotFoundError,
     ValidationError,
 )
+from llmstore._core.ids import utcnow as now
 from llmstore._core.validate import MAX_INT64
 
+from .expiry import expire_key_holds
 from .records import CREDITS, ENTRY_COLUMNS, SPENT, K, L, LedgerEntry, Movement, R, entry
 
 _P = sa.bindparam
@@ -69,13 +71,15 @@ def refusal(conn: Connection, move: Movement) -> LlmstoreError:
 
 def explain_movement(conn: Connection, move: Movement) -> LedgerEntry | None:
     """After the one statement wrote nothing: the replayed entry, None to try again, or
-    the refusal raised."""
+    the refusal raised. Runs as a write: it may expire the key's lapsed holds."""
     replayed = replay(conn, move)
     if replayed is not None:
         return replayed
     error = refusal(conn, move)
     if isinstance(error, ConflictError):
         return None  # the money is there now
+    if isinstance(error, InsufficientBalanceError) and expire_key_holds(conn, move.key_id, now()):
+        return None  # lapsed holds were in the way
     raise error
 
 
@@ -97,8 +101,11 @@ def hold_refusal(conn: Connection, key_id: uuid.UUID, amount: int) -> LlmstoreEr
 
 
 def explain_hold(conn: Connection, key_id: uuid.UUID, amount: int) -> None:
-    """After the one statement held nothing: None to try again, or the refusal raised."""
+    """After the one statement held nothing: None to try again, or the refusal raised.
+    Runs as a write: it may expire the key's lapsed holds."""
     error = hold_refusal(conn, key_id, amount)
+    if isinstance(error, InsufficientBalanceError) and expire_key_holds(conn, key_id, now()):
+        return  # lapsed holds were in the way
     if not isinstance(error, ConflictError):
         raise error
 

@@ -9,6 +9,8 @@
     ├── TokenRejectedError        tokens.use() refused a token; ``.reason`` says why
     ├── ApiKeyRejectedError       api_keys.authenticate() refused a key; ``.reason`` says why
     ├── InsufficientBalanceError  the available balance does not cover the amount
+    ├── RateLimitedError          a rate limit's window is full; ``.retry_after`` seconds
+    ├── BudgetExceededError       a budget has no room left in its period; ``.resets_at``
     ├── ConflictError             a uniqueness or state conflict
     │   └── IdempotencyConflictError  an idempotency key reused with other parameters
     ├── StoreClosedError          the store is not open (never opened, or closed)
@@ -28,6 +30,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar, Literal
 
@@ -96,11 +100,11 @@ class TokenRejectedError(LlmstoreError):
         return _TOKEN_REJECTIONS[self.reason]
 
 
-ApiKeyRejectionReason = Literal["unknown", "expired"]
+ApiKeyRejectionReason = Literal["unknown", "inactive", "expired"]
 
 
 class ApiKeyRejectedError(LlmstoreError):
-    """``api_keys.authenticate()`` refused the key; ``reason`` is ``unknown`` or ``expired``."""
+    """The key was refused; ``reason`` is ``unknown``, ``inactive`` or ``expired``."""
 
     http_status = 401
 
@@ -111,7 +115,7 @@ class ApiKeyRejectedError(LlmstoreError):
     @property
     def public_message(self) -> str:
         """Text safe to show a client, by reason."""
-        return "API key expired" if self.reason == "expired" else "invalid API key"
+        return _KEY_REJECTIONS[self.reason]
 
 
 class InsufficientBalanceError(LlmstoreError):
@@ -124,6 +128,48 @@ class InsufficientBalanceError(LlmstoreError):
         super().__init__(f"insufficient balance: {available} available, {requested} requested")
         self.available = available
         self.requested = requested
+
+
+class RateLimitedError(LlmstoreError):
+    """A rate limit has no room for the request in its current window.
+
+    ``retry_after`` is whole seconds until the window ends (at least 1), ready for a
+    ``Retry-After`` header; ``rate_limit_id`` names the limit.
+    """
+
+    http_status = 429
+    _public = "rate limit exceeded"
+
+    def __init__(self, rate_limit_id: uuid.UUID, retry_after: int) -> None:
+        super().__init__(f"rate limit {rate_limit_id} exceeded: retry after {retry_after} s")
+        self.rate_limit_id = rate_limit_id
+        self.retry_after = retry_after
+
+
+class BudgetExceededError(LlmstoreError):
+    """A budget has no room for the request's cost in its current period.
+
+    ``remaining`` is what the period has left (never negative); ``resets_at`` when the
+    next period begins (None for a lifetime budget), and ``retry_after`` the whole
+    seconds until then (None likewise), for a ``Retry-After`` header.
+    """
+
+    http_status = 429
+    _public = "budget exceeded"
+
+    def __init__(
+        self,
+        budget_id: uuid.UUID,
+        remaining: int,
+        resets_at: dt.datetime | None,
+        retry_after: int | None,
+    ) -> None:
+        when = "never resets" if resets_at is None else f"resets at {resets_at.isoformat()}"
+        super().__init__(f"budget {budget_id} exceeded: {remaining} remaining, {when}")
+        self.budget_id = budget_id
+        self.remaining = remaining
+        self.resets_at = resets_at
+        self.retry_after = retry_after
 
 
 class ConflictError(LlmstoreError):
@@ -206,6 +252,12 @@ class DatabaseUnavailableError(DatabaseError):
     http_status = 503
     _public = "service unavailable"
 
+
+_KEY_REJECTIONS: dict[str, str] = {
+    "unknown": "invalid API key",
+    "inactive": "API key inactive",
+    "expired": "API key expired",
+}
 
 _TOKEN_REJECTIONS: dict[str, str] = {
     "unknown": "invalid token",

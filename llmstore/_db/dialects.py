@@ -21,6 +21,7 @@ __all__ = [
     "lock_until_commit",
     "transaction_id",
     "transaction_status",
+    "upsert_returning",
     "values_in",
 ]
 
@@ -56,6 +57,29 @@ def insert_ignoring_conflicts(
         .on_conflict_do_nothing(index_elements=list(index_elements))
     )
     return int(conn.execute(statement).rowcount) == 1
+
+
+def upsert_returning(
+    conn: Connection,
+    table: sa.Table,
+    values: Mapping[str, Any],
+    index_elements: Sequence[sa.Column[Any]],
+    set_: Mapping[str, Any],
+    where: sa.ColumnElement[bool],
+    returning: Sequence[sa.ColumnElement[Any]],
+) -> sa.Row[Any] | None:
+    """Insert the row, or change the one it conflicts with by ``set_`` where ``where``
+    holds (both see the stored row's columns as ``table.c``); the row written, or None
+    when the stored row did not meet ``where``. One statement on both databases (``ON
+    CONFLICT DO UPDATE ... WHERE``), which locks the stored row on Postgres."""
+    insert = postgresql.insert if is_postgres(conn) else sqlite.insert
+    statement = (
+        insert(table)
+        .values(dict(values))
+        .on_conflict_do_update(index_elements=list(index_elements), set_=dict(set_), where=where)
+        .returning(*returning)
+    )
+    return conn.execute(statement).first()
 
 
 def values_in(conn: Connection, column: sa.Column[Any], values: Sequence[Any]) -> set[Any]:

@@ -159,6 +159,7 @@ async def first_or_explain(
     explain: Callable[[Connection], T | None],
     *,
     conflict: str,
+    explain_writes: bool = False,
 ) -> T:
     """Run a conditional write as one statement; when it writes nothing, ask why.
 
@@ -167,6 +168,8 @@ async def first_or_explain(
     money), returns the result found instead (an idempotent replay), or returns None: the
     condition holds now, a concurrent change came between, and the statement is tried
     again. After :data:`ATTEMPTS` such rounds it is a ``ConflictError(conflict)``.
+    ``explain_writes``: ``explain`` may write (it clears what was in the way), so it runs
+    as a write unit.
     """
     for _ in range(ATTEMPTS):
         try:
@@ -177,7 +180,10 @@ async def first_or_explain(
             row = None
         if row is not None:
             return convert(row)
-        found = await runner.read(explain, single=True)
+        if explain_writes:
+            found = await runner.write(explain)
+        else:
+            found = await runner.read(explain, single=True)
         if found is not None:
             return found
     raise ConflictError(conflict)

@@ -450,6 +450,8 @@ budget_crossings = sa.Table(
     sa.Column("threshold", sa.BigInteger(), primary_key=True),
     # No foreign key: the crossing outlives the admission's purge.
     sa.Column("admission_id", sa.Uuid(), nullable=False),
+    # Crossed by the admission's settlement (its actual cost), not by its admission.
+    sa.Column("at_settle", sa.Boolean(), nullable=False),
     sa.Column("crossed_at", UTCDateTime(), nullable=False),
 )
 

@@ -135,6 +135,7 @@ def upgrade() -> None:
         sa.Column("period_start", sa.DateTime(timezone=True), nullable=False),
         sa.Column("threshold", sa.BigInteger(), nullable=False),
         sa.Column("admission_id", sa.Uuid(), nullable=False),
+        sa.Column("at_settle", sa.Boolean(), nullable=False),
         sa.Column("crossed_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
             ["budget_id"],

@@ -1,0 +1,1 @@
+"""Admission: budgets, rate limits, and the one-step per-request decision over them."""

@@ -1,0 +1,291 @@
+"""An admission's end, exactly once: settled at its cost, released, or expired.
+
+Each is a conditional ``UPDATE ... WHERE status = 'active'`` of the admission's row
+first (whoever changes it owns the transition; everyone else finds it finished), then
+its windows, its budget periods (each in id order), its key's hold and the key: the same
+order as an admission locks them.
+
+A settlement is retry-safe: its arguments' digest is stored with it, so the same call
+again returns the same :class:`Settlement` and another call is a ``ConflictError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import uuid
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from llmstore._billing import extend_hold, finish_holds, settle_hold, settle_unheld
+from llmstore._core.errors import ConflictError, NotFoundError
+from llmstore._db.schema import admission_budgets, admission_windows, budget_periods, rate_windows
+from llmstore._usage import UsageRecord, insert_records
+
+from .admit import crossings_of, load, record_crossings
+from .records import ADMISSION_COLUMNS, BUDGET_COLUMNS, A, Admission, B, Settlement, budget
+
+AB = admission_budgets
+AW = admission_windows
+BP = budget_periods
+RW = rate_windows
+EXPIRY_BATCH = 500
+
+
+@dataclasses.dataclass(frozen=True)
+class SettleRequest:
+    admission_id: uuid.UUID
+    cost: int
+    tokens: int | None
+    usage: UsageRecord | None
+    digest: str
+
+
+def _not_active(conn: Connection, admission_id: uuid.UUID) -> tuple[str, ...] | None:
+    row = conn.execute(
+        sa.select(A.c.status, A.c.settle_digest).where(A.c.id == admission_id)
+    ).first()
+    if row is None:
+        raise NotFoundError(f"no admission with id {admission_id}")
+    return tuple(row)
+
+
+def settle(conn: Connection, request: SettleRequest, now: dt.datetime) -> Settlement:
+    """Charge the admission's actual cost to its budgets and key, once."""
+    row = conn.execute(
+        A.update()
+        .where(A.c.id == request.admission_id, A.c.status == "active")
+        .values(
+            status="settled",
+            finished_at=now,
+            settled_cost=request.cost,
+            settled_tokens=request.tokens,
+            settle_digest=request.digest,
+        )
+        .returning(A.c.api_key_id, A.c.reservation_id, A.c.tokens)
+    ).first()
+    if row is None:
+        status, digest = _not_active(conn, request.admission_id) or ("", "")
+        if status == "settled" and digest == request.digest:
+            return settlement(conn, request.admission_id)
+        if status == "settled":
+            raise ConflictError(
+                f"admission {request.admission_id} was settled already, with other arguments"
+            )
+        raise ConflictError(f"admission {request.admission_id} is {status}, not active")
+    if request.tokens is not None:
+        _correct_tokens(conn, request.admission_id, request.tokens - row.tokens)
+    crossed = []
+    held = conn.execute(
+        sa.select(AB.c.period_start, AB.c.amount, *BUDGET_COLUMNS)
+        .join(B, B.c.id == AB.c.budget_id)
+        .where(AB.c.admission_id == request.admission_id)
+        .order_by(AB.c.budget_id)
+    ).all()
+    for hold in held:
+        record = budget(tuple(hold)[2:])
+        level = conn.execute(
+            BP.update()
+            .where(BP.c.budget_id == record.id, BP.c.period_start == hold.period_start)
+            .values(reserved=BP.c.reserved - hold.amount, spent=BP.c.spent + request.cost)
+            .returning(BP.c.spent, BP.c.reserved)
+        ).one()
+        after = level.spent + level.reserved
+        before = after - request.cost + hold.amount
+        crossed += record_crossings(
+            conn,
+            record,
+            hold.period_start,
+            before,
+            after,
+            request.admission_id,
+            now,
+            at_settle=True,
+        )
+    if held:
+        conn.execute(
+            AB.update()
+            .where(AB.c.admission_id == request.admission_id)
+            .values(settled_amount=request.cost)
+        )
+    charged = shortfall = 0
+    if row.reservation_id is not None:
+        entry = settle_hold(conn, row.reservation_id, request.cost, now)
+        charged, shortfall = -entry.amount, entry.shortfall
+    elif row.api_key_id is not None and request.cost > 0:
+        entry = settle_unheld(conn, row.api_key_id, request.cost, now)
+        charged, shortfall = -entry.amount, entry.shortfall
+    usage_id = None
+    if request.usage is not None:
+        usage_id = insert_records(conn, [request.usage]).ids[0]
+    conn.execute(
+        A.update()
+        .where(A.c.id == request.admission_id)
+        .values(charged=charged, shortfall=shortfall, usage_id=usage_id)
+    )
+    return Settlement(
+        admission_id=request.admission_id,
+        cost=request.cost,
+        tokens=row.tokens if request.tokens is None else request.tokens,
+        charged=charged,
+        shortfall=shortfall,
+        usage_id=usage_id,
+        settled_at=now,
+        crossed=tuple(crossed),
+    )
+
+
+def settlement(conn: Connection, admission_id: uuid.UUID) -> Settlement:
+    """A settled admission's settlement, as it was first returned."""
+    row = conn.execute(
+        sa.select(
+            A.c.settled_cost,
+            A.c.settled_tokens,
+            A.c.tokens,
+            A.c.charged,
+            A.c.shortfall,
+            A.c.usage_id,
+            A.c.finished_at,
+        ).where(A.c.id == admission_id)
+    ).one()
+    return Settlement(
+        admission_id=admission_id,
+        cost=row.settled_cost,
+        tokens=row.tokens if row.settled_tokens is None else row.settled_tokens,
+        charged=row.charged,
+        shortfall=row.shortfall,
+        usage_id=row.usage_id,
+        settled_at=row.finished_at,
+        crossed=crossings_of(conn, admission_id, at_settle=True),
+    )
+
+
+def _correct_tokens(conn: Connection, admission_id: uuid.UUID, delta: int) -> None:
+    """Replace the admission's token estimate by ``estimate + delta`` in its windows."""
+    if delta == 0:
+        return
+    counted = conn.execute(
+        sa.select(AW.c.rate_limit_id, AW.c.window_start)
+        .where(AW.c.admission_id == admission_id)
+        .order_by(AW.c.rate_limit_id)
+    ).all()
+    for window in counted:
+        # Never below zero: a window swept and made again by a later request starts at 0.
+        conn.execute(
+            RW.update()
+            .where(
+                RW.c.rate_limit_id == window.rate_limit_id,
+                RW.c.window_start == window.window_start,
+            )
+            .values(tokens=sa.case((RW.c.tokens + delta >= 0, RW.c.tokens + delta), else_=0))
+        )
+    conn.execute(
+        AW.update().where(AW.c.admission_id == admission_id).values(tokens=AW.c.tokens + delta)
+    )
+
+
+def release(conn: Connection, admission_id: uuid.UUID, now: dt.datetime) -> Admission:
+    """Free the admission's holds and its token estimate without charging anything; the
+    request stays counted in its windows."""
+    row = conn.execute(
+        A.update()
+        .where(A.c.id == admission_id, A.c.status == "active")
+        .values(status="released", finished_at=now)
+        .returning(A.c.tokens)
+    ).first()
+    if row is None:
+        status = (_not_active(conn, admission_id) or ("",))[0]
+        raise ConflictError(f"admission {admission_id} is {status}, not active")
+    _correct_tokens(conn, admission_id, -row.tokens)
+    _finish(conn, [admission_id], "released", now)
+    return _loaded(conn, admission_id)
+
+
+def extend(
+    conn: Connection, admission_id: uuid.UUID, ttl: dt.timedelta, now: dt.datetime
+) -> Admission:
+    """Give an active admission (and its hold on the key) ``ttl`` more from now."""
+    row = conn.execute(
+        A.update()
+        .where(A.c.id == admission_id, A.c.status == "active")
+        .values(expires_at=now + ttl)
+        .returning(A.c.reservation_id)
+    ).first()
+    if row is None:
+        status = (_not_active(conn, admission_id) or ("",))[0]
+        raise ConflictError(f"admission {admission_id} is {status}, not active")
+    if row.reservation_id is not None:
+        extend_hold(conn, row.reservation_id, now + ttl)
+    return _loaded(conn, admission_id)
+
+
+def _loaded(conn: Connection, admission_id: uuid.UUID) -> Admission:
+    row = conn.execute(sa.select(*ADMISSION_COLUMNS).where(A.c.id == admission_id)).one()
+    return load(conn, tuple(row))
+
+
+def _finish(
+    conn: Connection, admission_ids: Sequence[uuid.UUID], status: str, now: dt.datetime
+) -> None:
+    """Free the budget holds and key holds of admissions just moved to ``status``."""
+    sums = conn.execute(
+        sa.select(AB.c.budget_id, AB.c.period_start, sa.func.sum(AB.c.amount).label("amount"))
+        .where(AB.c.admission_id.in_(list(admission_ids)))
+        .group_by(AB.c.budget_id, AB.c.period_start)
+        .order_by(AB.c.budget_id, AB.c.period_start)
+    ).all()
+    for held in sums:
+        conn.execute(
+            BP.update()
+            .where(BP.c.budget_id == held.budget_id, BP.c.period_start == held.period_start)
+            .values(reserved=BP.c.reserved - held.amount)
+        )
+    reservations = conn.execute(
+        sa.select(A.c.reservation_id).where(
+            A.c.id.in_(list(admission_ids)), A.c.reservation_id.is_not(None)
+        )
+    ).scalars()
+    finish_holds(conn, list(reservations), status, now)
+
+
+def expire_due(
+    conn: Connection,
+    now: dt.datetime,
+    *,
+    budget_id: uuid.UUID | None = None,
+    period_start: dt.datetime | None = None,
+) -> int:
+    """Expire one batch of active admissions past their time (optionally only those
+    holding part of one budget period); how many."""
+    due = (
+        sa.select(A.c.id)
+        .where(A.c.status == "active", A.c.expires_at <= now)
+        .order_by(A.c.id)
+        .limit(EXPIRY_BATCH)
+        # SKIP LOCKED (Postgres): replicas sweeping at once take different rows.
+        .with_for_update(skip_locked=True)
+    )
+    if budget_id is not None:
+        due = due.where(
+            A.c.id.in_(
+                sa.select(AB.c.admission_id).where(
+                    AB.c.budget_id == budget_id, AB.c.period_start == period_start
+                )
+            )
+        )
+    ids = list(conn.execute(due).scalars())
+    if not ids:
+        return 0
+    expired = list(
+        conn.execute(
+            A.update()
+            .where(A.c.id.in_(ids), A.c.status == "active")
+            .values(status="expired", finished_at=now)
+            .returning(A.c.id)
+        ).scalars()
+    )
+    if expired:
+        _finish(conn, expired, "expired", now)
+    return len(expired)
