@@ -19,7 +19,6 @@ from ._access.providers import Providers
 from ._access.tokens import Tokens
 from ._admission.admissions import Admissions
 from ._admission.budgets import Budgets
-from ._admission.limits import Clock
 from ._admission.rate_limits import RateLimits
 from ._billing.keys import ApiKeys
 from ._core.config import Driver, StoreConfig
@@ -29,9 +28,9 @@ from ._core.errors import (
     StoreClosedError,
     UnknownRevisionError,
 )
-from ._core.ids import utcnow
 from ._core.secrets import SecretBox, SecretDigester
 from ._db.backends import StoreRunner, open_runner
+from ._db.operations import Clock
 from ._db.runner import Runner
 from ._db.translate import translated
 from ._ops.rotation import Progress as RotationProgress
@@ -61,13 +60,13 @@ class _Repositories:
         secrets: SecretBox,
         digester: SecretDigester,
         signer: ReceiptSigner,
-        clock: Clock,
+        clock: Clock | None,
     ) -> None:
         self.projects = Projects(runner, secrets)
-        self.tokens = Tokens(runner, digester)
+        self.tokens = Tokens(runner, digester, clock)
         self.audit = Audit(runner)
         self.providers = Providers(runner, secrets)
-        self.api_keys = ApiKeys(runner, secrets, digester)
+        self.api_keys = ApiKeys(runner, secrets, digester, clock)
         self.usage = Usage(runner, signer)
         self.budgets = Budgets(runner, clock)
         self.rate_limits = RateLimits(runner, clock)
@@ -117,7 +116,7 @@ class Store:
         if clock is not None and not callable(clock):
             raise ConfigError(f"clock must be a callable, not {type(clock).__name__}")
         self._config = config
-        self._clock: Clock = utcnow if clock is None else clock
+        self._clock = clock
         self._engine = engine
         self._auto_upgrade = auto_upgrade
         self._secrets = SecretBox(config.encryption_keys, allow_plaintext=allow_plaintext_secrets)

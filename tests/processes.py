@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import contextlib
 import json
 import multiprocessing
@@ -34,10 +35,17 @@ def config_json(config: StoreConfig) -> str:
 
 
 async def open_and_wait(
-    config_json: str, ready: Any, start: Any, work: Callable[[Store], Awaitable[T]]
+    config_json: str,
+    ready: Any,
+    start: Any,
+    work: Callable[[Store], Awaitable[T]],
+    *,
+    clock: Callable[[], dt.datetime] | None = None,
 ) -> T:
-    """Open a store, wait for every worker (and the parent), start on the event, work."""
-    async with Store(StoreConfig.model_validate_json(config_json)) as store:
+    """Open a store, wait for every worker (and the parent), start on the event, work.
+
+    ``clock``: the store's clock (the system's by default)."""
+    async with Store(StoreConfig.model_validate_json(config_json), clock=clock) as store:
         ready.wait(READY_TIMEOUT)
         if not start.wait(READY_TIMEOUT):
             raise RuntimeError("the start event was never set")

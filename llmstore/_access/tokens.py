@@ -25,7 +25,7 @@ from llmstore._core.errors import (
     TokenRejectionReason,
     ValidationError,
 )
-from llmstore._core.ids import new_id, utcnow
+from llmstore._core.ids import new_id
 from llmstore._core.secrets import (
     DISPLAY_LENGTH,
     SecretDigester,
@@ -43,7 +43,7 @@ from llmstore._core.validate import (
     check_text,
 )
 from llmstore._db.lean import LeanStatement, Row
-from llmstore._db.operations import Repository, first_or_explain, reads, writes
+from llmstore._db.operations import Clock, Repository, first_or_explain, reads, writes
 from llmstore._db.queries import found, id_page
 from llmstore._db.runner import Runner
 from llmstore._db.schema import UTCDateTime, projects, tokens
@@ -172,9 +172,9 @@ def rejection_reason(
     return None
 
 
-def _explain_refusal(conn: Connection, *, digest: str, cache_hit: bool) -> None:
+def _explain_refusal(conn: Connection, *, digest: str, cache_hit: bool, now: dt.datetime) -> None:
     """After the statement used nothing: the rejection raised, or None to try again."""
-    reason = rejection_reason(conn, digest=digest, now=utcnow(), cache_hit=cache_hit)
+    reason = rejection_reason(conn, digest=digest, now=now, cache_hit=cache_hit)
     if reason is not None:
         raise TokenRejectedError(reason)
 
@@ -228,8 +228,10 @@ class Tokens(Repository):
     audit event are written in one transaction.
     """
 
-    def __init__(self, runner: Runner, digester: SecretDigester) -> None:
-        super().__init__(runner)
+    def __init__(
+        self, runner: Runner, digester: SecretDigester, clock: Clock | None = None
+    ) -> None:
+        super().__init__(runner, clock)
         self._digester = digester
 
     @writes()
@@ -268,7 +270,7 @@ class Tokens(Repository):
             deactivated_at=None,
             request_count=0,
             cache_hit_count=0,
-            created_at=utcnow(),
+            created_at=self.now(),
             last_used_at=None,
         )
         row = conn.execute(tokens.insert().returning(*_COLUMNS), values).one()
@@ -295,9 +297,9 @@ class Tokens(Repository):
         return await first_or_explain(
             self._runner,
             _CACHE_HIT if cache_hit else _USE,
-            lambda: {"digest": digest, "now": utcnow()},
+            lambda: {"digest": digest, "now": self.now()},
             _token,
-            functools.partial(_explain_refusal, digest=digest, cache_hit=cache_hit),
+            functools.partial(_explain_refusal, digest=digest, cache_hit=cache_hit, now=self.now()),
             conflict="the token changed while it was being used; try again",
         )
 
@@ -357,7 +359,7 @@ class Tokens(Repository):
     ) -> Token:
         """Mark the token inactive; an already inactive token keeps its first date."""
         key = check_id(token_id, "token id")
-        now = utcnow()
+        now = self.now()
         changes = {
             "is_active": False,
             "deactivated_at": sa.func.coalesce(

@@ -12,6 +12,7 @@ import datetime as dt
 import functools
 import uuid
 from collections.abc import Sequence
+from typing import Literal
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -26,7 +27,7 @@ from llmstore._core.errors import (
 )
 from llmstore._core.secrets import SecretDigester
 from llmstore._core.validate import MAX_INT64, check_id, check_int, check_optional_id, check_text
-from llmstore._db.operations import ATTEMPTS, reads
+from llmstore._db.operations import ATTEMPTS, Clock, Repository, reads
 from llmstore._db.queries import found
 from llmstore._db.runner import Runner
 from llmstore._db.schema import RATE_PERS, rate_limits, rate_windows
@@ -34,7 +35,6 @@ from llmstore._usage import UsageRecord
 
 from . import finish
 from .admit import AdmitRequest, LapsedHolds, admit, load, replay
-from .limits import Clock, ClockedRepository
 from .periods import WINDOW
 from .records import ADMISSION_COLUMNS, A, Admission, Settlement, check_label, check_tags
 
@@ -43,10 +43,10 @@ def _amount(value: object, what: str) -> int:
     return check_int(value, what, minimum=0, maximum=MAX_INT64)
 
 
-class Admissions(ClockedRepository):
+class Admissions(Repository):
     """``store.admissions`` and ``tx.admissions``: the per-request pair, admit and settle."""
 
-    def __init__(self, runner: Runner, clock: Clock, digester: SecretDigester) -> None:
+    def __init__(self, runner: Runner, clock: Clock | None, digester: SecretDigester) -> None:
         super().__init__(runner, clock)
         self._digester = digester
 
@@ -135,7 +135,8 @@ class Admissions(ClockedRepository):
         identities = sum(value is not None for value in (secret, api_key_id, token_id))
         if identities > 1:
             raise ValidationError("give at most one of secret, api_key_id=, token_id=")
-        kind = digest = None
+        kind: Literal["key", "token"] | None = None
+        digest = None
         if secret is not None:
             if isinstance(secret, str) and secret.startswith(TOKEN_PREFIX):
                 kind = "token"

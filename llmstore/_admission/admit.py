@@ -118,24 +118,28 @@ def admit(conn: Connection, request: AdmitRequest, now: dt.datetime) -> Admissio
             return replayed
     key, token = _identify(conn, request, now)
     project_id = _project_of(request, key, token)
-    scopes = {
-        "project_id": project_id,
-        "api_key_id": None if key is None else key.id,
-        "token_id": None if token is None else token.id,
-        "end_user": request.end_user,
-        "tags": request.tags,
-    }
+    key_id = None if key is None else key.id
+    token_id = None if token is None else token.id
+
+    def of_request(table: sa.Table) -> sa.ColumnElement[bool]:
+        return scope_filter(
+            table,
+            project_id=project_id,
+            api_key_id=key_id,
+            token_id=token_id,
+            end_user=request.end_user,
+            tags=request.tags,
+        )
+
     limits = [
         rate_limit(tuple(row))
         for row in conn.execute(
-            sa.select(*RATE_LIMIT_COLUMNS).where(scope_filter(RL, **scopes)).order_by(RL.c.id)
+            sa.select(*RATE_LIMIT_COLUMNS).where(of_request(RL)).order_by(RL.c.id)
         )
     ]
     budgets = [
         budget(tuple(row))
-        for row in conn.execute(
-            sa.select(*BUDGET_COLUMNS).where(scope_filter(B, **scopes)).order_by(B.c.id)
-        )
+        for row in conn.execute(sa.select(*BUDGET_COLUMNS).where(of_request(B)).order_by(B.c.id))
     ]
     windows = [_count(conn, limit, request.tokens, now) for limit in limits]
     held = [_hold(conn, record, request.cost, now) for record in budgets]
@@ -143,13 +147,14 @@ def admit(conn: Connection, request: AdmitRequest, now: dt.datetime) -> Admissio
     reservation_id = None
     if key is not None and request.cost > 0:
         reservation_id = place_hold(conn, key.id, request.cost, now=now, expires_at=expires_at).id
+        key = find_key(conn, key_id=key.id)  # as the hold left it
     admission_id = new_id()
     row = conn.execute(
         A.insert().returning(*ADMISSION_COLUMNS),
         {
             "id": admission_id,
-            "api_key_id": scopes["api_key_id"],
-            "token_id": scopes["token_id"],
+            "api_key_id": key_id,
+            "token_id": token_id,
             "project_id": project_id,
             "end_user": request.end_user,
             "tags": list(request.tags) or None,

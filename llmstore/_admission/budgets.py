@@ -20,11 +20,11 @@ from llmstore._core.errors import ValidationError
 from llmstore._core.ids import new_id
 from llmstore._core.unset import UNSET, Unset
 from llmstore._core.validate import check_id, check_limit, check_optional_id, check_text
-from llmstore._db.operations import reads, writes
+from llmstore._db.operations import Repository, reads, writes
 from llmstore._db.queries import found, id_page
 from llmstore._db.schema import admission_budgets, admissions, budget_periods
 
-from .limits import ClockedRepository, check_referenced
+from .limits import check_referenced
 from .periods import budget_period, check_timezone, previous_period
 from .records import (
     BUDGET_COLUMNS,
@@ -65,7 +65,7 @@ def _optional_name(value: object) -> str | None:
     return None if value is None else check_text(value, "budget name", max_length=NAME_MAX)
 
 
-class Budgets(ClockedRepository):
+class Budgets(Repository):
     """``store.budgets`` and ``tx.budgets``: each call is one unit of work."""
 
     @writes()

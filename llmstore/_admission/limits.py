@@ -2,37 +2,17 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from llmstore._core.errors import NotFoundError, ValidationError
-from llmstore._core.validate import check_aware
-from llmstore._db.operations import Repository
-from llmstore._db.runner import Runner
+from llmstore._core.errors import NotFoundError
 from llmstore._db.schema import api_keys, projects, tokens
 
-Clock = Callable[[], dt.datetime]
 _REFERENCED = {"project_id": projects, "api_key_id": api_keys, "token_id": tokens}
-
-
-class ClockedRepository(Repository):
-    """A repository that reads the time from the store's clock (injectable for tests)."""
-
-    def __init__(self, runner: Runner, clock: Clock) -> None:
-        super().__init__(runner)
-        self._clock = clock
-
-    def now(self) -> dt.datetime:
-        """The store clock's time, checked timezone-aware and in UTC."""
-        try:
-            return check_aware(self._clock(), "the store's clock")
-        except ValidationError as exc:
-            raise ValidationError(f"{exc} (Store(clock=...) must return aware datetimes)") from None
 
 
 def check_referenced(conn: Connection, scope: dict[str, Any]) -> None:

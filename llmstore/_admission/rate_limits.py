@@ -19,11 +19,11 @@ from llmstore._core.errors import ValidationError
 from llmstore._core.ids import new_id
 from llmstore._core.unset import UNSET, Unset
 from llmstore._core.validate import check_id, check_optional_id, check_positive_int, check_text
-from llmstore._db.operations import reads, writes
+from llmstore._db.operations import Repository, reads, writes
 from llmstore._db.queries import found, id_page
 from llmstore._db.schema import RatePer, rate_windows
 
-from .limits import ClockedRepository, check_referenced
+from .limits import check_referenced
 from .periods import rate_window
 from .records import (
     RATE_LIMIT_COLUMNS,
@@ -54,7 +54,7 @@ def _check_some(requests: int | None, tokens: int | None) -> None:
         raise ValidationError("a rate limit needs requests=, tokens= or both")
 
 
-class RateLimits(ClockedRepository):
+class RateLimits(Repository):
     """``store.rate_limits`` and ``tx.rate_limits``: each call is one unit of work."""
 
     @writes()

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from llmstore._core.ids import new_id, utcnow
+from llmstore._core.ids import new_id
 from llmstore._core.validate import check_id
 from llmstore._db.operations import Repository, first_or_explain, reads, writes
 from llmstore._db.queries import found
@@ -51,15 +51,16 @@ class Holds(Repository):
         checked = check_amount(amount)
         lifetime = check_ttl(ttl)
         if not self._runner.one_statement_writes:
+            now = self.now()
             return await self._runner.write(
-                lambda conn: money.reserve(conn, money.reserve_params(key, checked, lifetime))
+                lambda conn: money.reserve(conn, money.reserve_params(key, checked, lifetime, now))
             )
         return await first_or_explain(
             self._runner,
             money.RESERVE_IN_ONE_STATEMENT,
-            lambda: money.reserve_params(key, checked, lifetime),
+            lambda: money.reserve_params(key, checked, lifetime, self.now()),
             reservation,
-            functools.partial(refusals.explain_hold, key_id=key, amount=checked),
+            functools.partial(refusals.explain_hold, key_id=key, amount=checked, now=self.now()),
             conflict="the balance kept changing while the hold was checked; try again",
             explain_writes=True,
         )
@@ -81,7 +82,7 @@ class Holds(Repository):
         row = conn.execute(
             R.update()
             .where(R.c.id == key, R.c.status == "active")
-            .values(expires_at=utcnow() + lifetime)
+            .values(expires_at=self.now() + lifetime)
             .returning(*RESERVATION_COLUMNS)
         ).first()
         if row is None:
@@ -93,13 +94,14 @@ class Holds(Repository):
         key = check_id(reservation_id, "reservation id")
         actual = check_amount(actual_amount, "actual_amount")
         if not self._runner.one_statement_writes:
+            now = self.now()
             return await self._runner.write(
-                lambda conn: money.settle(conn, money.settle_params(key, actual))
+                lambda conn: money.settle(conn, money.settle_params(key, actual, now))
             )
         return await first_or_explain(
             self._runner,
             money.SETTLE_IN_ONE_STATEMENT,
-            lambda: money.settle_params(key, actual),
+            lambda: money.settle_params(key, actual, self.now()),
             entry,
             functools.partial(refusals.explain_settle, key=key),
             conflict="unreachable: a hold that is not settled is not active",
@@ -109,13 +111,13 @@ class Holds(Repository):
     def release(self, conn: Connection, reservation_id: uuid.UUID | str) -> Reservation:
         """Free an active hold without charging anything."""
         key = check_id(reservation_id, "reservation id")
-        finished = money.finish(conn, key, "released", utcnow())
+        finished = money.finish(conn, key, "released", self.now())
         _unhold(conn, {finished.api_key_id: finished.amount})
         return finished
 
     async def expire_reservations(self) -> int:
         """Release every hold whose time has passed, in batches; returns how many."""
-        now = utcnow()
+        now = self.now()
         total = 0
         while True:
             released = await self._runner.write(functools.partial(_expire_batch, now=now))

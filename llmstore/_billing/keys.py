@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from llmstore._core.errors import ApiKeyRejectedError, NotFoundError, ValidationError
-from llmstore._core.ids import new_id, utcnow
+from llmstore._core.ids import new_id
 from llmstore._core.secrets import (
     DISPLAY_LENGTH,
     SecretBox,
@@ -30,7 +30,7 @@ from llmstore._core.validate import (
     check_json_mapping,
     check_optional_id,
 )
-from llmstore._db.operations import reads, writes
+from llmstore._db.operations import Clock, reads, writes
 from llmstore._db.queries import found, id_page
 from llmstore._db.runner import Runner
 from llmstore._db.schema import projects, reservations, withdrawals
@@ -80,8 +80,14 @@ def find_key(
 class ApiKeys(Holds, Ledger, Withdrawals):
     """``store.api_keys`` and ``tx.api_keys``: each call is one unit of work."""
 
-    def __init__(self, runner: Runner, secrets: SecretBox, digester: SecretDigester) -> None:
-        super().__init__(runner, secrets)
+    def __init__(
+        self,
+        runner: Runner,
+        secrets: SecretBox,
+        digester: SecretDigester,
+        clock: Clock | None = None,
+    ) -> None:
+        super().__init__(runner, secrets, clock)
         self._digester = digester
 
     @writes()
@@ -106,7 +112,7 @@ class ApiKeys(Holds, Ledger, Withdrawals):
             if found.first() is None:
                 raise NotFoundError(f"no project with id {project}")
         secret = new_bearer_secret(API_KEY_PREFIX)
-        now = utcnow()
+        now = self.now()
         key_id = new_id()
         conn.execute(
             K.insert(),
@@ -149,7 +155,7 @@ class ApiKeys(Holds, Ledger, Withdrawals):
         if row is None:
             raise ApiKeyRejectedError("unknown")
         key = api_key(tuple(row))
-        check_usable(key, utcnow())
+        check_usable(key, self.now())
         return key
 
     @reads()
@@ -240,7 +246,7 @@ class ApiKeys(Holds, Ledger, Withdrawals):
     @writes(single=True)
     def cleanup_expired(self, conn: Connection) -> int:
         """Delete the expired keys with nothing left on them; returns how many."""
-        now = utcnow()
+        now = self.now()
         statement = K.delete().where(
             K.c.expires_at <= now,
             K.c.balance == 0,

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from llmstore._core.errors import NotFoundError, ValidationError
-from llmstore._core.ids import new_id, utcnow
+from llmstore._core.ids import new_id
 from llmstore._core.validate import check_id, check_limit, check_positive_int
 from llmstore._db.operations import Repository, first_or_explain, reads, writes
 
@@ -60,13 +60,14 @@ class Ledger(Repository):
 
     async def _apply(self, move: Movement) -> LedgerEntry:
         if not self._runner.one_statement_writes:
-            return await self._runner.write(lambda conn: money.apply(conn, move, utcnow()))
+            now = self.now()
+            return await self._runner.write(lambda conn: money.apply(conn, move, now))
         return await first_or_explain(
             self._runner,
             money.MOVEMENT_IN_ONE_STATEMENT[move.kind],
-            lambda: move.params(utcnow()),
+            lambda: move.params(self.now()),
             entry,
-            functools.partial(refusals.explain_movement, move=move),
+            functools.partial(refusals.explain_movement, move=move, now=self.now()),
             conflict="the balance kept changing while the debit was checked; try again",
             explain_writes=True,
         )
@@ -110,7 +111,7 @@ class Ledger(Repository):
                 )
             ).one()
             return replayed, entry(tuple(paired))
-        now = utcnow()
+        now = self.now()
         transfer_id = new_id()
         debit = money.apply(
             conn,

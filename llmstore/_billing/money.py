@@ -33,7 +33,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from llmstore._core.ids import new_id, utcnow
+from llmstore._core.ids import new_id
 from llmstore._core.validate import MAX_INT64
 from llmstore._db.lean import LeanStatement
 from llmstore._db.schema import UTCDateTime
@@ -238,11 +238,12 @@ _HOLD_LEAN = LeanStatement(_HOLD.returning(K.c.id), (K.c.id,))
 _INSERT_RESERVATION = _insert(R, RESERVATION_COLUMNS)
 
 
-def reserve_params(key_id: uuid.UUID, amount: int, ttl: dt.timedelta) -> dict[str, Any]:
+def reserve_params(
+    key_id: uuid.UUID, amount: int, ttl: dt.timedelta, now: dt.datetime
+) -> dict[str, Any]:
     """A new hold's parameters, for either form."""
     # Not "id" nor "expires_at": on the generic path SQLAlchemy adds a parameter named
     # after a column of the key to the UPDATE's SET (the key's own expiry, here).
-    now = utcnow()
     return {
         "reservation_id": new_id(),
         "key_id": key_id,
@@ -474,6 +475,6 @@ def _settle_in_one_statement() -> LeanStatement:
 SETTLE_IN_ONE_STATEMENT = _settle_in_one_statement()
 
 
-def settle_params(reservation_id: uuid.UUID, actual: int) -> dict[str, Any]:
+def settle_params(reservation_id: uuid.UUID, actual: int, now: dt.datetime) -> dict[str, Any]:
     """A settlement's parameters, for either form."""
-    return {"reservation_id": reservation_id, "actual": actual, "now": utcnow()}
+    return {"reservation_id": reservation_id, "actual": actual, "now": now}

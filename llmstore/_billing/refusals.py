@@ -8,6 +8,7 @@ came between), which ``first_or_explain`` tries again.
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from typing import Any
 
@@ -22,7 +23,6 @@ from llmstore._core.errors import (
     NotFoundError,
     ValidationError,
 )
-from llmstore._core.ids import utcnow as now
 from llmstore._core.validate import MAX_INT64
 
 from .expiry import expire_key_holds
@@ -69,7 +69,7 @@ def refusal(conn: Connection, move: Movement) -> LlmstoreError:
     return ConflictError("the balance changed while the debit was checked; try again")
 
 
-def explain_movement(conn: Connection, move: Movement) -> LedgerEntry | None:
+def explain_movement(conn: Connection, move: Movement, now: dt.datetime) -> LedgerEntry | None:
     """After the one statement wrote nothing: the replayed entry, None to try again, or
     the refusal raised. Runs as a write: it may expire the key's lapsed holds."""
     replayed = replay(conn, move)
@@ -78,7 +78,7 @@ def explain_movement(conn: Connection, move: Movement) -> LedgerEntry | None:
     error = refusal(conn, move)
     if isinstance(error, ConflictError):
         return None  # the money is there now
-    if isinstance(error, InsufficientBalanceError) and expire_key_holds(conn, move.key_id, now()):
+    if isinstance(error, InsufficientBalanceError) and expire_key_holds(conn, move.key_id, now):
         return None  # lapsed holds were in the way
     raise error
 
@@ -100,11 +100,11 @@ def hold_refusal(conn: Connection, key_id: uuid.UUID, amount: int) -> LlmstoreEr
     return ConflictError("the balance changed while the hold was checked; try again")
 
 
-def explain_hold(conn: Connection, key_id: uuid.UUID, amount: int) -> None:
+def explain_hold(conn: Connection, key_id: uuid.UUID, amount: int, now: dt.datetime) -> None:
     """After the one statement held nothing: None to try again, or the refusal raised.
     Runs as a write: it may expire the key's lapsed holds."""
     error = hold_refusal(conn, key_id, amount)
-    if isinstance(error, InsufficientBalanceError) and expire_key_holds(conn, key_id, now()):
+    if isinstance(error, InsufficientBalanceError) and expire_key_holds(conn, key_id, now):
         return  # lapsed holds were in the way
     if not isinstance(error, ConflictError):
         raise error

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict
 from sqlalchemy.engine import Connection
 
 from llmstore._core.errors import ConflictError, NotFoundError
-from llmstore._core.ids import new_id, utcnow
+from llmstore._core.ids import new_id
 from llmstore._core.secrets import SecretBox
 from llmstore._core.validate import (
     check_choice,
@@ -22,7 +22,7 @@ from llmstore._core.validate import (
     check_secret,
     check_text,
 )
-from llmstore._db.operations import Repository, reads, writes
+from llmstore._db.operations import Clock, Repository, reads, writes
 from llmstore._db.queries import found, id_page
 from llmstore._db.runner import Runner
 from llmstore._db.schema import withdrawals
@@ -63,8 +63,8 @@ class Withdrawals(Repository):
     payout refunds it, and a retry debits it again.
     """
 
-    def __init__(self, runner: Runner, secrets: SecretBox) -> None:
-        super().__init__(runner)
+    def __init__(self, runner: Runner, secrets: SecretBox, clock: Clock | None = None) -> None:
+        super().__init__(runner, clock)
         self._secrets = secrets
 
     @writes()
@@ -77,7 +77,7 @@ class Withdrawals(Repository):
         encrypted = self._secrets.encrypt(check_secret(token, "token", max_length=100_000))
         url = check_http_url(mint_url, "mint_url")
         withdrawal_id = new_id()
-        now = utcnow()
+        now = self.now()
         money.apply(conn, Movement(key, "withdrawal", checked, withdrawal_id=withdrawal_id), now)
         row = conn.execute(
             W.insert().returning(*_WITHDRAWAL_COLUMNS),
@@ -134,7 +134,7 @@ class Withdrawals(Repository):
     def complete_withdrawal(self, conn: Connection, withdrawal_id: uuid.UUID | str) -> Withdrawal:
         """Mark a pending withdrawal paid out."""
         key = check_id(withdrawal_id, "withdrawal id")
-        return self._move(conn, key, "pending", status="completed", completed_at=utcnow())
+        return self._move(conn, key, "pending", status="completed", completed_at=self.now())
 
     @writes()
     def fail_withdrawal(
@@ -154,7 +154,7 @@ class Withdrawals(Repository):
         money.apply(
             conn,
             Movement(failed.api_key_id, "withdrawal_refund", failed.amount, withdrawal_id=key),
-            utcnow(),
+            self.now(),
         )
         return failed
 
@@ -166,7 +166,7 @@ class Withdrawals(Repository):
         money.apply(
             conn,
             Movement(pending.api_key_id, "withdrawal", pending.amount, withdrawal_id=key),
-            utcnow(),
+            self.now(),
         )
         return pending
 

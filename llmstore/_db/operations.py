@@ -21,6 +21,7 @@ read that says why, tried again while the answer is "it would succeed now".
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import inspect
 from collections.abc import Callable, Coroutine, Mapping
@@ -28,26 +29,41 @@ from typing import Any, Concatenate, Generic, Literal, ParamSpec, TypeVar, overl
 
 from sqlalchemy.engine import Connection
 
-from llmstore._core.errors import ConflictError
+from llmstore._core.errors import ConflictError, ValidationError
+from llmstore._core.ids import utcnow
+from llmstore._core.validate import check_aware
 
 from .lean import LeanStatement, Row
 from .runner import Runner
 
-__all__ = ["Operation", "Repository", "Single", "first_or_explain", "reads", "writes"]
+__all__ = ["Clock", "Operation", "Repository", "Single", "first_or_explain", "reads", "writes"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
 S = TypeVar("S", bound="Repository")
 T = TypeVar("T")
 Single = bool | Literal["unless_audited"]
+#: The store's clock: the time expiries, holds, periods and windows are decided by.
+Clock = Callable[[], dt.datetime]
 ATTEMPTS = 5
 
 
 class Repository:
-    """The base of a public repository: it holds the runner its operations run on."""
+    """The base of a public repository: it holds the runner its operations run on and
+    the store's clock (the system's UTC time unless ``Store(clock=...)`` gave another)."""
 
-    def __init__(self, runner: Runner) -> None:
+    def __init__(self, runner: Runner, clock: Clock | None = None) -> None:
         self._runner = runner
+        self._clock = clock
+
+    def now(self) -> dt.datetime:
+        """The store clock's time, timezone-aware UTC."""
+        if self._clock is None:
+            return utcnow()
+        try:
+            return check_aware(self._clock(), "the store's clock")
+        except ValidationError as exc:
+            raise ValidationError(f"{exc} (Store(clock=...) must return aware datetimes)") from None
 
 
 class Operation(Generic[S, P, R]):

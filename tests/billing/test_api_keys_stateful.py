@@ -164,6 +164,23 @@ class LedgerMachine(RuleBasedStateMachine):
             self.run(self.store.api_keys.transfer(key.id, key.id, 1))
         return key.id
 
+    def _lapse_in_the_way(self, key: uuid.UUID, amount: int) -> None:
+        """A debit or hold the available balance cannot cover first expires the key's holds
+        past their time: they never block (the store does it in the same transaction)."""
+        model = self.model[key]
+        if model.available >= amount:
+            return
+        lapsed = [
+            hold
+            for hold in self.model_holds.values()
+            if hold.key == key and hold.short and hold.status == "active"
+        ]
+        if lapsed:
+            time.sleep(0.003)  # every short hold is past its 1 ms
+        for hold in lapsed:
+            hold.status = "expired"
+            model.reserved -= hold.amount
+
     def _earlier(self, key: uuid.UUID, idem: str | None) -> Used | None:
         """The first call made with this key's idempotency key, if there was one."""
         return None if idem is None else self.used.get((key, idem))
@@ -214,6 +231,7 @@ class LedgerMachine(RuleBasedStateMachine):
             # A replay returns the first entry even if the money has gone since.
             self._replayed(earlier, params, call)
             return
+        self._lapse_in_the_way(key, amount)
         model = self.model[key]
         if model.available < amount:
             with pytest.raises(InsufficientBalanceError) as refused:
@@ -238,6 +256,7 @@ class LedgerMachine(RuleBasedStateMachine):
         if earlier is not None:
             self._replayed(earlier, params, call)
             return
+        self._lapse_in_the_way(source, amount)
         src, dst = self.model[source], self.model[dest]
         if src.available < amount:
             with pytest.raises(InsufficientBalanceError) as refused:
@@ -266,6 +285,7 @@ class LedgerMachine(RuleBasedStateMachine):
     def reserve(self, key: uuid.UUID, amount: int, short: bool) -> Any:
         model = self.model[key]
         call = self.store.api_keys.reserve(key, amount, ttl=SHORT if short else LONG)
+        self._lapse_in_the_way(key, amount)
         if model.available < amount:
             with pytest.raises(InsufficientBalanceError) as refused:
                 self.run(call)
@@ -346,6 +366,7 @@ class LedgerMachine(RuleBasedStateMachine):
     def withdraw(self, key: uuid.UUID, amount: int) -> Any:
         model = self.model[key]
         call = self.store.api_keys.withdraw(key, amount, TOKEN, MINT)
+        self._lapse_in_the_way(key, amount)
         if model.available < amount:
             with pytest.raises(InsufficientBalanceError):
                 self.run(call)
@@ -393,6 +414,7 @@ class LedgerMachine(RuleBasedStateMachine):
             with pytest.raises(ConflictError):
                 self.run(call)
             return
+        self._lapse_in_the_way(payout.key, payout.amount)
         if model.available < payout.amount:
             with pytest.raises(InsufficientBalanceError):
                 self.run(call)

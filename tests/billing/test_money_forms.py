@@ -29,9 +29,9 @@ FORMS: dict[str, tuple[LeanStatement, dict[str, Any]]] = {
     "deposit": (money.MOVEMENT_IN_ONE_STATEMENT["deposit"], _MOVE.params(_NOW)),
     "reserve": (
         money.RESERVE_IN_ONE_STATEMENT,
-        money.reserve_params(_MOVE.key_id, 5, dt.timedelta(minutes=1)),
+        money.reserve_params(_MOVE.key_id, 5, dt.timedelta(minutes=1), _NOW),
     ),
-    "settle": (money.SETTLE_IN_ONE_STATEMENT, money.settle_params(uuid.uuid4(), 5)),
+    "settle": (money.SETTLE_IN_ONE_STATEMENT, money.settle_params(uuid.uuid4(), 5, _NOW)),
 }
 
 
