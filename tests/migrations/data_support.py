@@ -129,11 +129,22 @@ def _read(conn: Connection, name: str, shape: Shape) -> list[Row]:
 # --- seeding and checking --------------------------------------------------------------------
 
 
-def _added(table: str, column: str) -> tuple[bool, Any]:
-    """Whether a revision adds ``table.column`` to existing rows, and the value they get."""
-    for changes in ADDED_COLUMNS.values():
-        if column in changes.get(table, {}):
-            return True, changes[table][column]
+def _changes(
+    changes: Mapping[str, Mapping[str, Mapping[str, Any]]], rev: str, table: str, named_at: str
+) -> Mapping[str, Any]:
+    """What ``changes`` (``ADDED_COLUMNS`` or ``DROPPED_COLUMNS``, keyed by the table's name
+    at the revision that changes it) says ``rev`` does to the columns of the table called
+    ``table`` at ``named_at``."""
+    return changes.get(rev, {}).get(name_at(table, named_at, rev), {})
+
+
+def _added(table: str, column: str, named_at: str) -> tuple[bool, Any]:
+    """Whether a revision adds ``table.column`` (``table`` named as at ``named_at``) to
+    existing rows, and the value they get."""
+    for rev in revisions():
+        added = _changes(ADDED_COLUMNS, rev, table, named_at)
+        if column in added:
+            return True, added[column]
     return False, None
 
 
@@ -142,19 +153,27 @@ def _explained_absence(table: str, column: str, revision: str) -> bool:
     adds it, or an earlier one dropped it."""
     ordered = revisions()
     later = ordered[ordered.index(revision) + 1 :]
-    return any(column in ADDED_COLUMNS.get(rev, {}).get(table, {}) for rev in later) or any(
-        column in DROPPED_COLUMNS.get(rev, {}).get(table, {}) for rev in _upto(revision)
+    return any(column in _changes(ADDED_COLUMNS, rev, table, revision) for rev in later) or any(
+        column in _changes(DROPPED_COLUMNS, rev, table, revision) for rev in _upto(revision)
     )
 
 
 def _restored(table: str, column: str, after: str) -> tuple[bool, Any]:
-    """Whether a revision after ``after`` drops ``table.column``, and the value the column
-    holds once that revision is downgraded."""
+    """Whether a revision after ``after`` drops ``table.column`` (``table`` named as at
+    ``after``), and the value the column holds once that revision is downgraded."""
     ordered = revisions()
     for rev in ordered[ordered.index(after) + 1 :]:
-        if column in DROPPED_COLUMNS.get(rev, {}).get(table, {}):
-            return True, DROPPED_COLUMNS[rev][table][column]
+        dropped = _changes(DROPPED_COLUMNS, rev, table, after)
+        if column in dropped:
+            return True, dropped[column]
     return False, None
+
+
+def as_at(row: Row, table: str, named_at: str, revision: str) -> Row:
+    """A seed row of the table called ``table`` at ``named_at``, with only the columns the
+    table has at ``revision``: without those a later revision adds or an earlier one drops."""
+    name = name_at(table, named_at, revision)
+    return {c: v for c, v in row.items() if not _explained_absence(name, c, revision)}
 
 
 @dataclass(frozen=True)
@@ -189,7 +208,7 @@ def _seed_rows(revision: str, shapes: Mapping[str, Shape]) -> dict[str, list[Row
         for row in rows:
             values = {}
             for column in columns:
-                known, default = _added(table, column)
+                known, default = _added(table, column, revision)
                 if column not in row and not known:
                     problems.append(
                         f"a seed row of {table} has no value for column {column} (at "
@@ -213,6 +232,31 @@ def _seed_rows(revision: str, shapes: Mapping[str, Shape]) -> dict[str, list[Row
         out[table] = completed
     assert not problems, "the seeds are incomplete:\n" + "\n".join(problems)
     return out
+
+
+def after_downgrade(seeded: Seeded, to: str) -> Seeded:
+    """What of the rows ``seeded`` a downgrade to ``to`` (a revision before the seeding)
+    leaves, as if seeded at ``to``: the tables created after ``to`` are dropped with their
+    rows, and so are the columns added after it (upgrading again brings them back empty and
+    with their ``ADDED_COLUMNS`` value); a column dropped after ``to`` comes back with its
+    ``DROPPED_COLUMNS`` value."""
+    ordered = revisions()
+    assert ordered.index(to) < ordered.index(seeded.revision), (to, seeded.revision)
+    undone = ordered[ordered.index(to) + 1 : ordered.index(seeded.revision) + 1]
+    rows: dict[str, list[Row]] = {}
+    for rev in _upto(to):
+        for created in SEEDS[rev]:
+            table = name_at(created, rev, seeded.revision)
+            gone: set[str] = set()
+            back: dict[str, Any] = {}
+            for step in reversed(undone):  # downgraded last to first
+                gone |= set(_changes(ADDED_COLUMNS, step, table, seeded.revision))
+                back.update(_changes(DROPPED_COLUMNS, step, table, seeded.revision))
+            rows[name_at(created, rev, to)] = [
+                {**{c: v for c, v in row.items() if c not in gone}, **back}
+                for row in seeded.rows[table]
+            ]
+    return Seeded(to, rows)
 
 
 def _documented_rows(table: str, upto: str, after: str | None = None) -> list[Row]:
@@ -296,7 +340,7 @@ def _expected_at(seeded: Seeded, table: str, shape: Shape, been_at_head: bool) -
             elif column in row:
                 values[column] = row[column]
             else:
-                known, default = _added(table, column)
+                known, default = _added(table, column, seeded.revision)
                 assert known, (
                     f"{table}.{column} appeared after {seeded.revision} without an "
                     "ADDED_COLUMNS entry giving the value existing rows get"

@@ -13,7 +13,7 @@ from llmstore.migrations._commands import downgrade, upgrade
 from llmstore.pytest_plugin import drop_schema, fresh_schema_name
 from tests.helpers import require_postgres
 from tests.migrations.data_seeds import K2, NOW, SEEDS
-from tests.migrations.data_support import _BEFORE_RENAMING, on_database
+from tests.migrations.data_support import _BEFORE_RENAMING, as_at, on_database
 
 _OLD_USAGE = sa.table(
     "usage_logs",
@@ -67,12 +67,16 @@ async def test_ids_go_on_counting_through_the_rename_and_back(db_config: StoreCo
         assert last is not None and last > again
 
 
+# A seeded key as the table has it at 0004 (without the columns later revisions add).
+_OLD_KEY = as_at(
+    SEEDS["0003_api_keys_ledger"]["api_keys"][1],
+    "api_keys",
+    "0003_api_keys_ledger",
+    _BEFORE_RENAMING,
+)
 _OLD_KEYS = sa.table(
     "api_keys",
-    *(
-        sa.column(name, metadata.tables["llmstore_api_keys"].c[name].type)
-        for name in SEEDS["0003_api_keys_ledger"]["api_keys"][1]
-    ),
+    *(sa.column(name, metadata.tables["llmstore_api_keys"].c[name].type) for name in _OLD_KEY),
 )
 _OLD_LEDGER = sa.table(
     "ledger_entries",
@@ -138,9 +142,7 @@ async def test_postgres_sequences_are_renamed_with_their_tables_and_go_on() -> N
         await upgrade(config, _BEFORE_RENAMING)
         await on_database(
             config,
-            lambda conn: conn.execute(
-                sa.insert(_OLD_KEYS), SEEDS["0003_api_keys_ledger"]["api_keys"][1]
-            ),
+            lambda conn: conn.execute(sa.insert(_OLD_KEYS), _OLD_KEY),
         )
         entry = await on_database(config, _insert_and_purge_the_newest_entry)
         usage = await on_database(config, _insert_and_purge_the_newest)
