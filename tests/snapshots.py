@@ -95,7 +95,12 @@ def _admit(conn: Connection, hold: _Hold) -> None:
     )
     conn.execute(
         sa.insert(budget_crossings).values(
-            budget_id=budget, period_start=day, threshold=50, admission_id=admission, crossed_at=now
+            budget_id=budget,
+            period_start=day,
+            threshold=50,
+            admission_id=admission,
+            at_settle=False,
+            crossed_at=now,
         )
     )
     conn.execute(

@@ -14,6 +14,7 @@ from llmstore import (
     ConflictError,
     InsufficientBalanceError,
     NotFoundError,
+    RateLimitedError,
     Settlement,
     Store,
     UsageRecord,
@@ -77,7 +78,7 @@ async def test_a_zero_cost_settlement_frees_everything(store: Store) -> None:
 async def test_settle_corrects_the_token_estimate(store: Store) -> None:
     limit = await store.rate_limits.create(tokens=1000, tag="t")
     first = await store.admissions.admit(tags=["t"], tokens=800)
-    with pytest.raises(Exception):  # noqa: B017 - the window is full of the estimate
+    with pytest.raises(RateLimitedError):  # the window is full of the estimate
         await store.admissions.admit(tags=["t"], tokens=300)
     settled = await store.admissions.settle(first.id, 0, tokens=120)
     assert settled.tokens == 120

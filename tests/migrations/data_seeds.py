@@ -556,6 +556,7 @@ SEEDS: dict[str, dict[str, list[Row]]] = {
                 "period_start": LAST,
                 "threshold": BIG,
                 "admission_id": A1,
+                "at_settle": True,
                 "crossed_at": OFFSET,
             },
             {
@@ -564,6 +565,7 @@ SEEDS: dict[str, dict[str, list[Row]]] = {
                 "threshold": 1,
                 # No foreign key: the crossing outlives the admission's purge.
                 "admission_id": uid(999),
+                "at_settle": False,
                 "crossed_at": EPOCH,
             },
         ],
