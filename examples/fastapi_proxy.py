@@ -1,11 +1,14 @@
 """An OpenAI-compatible ``/v1/chat/completions`` proxy on llmstore, in FastAPI.
 
-Per request: the bearer key is authenticated (``api_keys.authenticate``), an estimate of
-the cost is held on its balance (``reserve``), the upstream is called, the actual cost is
-settled from the usage it reports (``settle``; ``release`` if it failed), and one usage row
-is queued on the writer. Streamed responses are passed through as they come and settled
-from their final usage chunk. Every llmstore error is answered with its ``http_status``
-and ``public_message``.
+Per request, one call decides everything before the upstream is called
+(``admissions.admit``): the bearer key is authenticated, every rate limit and budget of the
+key, its project and the request's ``user`` is checked and counted, and an estimate of the
+cost is held on the key's balance and on every budget, or nothing is. After the upstream
+call the actual cost is settled from the usage it reports (``admissions.settle``, cost 0
+for a failed call), and one usage row is queued on the writer. Streamed responses are
+passed through as they come and settled from their final usage chunk. Every llmstore
+error is answered with its ``http_status`` and ``public_message``, and a rate limit or an
+exhausted budget with a ``Retry-After`` header.
 
     pip install fastapi uvicorn httpx
     export LLMSTORE_ENCRYPTION_KEYS=$(python -m llmstore generate-key)
@@ -34,10 +37,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from llmstore import (
-    ApiKey,
+    Admission,
     ApiKeyRejectedError,
+    BudgetExceededError,
     LlmstoreError,
-    Reservation,
+    RateLimitedError,
     Store,
     UsageRecord,
     UsageWriter,
@@ -59,13 +63,13 @@ class Proxy:
     upstream_key: str
 
 
-def estimate(body: Mapping[str, Any]) -> int:
-    """An upper bound of the cost: every character a token, and all of max_tokens."""
+def estimate(body: Mapping[str, Any]) -> tuple[int, int]:
+    """Upper bounds of the cost and the tokens: every character a token, all of max_tokens."""
     prompt = len(json.dumps(body.get("messages", []), ensure_ascii=False))
     max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or DEFAULT_MAX_TOKENS
     if type(max_tokens) is not int or max_tokens < 1:
         raise ValidationError("max_tokens must be a positive integer")
-    return max(1, prompt * PROMPT_PRICE + max_tokens * COMPLETION_PRICE)
+    return max(1, prompt * PROMPT_PRICE + max_tokens * COMPLETION_PRICE), prompt + max_tokens
 
 
 def cost(fields: Mapping[str, Any]) -> int:
@@ -107,15 +111,26 @@ def create_app(
     @app.exception_handler(LlmstoreError)
     async def llmstore_error(request: Request, exc: LlmstoreError) -> JSONResponse:
         error = {"message": exc.public_message, "type": type(exc).__name__}
-        return JSONResponse({"error": error}, status_code=exc.http_status)
+        headers = {}
+        if isinstance(exc, RateLimitedError | BudgetExceededError) and exc.retry_after:
+            headers["Retry-After"] = str(exc.retry_after)
+        return JSONResponse({"error": error}, status_code=exc.http_status, headers=headers)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         proxy: Proxy = request.app.state.proxy
-        key = await _authenticate(proxy.store, request)
+        secret = _bearer(request)
         body = await _json_body(request)
-        hold = await proxy.store.api_keys.reserve(key.id, estimate(body), ttl=HOLD_FOR)
-        call = _Call(proxy, key, hold, body)
+        cost_bound, tokens_bound = estimate(body)
+        user = body.get("user")
+        admission = await proxy.store.admissions.admit(
+            secret,
+            end_user=user if isinstance(user, str) and user.strip() else None,
+            cost=cost_bound,
+            tokens=tokens_bound,
+            ttl=HOLD_FOR,
+        )
+        call = _Call(proxy, admission, body)
         if body.get("stream"):
             return await call.stream()
         return await call.whole()
@@ -123,11 +138,11 @@ def create_app(
     return app
 
 
-async def _authenticate(store: Store, request: Request) -> ApiKey:
+def _bearer(request: Request) -> str:
     scheme, _, secret = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer":
         raise ApiKeyRejectedError("unknown")
-    return await store.api_keys.authenticate(secret.strip())
+    return secret.strip()
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
@@ -141,10 +156,10 @@ async def _json_body(request: Request) -> dict[str, Any]:
 
 
 class _Call:
-    """One upstream call, which ends by settling or releasing its hold exactly once."""
+    """One upstream call, which ends by settling or releasing its admission exactly once."""
 
-    def __init__(self, proxy: Proxy, key: ApiKey, hold: Reservation, body: dict[str, Any]):
-        self.proxy, self.key, self.hold, self.body = proxy, key, hold, body
+    def __init__(self, proxy: Proxy, admission: Admission, body: dict[str, Any]):
+        self.proxy, self.admission, self.body = proxy, admission, body
         self.started = time.monotonic()
         self.request_id = f"req-{uuid.uuid4()}"
         self.headers = {"authorization": f"Bearer {proxy.upstream_key}"}
@@ -155,10 +170,10 @@ class _Call:
                 "/v1/chat/completions", json=self.body, headers=self.headers
             )
         except BaseException:
-            await self.proxy.store.api_keys.release(self.hold.id)
+            await self.proxy.store.admissions.release(self.admission.id)
             raise
         if reply.status_code != 200:
-            await self.proxy.store.api_keys.release(self.hold.id)
+            await self.proxy.store.admissions.release(self.admission.id)
             await self._log({}, status=reply.status_code, streaming=False)
             return Response(reply.content, reply.status_code, media_type="application/json")
         data = reply.json()
@@ -177,12 +192,12 @@ class _Call:
         try:
             reply = await self.proxy.upstream.send(request, stream=True)
         except BaseException:
-            await self.proxy.store.api_keys.release(self.hold.id)
+            await self.proxy.store.admissions.release(self.admission.id)
             raise
         if reply.status_code != 200:
             content = await reply.aread()
             await reply.aclose()
-            await self.proxy.store.api_keys.release(self.hold.id)
+            await self.proxy.store.admissions.release(self.admission.id)
             await self._log({}, status=reply.status_code, streaming=True)
             return Response(content, reply.status_code, media_type="application/json")
         return StreamingResponse(self._relay(reply), media_type="text/event-stream")
@@ -208,12 +223,11 @@ class _Call:
                 await self._finish(fields, status=200 if finished else 499, streaming=True)
 
     async def _finish(self, fields: Mapping[str, Any], *, status: int, streaming: bool) -> None:
+        # The actual cost (0 when nothing was reported) and token count replace the
+        # estimates in the key, the budgets and the rate limits, once.
         charged = cost(fields)
-        api_keys = self.proxy.store.api_keys
-        if charged > 0:
-            await api_keys.settle(self.hold.id, charged)
-        else:
-            await api_keys.release(self.hold.id)
+        tokens = int(fields.get("prompt_tokens", 0) + fields.get("completion_tokens", 0))
+        await self.proxy.store.admissions.settle(self.admission.id, charged, tokens=tokens)
         await self._log(fields, status=status, streaming=streaming, charged=charged)
 
     async def _log(
@@ -223,8 +237,8 @@ class _Call:
             UsageRecord(
                 **fields,
                 request_id=self.request_id,
-                api_key_id=self.key.id,
-                project_id=self.key.project_id,
+                api_key_id=self.admission.api_key_id,
+                project_id=self.admission.project_id,
                 provider="openai",
                 is_streaming=streaming,
                 success=status == 200,

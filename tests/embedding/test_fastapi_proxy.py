@@ -21,7 +21,7 @@ PROMPT, COMPLETION = 10, 20
 COST = PROMPT * fastapi_proxy.PROMPT_PRICE + COMPLETION * fastapi_proxy.COMPLETION_PRICE
 USAGE = {"prompt_tokens": PROMPT, "completion_tokens": COMPLETION, "total_tokens": 30}
 REQUEST = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50}
-HOLD = fastapi_proxy.estimate(REQUEST)
+HOLD, TOKENS_BOUND = fastapi_proxy.estimate(REQUEST)
 
 
 def _completion() -> dict[str, Any]:
@@ -134,6 +134,7 @@ async def test_a_request_is_authenticated_held_settled_and_logged(
         assert failed.status_code == 503
         assert (await store.api_keys.get(key.key.id)).balance == 1000 - 2 * COST  # released
         assert (await store.api_keys.verify()).ok
+        assert (await store.budgets.verify()).ok
     rows = await _usage_rows(migrated)
     assert sorted((row.is_streaming, row.status_code, row.cost) for row in rows) == [
         (False, 200, COST),
@@ -195,6 +196,42 @@ async def test_refusals_are_answered_with_status_and_public_message(
         assert upstream.calls == 0
         assert (await store.api_keys.get(poor.key.id)).balance == HOLD - 1
     assert await _usage_rows(migrated) == []
+
+
+async def test_budgets_and_rate_limits_are_answered_429_with_retry_after(
+    migrated: StoreConfig, upstream: Upstream
+) -> None:
+    app = _app(migrated, upstream)
+    async with app.router.lifespan_context(app), await _client(app) as client:
+        store: Store = app.state.proxy.store
+        key = await store.api_keys.create(balance=100 * HOLD)
+        budget = await store.budgets.create(HOLD + COST, end_user="alice", period="day")
+        limit = await store.rate_limits.create(requests=3, per="hour", api_key_id=key.key.id)
+        alice = {**REQUEST, "user": "alice"}
+        for _ in range(2):
+            ok = await client.post("/v1/chat/completions", json=alice, headers=_auth(key.secret))
+            assert ok.status_code == 200, ok.text
+        # Alice's budget: a hold fits after one request settled at COST, not after two.
+        over = await client.post("/v1/chat/completions", json=alice, headers=_auth(key.secret))
+        assert (over.status_code, over.json()["error"]["message"]) == (429, "budget exceeded")
+        assert 0 < int(over.headers["retry-after"]) <= 86_400
+        # The key's rate limit: a third request, then refused until the hour is over.
+        bob = {**REQUEST, "user": "bob"}
+        third = await client.post("/v1/chat/completions", json=bob, headers=_auth(key.secret))
+        assert third.status_code == 200
+        limited = await client.post("/v1/chat/completions", json=bob, headers=_auth(key.secret))
+        assert (limited.status_code, limited.json()["error"]["message"]) == (
+            429,
+            "rate limit exceeded",
+        )
+        assert 0 < int(limited.headers["retry-after"]) <= 3600
+        assert upstream.calls == 3
+        status = await store.budgets.status(budget.id)
+        assert (status.spent, status.reserved) == (2 * COST, 0)
+        window = await store.rate_limits.status(limit.id)
+        # Settled with the tokens the upstream reported, not the estimate.
+        assert (window.requests, window.tokens) == (3, 3 * (PROMPT + COMPLETION))
+        assert (await store.api_keys.get(key.key.id)).balance == 100 * HOLD - 3 * COST
 
 
 @pytest.mark.slow
