@@ -3,6 +3,8 @@ every driver, in a single process."""
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 
 from llmstore import InsufficientBalanceError, Store, TransactionError, ValidationError
@@ -94,3 +96,16 @@ async def test_a_refused_transfer_inside_a_transaction_moves_nothing(store: Stor
             await tx.api_keys.transfer(source.id, full.id, 10)
     assert await _everything(store) == before
     assert (await store.api_keys.get(source.id)).balance == 100
+
+
+async def test_a_hold_in_a_transaction_leaves_the_keys_own_expiry(store: Store) -> None:
+    # Once, on Postgres, the hold's expiry was bound under a name of the key's columns and
+    # SQLAlchemy added it to the key's UPDATE: the key expired with its hold.
+    never = await store.api_keys.create(balance=100)
+    until = dt.datetime(2099, 1, 1, tzinfo=dt.UTC)
+    dated = await store.api_keys.create(balance=100, expires_at=until)
+    async with store.transaction() as tx:
+        await tx.api_keys.reserve(never.key.id, 10, ttl=dt.timedelta(minutes=1))
+        await tx.api_keys.reserve(dated.key.id, 10, ttl=dt.timedelta(minutes=1))
+    assert (await store.api_keys.get(never.key.id)).expires_at is None
+    assert (await store.api_keys.get(dated.key.id)).expires_at == until

@@ -83,3 +83,19 @@ def test_usage_logging_example(tmp_path: Path, with_key: bool) -> None:
         assert "with the cost changed: valid=False" in result.stdout
     else:
         assert "skipping the receipt" in result.stdout
+
+
+def test_admission_example(tmp_path: Path) -> None:
+    env = _clean_env(tmp_path)
+    result = _run([sys.executable, str(ROOT / "examples" / "admission.py")], tmp_path, env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "alice: 200 charged 150",
+        "alice: 200 charged 120",
+        "bob: 200 charged 480, crossed [600]",
+        "bob: 429 rate limit exceeded, retry after 60 s",
+        "bob: 429 budget exceeded, retry after 43140 s",
+        "bob: 200 charged 200",
+        "project, month of 2026-02-01: spent 200",
+        "project, month of 2026-01-01: spent 750",
+    ]
