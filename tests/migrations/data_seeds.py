@@ -1,6 +1,7 @@
 """What the data tests (``test_migration_data_*.py``, ``test_migration_lock.py``) seed:
-the values, the rows of every table by the revision that creates it (``SEEDS``), and what
-revisions add, drop, write themselves and rename.
+the rows of every table by the revision that creates it (``SEEDS``; the values are in
+``data_values.py``, revision 0006's rows in ``data_seeds_0006.py``), and what revisions
+add, drop, write themselves and rename.
 
 A new revision adds one entry to ``SEEDS`` (rows for each table it creates: one with every
 nullable column set, one with them unset), and, when it adds columns to an existing table
@@ -11,56 +12,34 @@ in ``REVISION_ROWS``. The tests fail, naming what is missing, until it does.
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import hashlib
 import json
-import uuid
 from typing import Any
 
-Row = dict[str, Any]
-
-
-# --- the values: near the limits, unicode, offsets, JSON, ciphertext-looking text -----------
-
-BIG = 2**63 - 1  # BigInteger's largest
-SMALL = -(2**63)  # ... and smallest
-INT32 = 2**31 - 1  # Integer's largest on Postgres
-UTC = dt.UTC
-EPOCH = dt.datetime(1970, 1, 1, tzinfo=UTC)
-NOW = dt.datetime(2026, 11, 22, 12, 34, 56, 789012, tzinfo=UTC)
-# Not UTC: the instant must survive (llmstore stores UTC; the offset itself is not kept).
-OFFSET = dt.datetime(2027, 3, 4, 5, 6, 7, 1, tzinfo=dt.timezone(-dt.timedelta(hours=9, minutes=30)))
-Y2038 = dt.datetime(2038, 1, 19, 3, 14, 8, tzinfo=UTC)
-LAST = dt.datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
-
-UNICODE_200 = ("名前🦀é\u0301שׁ" * 40)[:200]  # CJK, astral, combining, Hebrew: 200 characters
-TRICKY = 'it\'s "quoted"\n\ttab \\ backslash; DROP TABLE projects;--'
-FERNET = "gAAAAAB" + base64.urlsafe_b64encode(bytes(range(256)) * 3).decode()
-FERNET_2 = "gAAAAAB" + base64.urlsafe_b64encode(hashlib.sha512(b"two").digest()).decode()
-DOCUMENT = {
-    "unicode": "ünïcödé 🦀 中文",
-    "big": BIG,
-    "small": SMALL,
-    "float": 0.1,
-    "nested": {"list": [1, "two", None, True, False, 2.5], "empty": {}, "none": []},
-    "null": None,
-    "escaped": TRICKY,
-}
-
-
-def digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def uid(n: int) -> uuid.UUID:
-    return uuid.UUID(int=n)
-
-
-P1, P2, P3 = uid(1), uuid.UUID("ffffffff-ffff-4fff-bfff-ffffffffffff"), uid(3)
-K1, K2 = uuid.UUID("6c6c6d73-746f-7265-8000-000000000001"), uid(2**64)
-B1, B2, B3 = uid(101), uuid.UUID("ffffffff-ffff-4fff-bfff-fffffffffffe"), uid(103)
-R1, R2 = uid(201), uid(202)
-A1, A2 = uid(301), uid(302)
+from tests.migrations.data_seeds_0006 import SEEDS_0006
+from tests.migrations.data_values import (
+    BIG,
+    DOCUMENT,
+    EPOCH,
+    FERNET,
+    FERNET_2,
+    INT32,
+    K1,
+    K2,
+    LAST,
+    NOW,
+    OFFSET,
+    P1,
+    P2,
+    P3,
+    SMALL,
+    TRICKY,
+    UNICODE_200,
+    Y2038,
+    Row,
+    digest,
+    uid,
+)
 
 # --- what every revision seeds, by the revision that creates the table ----------------------
 
@@ -437,340 +416,7 @@ SEEDS: dict[str, dict[str, list[Row]]] = {
     # Renames every table (RENAMED_TABLES) and creates none: the rows above, under the new
     # names, are its seeds.
     "0005_llmstore_prefix": {},
-    # Referencing tables after the tables they reference (the seeds are inserted in order).
-    # Exactly one scope column per budget and rate limit (CHECK): a row per scope.
-    "0006_admission": {
-        "llmstore_budgets": [
-            {
-                "id": B1,
-                "name": UNICODE_200,
-                "project_id": P1,
-                "api_key_id": None,
-                "token_id": None,
-                "end_user": None,
-                "tag": None,
-                "limit_amount": BIG,
-                "period": "fixed",
-                "period_seconds": BIG,
-                "timezone": "America/Argentina/ComodRivadavia",
-                "soft_limits": [1, BIG - 1],
-                "anchor_at": OFFSET,
-                "created_at": EPOCH,
-                "updated_at": LAST,
-            },
-            {
-                "id": B2,
-                "name": None,
-                "project_id": None,
-                "api_key_id": K1,
-                "token_id": None,
-                "end_user": None,
-                "tag": None,
-                "limit_amount": 1,
-                "period": None,
-                "period_seconds": None,
-                "timezone": "UTC",
-                "soft_limits": [],
-                "anchor_at": EPOCH,
-                "created_at": NOW,
-                "updated_at": NOW,
-            },
-            {
-                "id": B3,
-                "name": "",
-                "project_id": None,
-                "api_key_id": None,
-                "token_id": uid(11),
-                "end_user": None,
-                "tag": None,
-                "limit_amount": 1_000,
-                "period": "month",
-                "period_seconds": None,
-                "timezone": "Asia/Kathmandu",
-                "soft_limits": [500, 900, 999],
-                "anchor_at": LAST,
-                "created_at": Y2038,
-                "updated_at": OFFSET,
-            },
-            {
-                "id": uid(104),
-                "name": TRICKY,
-                "project_id": None,
-                "api_key_id": None,
-                "token_id": None,
-                "end_user": UNICODE_200,
-                "tag": None,
-                "limit_amount": 2,
-                "period": "week",
-                "period_seconds": None,
-                "timezone": "Pacific/Chatham",
-                "soft_limits": [1],
-                "anchor_at": Y2038,
-                "created_at": EPOCH,
-                "updated_at": EPOCH,
-            },
-            {
-                "id": uid(105),
-                "name": "tagged",
-                "project_id": None,
-                "api_key_id": None,
-                "token_id": None,
-                "end_user": None,
-                "tag": TRICKY,
-                "limit_amount": BIG,
-                "period": "year",
-                "period_seconds": None,
-                "timezone": "Europe/Berlin",
-                "soft_limits": [BIG - 1],
-                "anchor_at": NOW,
-                "created_at": NOW,
-                "updated_at": LAST,
-            },
-            {
-                "id": uid(106),
-                "name": None,
-                "project_id": None,
-                "api_key_id": K2,
-                "token_id": None,
-                "end_user": None,
-                "tag": None,
-                "limit_amount": 1,
-                "period": "day",
-                "period_seconds": None,
-                "timezone": "America/Los_Angeles",
-                "soft_limits": [],
-                "anchor_at": EPOCH,
-                "created_at": EPOCH,
-                "updated_at": EPOCH,
-            },
-        ],
-        # Period starts in UTC: they are part of the primary key, compared as text.
-        "llmstore_budget_periods": [
-            {"budget_id": B1, "period_start": LAST, "spent": BIG, "reserved": BIG},
-            {"budget_id": B1, "period_start": EPOCH, "spent": 0, "reserved": 0},
-            {"budget_id": B3, "period_start": Y2038, "spent": 1_000, "reserved": 1},
-        ],
-        "llmstore_budget_crossings": [
-            {
-                "budget_id": B1,
-                "period_start": LAST,
-                "threshold": BIG,
-                "admission_id": A1,
-                "at_settle": True,
-                "crossed_at": OFFSET,
-            },
-            {
-                "budget_id": B1,
-                "period_start": LAST,
-                "threshold": 1,
-                # No foreign key: the crossing outlives the admission's purge.
-                "admission_id": uid(999),
-                "at_settle": False,
-                "crossed_at": EPOCH,
-            },
-        ],
-        "llmstore_rate_limits": [
-            {
-                "id": R1,
-                "name": UNICODE_200,
-                "project_id": P2,
-                "api_key_id": None,
-                "token_id": None,
-                "end_user": None,
-                "tag": None,
-                "max_requests": BIG,
-                "max_tokens": BIG,
-                "per": "second",
-                "created_at": OFFSET,
-                "updated_at": LAST,
-            },
-            {
-                "id": R2,
-                "name": None,
-                "project_id": None,
-                "api_key_id": K2,
-                "token_id": None,
-                "end_user": None,
-                "tag": None,
-                "max_requests": 1,
-                "max_tokens": None,
-                "per": "minute",
-                "created_at": EPOCH,
-                "updated_at": EPOCH,
-            },
-            {
-                "id": uid(203),
-                "name": "",
-                "project_id": None,
-                "api_key_id": None,
-                "token_id": uid(12),
-                "end_user": None,
-                "tag": None,
-                "max_requests": None,
-                "max_tokens": 1,
-                "per": "hour",
-                "created_at": NOW,
-                "updated_at": OFFSET,
-            },
-            {
-                "id": uid(204),
-                "name": TRICKY,
-                "project_id": None,
-                "api_key_id": None,
-                "token_id": None,
-                "end_user": TRICKY,
-                "tag": None,
-                "max_requests": INT32,
-                "max_tokens": None,
-                "per": "day",
-                "created_at": Y2038,
-                "updated_at": Y2038,
-            },
-            {
-                "id": uid(205),
-                "name": None,
-                "project_id": None,
-                "api_key_id": None,
-                "token_id": None,
-                "end_user": None,
-                "tag": UNICODE_200,
-                "max_requests": None,
-                "max_tokens": BIG,
-                "per": "day",
-                "created_at": EPOCH,
-                "updated_at": NOW,
-            },
-        ],
-        # Window starts in UTC: they are part of the primary key, compared as text.
-        "llmstore_rate_windows": [
-            {"rate_limit_id": R1, "window_start": LAST, "requests": BIG, "tokens": BIG},
-            {"rate_limit_id": R1, "window_start": EPOCH, "requests": 0, "tokens": 0},
-            {"rate_limit_id": R2, "window_start": NOW, "requests": 1, "tokens": 0},
-        ],
-        "llmstore_admissions": [
-            {
-                "id": A1,
-                "api_key_id": K1,
-                "token_id": uid(11),
-                "project_id": P1,
-                "end_user": UNICODE_200,
-                "tags": ["ünï 🦀", TRICKY, "", "x" * 200],
-                "reservation_id": uid(41),
-                "cost": BIG,
-                "tokens": BIG,
-                "status": "settled",
-                "idempotency_key": "adm-" + "ß" * 196,
-                "params_digest": digest("admission params"),
-                "created_at": NOW,
-                "expires_at": LAST,
-                "finished_at": OFFSET,
-                "settled_cost": BIG,
-                "settled_tokens": BIG,
-                "charged": BIG,
-                "shortfall": BIG,
-                "settle_digest": digest("settle params"),
-                "usage_id": BIG,
-            },
-            {
-                "id": A2,
-                "api_key_id": None,
-                "token_id": None,
-                "project_id": None,
-                "end_user": None,
-                "tags": None,
-                "reservation_id": None,
-                "cost": 0,
-                "tokens": 0,
-                "status": "active",
-                "idempotency_key": None,
-                "params_digest": None,
-                "created_at": EPOCH,
-                "expires_at": Y2038,
-                "finished_at": None,
-                "settled_cost": None,
-                "settled_tokens": None,
-                "charged": None,
-                "shortfall": None,
-                "settle_digest": None,
-                "usage_id": None,
-            },
-            {
-                # No foreign keys: an admission is a record of a request, as a usage row is.
-                "id": uid(303),
-                "api_key_id": uid(998),
-                "token_id": uid(997),
-                "project_id": uid(996),
-                "end_user": "",
-                "tags": [],
-                "reservation_id": uid(995),
-                "cost": 1,
-                "tokens": 1,
-                "status": "released",
-                "idempotency_key": "",
-                "params_digest": "0" * 64,
-                "created_at": OFFSET,
-                "expires_at": OFFSET,
-                "finished_at": EPOCH,
-                "settled_cost": 0,
-                "settled_tokens": 0,
-                "charged": 0,
-                "shortfall": 0,
-                "settle_digest": "f" * 64,
-                "usage_id": SMALL,
-            },
-            {
-                "id": uid(304),
-                "api_key_id": K2,
-                "token_id": None,
-                "project_id": None,
-                "end_user": None,
-                "tags": None,
-                "reservation_id": None,
-                "cost": BIG,
-                "tokens": 0,
-                "status": "expired",
-                "idempotency_key": None,
-                "params_digest": None,
-                "created_at": Y2038,
-                "expires_at": Y2038,
-                "finished_at": LAST,
-                "settled_cost": None,
-                "settled_tokens": None,
-                "charged": None,
-                "shortfall": None,
-                "settle_digest": None,
-                "usage_id": None,
-            },
-        ],
-        "llmstore_admission_budgets": [
-            {
-                "admission_id": A1,
-                "budget_id": B1,
-                "period_start": LAST,
-                "amount": BIG,
-                "settled_amount": BIG,
-            },
-            {
-                "admission_id": A1,
-                "budget_id": B3,
-                "period_start": OFFSET,
-                "amount": 0,
-                "settled_amount": 0,
-            },
-            {
-                "admission_id": A2,
-                "budget_id": B2,
-                "period_start": EPOCH,
-                "amount": 1,
-                "settled_amount": None,
-            },
-        ],
-        "llmstore_admission_windows": [
-            {"admission_id": A1, "rate_limit_id": R1, "window_start": LAST, "tokens": BIG},
-            {"admission_id": A2, "rate_limit_id": R1, "window_start": OFFSET, "tokens": 0},
-            {"admission_id": A2, "rate_limit_id": R2, "window_start": EPOCH, "tokens": 1},
-        ],
-    },
+    "0006_admission": SEEDS_0006,
 }
 
 # Columns a revision adds to a table that already exists: revision -> table (its name at

@@ -27,10 +27,9 @@ from tests.migrations.data_seeds import (
     REVISION_ROWS,
     SEEDS,
     SINGLE_ROW_TABLES,
-    UTC,
-    Row,
     _missing_seed_message,
 )
+from tests.migrations.data_values import UTC, Row
 
 T = TypeVar("T")
 

@@ -12,8 +12,9 @@ from llmstore._db.schema import metadata
 from llmstore.migrations._commands import downgrade, upgrade
 from llmstore.pytest_plugin import drop_schema, fresh_schema_name
 from tests.helpers import require_postgres
-from tests.migrations.data_seeds import K2, NOW, SEEDS
+from tests.migrations.data_seeds import SEEDS
 from tests.migrations.data_support import _BEFORE_RENAMING, as_at, on_database
+from tests.migrations.data_values import K2, NOW
 
 _OLD_USAGE = sa.table(
     "usage_logs",
