@@ -42,6 +42,7 @@ from llmstore._core.errors import (
     ValidationError,
 )
 from llmstore._core.ids import new_id
+from llmstore._core.validate import MAX_INT64
 from llmstore._db.dialects import insert_ignoring_conflicts, upsert_returning
 from llmstore._db.schema import (
     admission_budgets,
@@ -263,13 +264,21 @@ def _count(conn: Connection, limit: RateLimit, tokens: int, now: dt.datetime) ->
         RW,
         {"rate_limit_id": limit.id, "window_start": start, "requests": 1, "tokens": tokens},
         [RW.c.rate_limit_id, RW.c.window_start],
-        {"requests": RW.c.requests + 1, "tokens": RW.c.tokens + tokens},
+        {"requests": RW.c.requests + 1, "tokens": saturated(RW.c.tokens, tokens)},
         sa.and_(*room),
         [RW.c.requests],
     )
     if row is None:
         raise RateLimitedError(limit.id, seconds_until(end, now))
     return start
+
+
+def saturated(column: sa.ColumnElement[int], delta: int) -> sa.ColumnElement[int]:
+    """``column + delta`` kept within 0 and 2**63 - 1: a token count never overflows (SQLite
+    would turn it into a float, Postgres refuse it) nor goes below zero."""
+    if delta >= 0:
+        return sa.case((column <= MAX_INT64 - delta, column + delta), else_=MAX_INT64)
+    return sa.case((column >= -delta, column + delta), else_=0)
 
 
 def _hold(

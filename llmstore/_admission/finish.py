@@ -20,11 +20,12 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from llmstore._billing import extend_hold, finish_holds, settle_hold, settle_unheld
-from llmstore._core.errors import ConflictError, NotFoundError
+from llmstore._core.errors import ConflictError, NotFoundError, ValidationError
+from llmstore._core.validate import MAX_INT64
 from llmstore._db.schema import admission_budgets, admission_windows, budget_periods, rate_windows
 from llmstore._usage import UsageRecord, insert_records
 
-from .admit import crossings_of, load, record_crossings
+from .admit import crossings_of, load, record_crossings, saturated
 from .records import ADMISSION_COLUMNS, BUDGET_COLUMNS, A, Admission, B, Settlement, budget
 
 AB = admission_budgets
@@ -88,10 +89,18 @@ def settle(conn: Connection, request: SettleRequest, now: dt.datetime) -> Settle
         record = budget(tuple(hold)[2:])
         level = conn.execute(
             BP.update()
-            .where(BP.c.budget_id == record.id, BP.c.period_start == hold.period_start)
+            .where(
+                BP.c.budget_id == record.id,
+                BP.c.period_start == hold.period_start,
+                BP.c.spent <= MAX_INT64 - request.cost,
+            )
             .values(reserved=BP.c.reserved - hold.amount, spent=BP.c.spent + request.cost)
             .returning(BP.c.spent, BP.c.reserved)
-        ).one()
+        ).first()
+        if level is None:  # the whole unit is undone: nothing of the settlement is written
+            raise ValidationError(
+                f"a cost of {request.cost} would overflow budget {record.id}'s spend"
+            )
         after = level.spent + level.reserved
         before = after - request.cost + hold.amount
         crossed += record_crossings(
@@ -172,17 +181,20 @@ def _correct_tokens(conn: Connection, admission_id: uuid.UUID, delta: int) -> No
         .order_by(AW.c.rate_limit_id)
     ).all()
     for window in counted:
-        # Never below zero: a window swept and made again by a later request starts at 0.
+        # Never below zero (a window swept and made again by a later request starts at 0),
+        # never past 2**63 - 1.
         conn.execute(
             RW.update()
             .where(
                 RW.c.rate_limit_id == window.rate_limit_id,
                 RW.c.window_start == window.window_start,
             )
-            .values(tokens=sa.case((RW.c.tokens + delta >= 0, RW.c.tokens + delta), else_=0))
+            .values(tokens=saturated(RW.c.tokens, delta))
         )
     conn.execute(
-        AW.update().where(AW.c.admission_id == admission_id).values(tokens=AW.c.tokens + delta)
+        AW.update()
+        .where(AW.c.admission_id == admission_id)
+        .values(tokens=saturated(AW.c.tokens, delta))
     )
 
 
