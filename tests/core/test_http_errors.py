@@ -3,6 +3,7 @@ instance, safe to show a client (no secret, digest, SQL, table or driver text)."
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 
 import pytest
@@ -10,10 +11,12 @@ import pytest
 import llmstore
 from llmstore import (
     ApiKeyRejectedError,
+    BudgetExceededError,
     ConflictError,
     InsufficientBalanceError,
     LlmstoreError,
     NotFoundError,
+    RateLimitedError,
     Store,
     TokenRejectedError,
     TokenRejectionReason,
@@ -28,6 +31,8 @@ STATUS = {
     "TokenRejectedError": 401,
     "ApiKeyRejectedError": 401,
     "InsufficientBalanceError": 402,
+    "RateLimitedError": 429,
+    "BudgetExceededError": 429,
     "ConflictError": 409,
     "IdempotencyConflictError": 409,
     "DatabaseUnavailableError": 503,
@@ -50,6 +55,41 @@ def test_every_error_class_has_an_int_http_status() -> None:
     for error in classes:
         assert type(error.http_status) is int, error
         assert error.http_status == STATUS.get(error.__name__, 500), error
+
+
+def test_limits_answer_429_with_what_a_retry_after_header_needs() -> None:
+    limit_id, budget_id = uuid.uuid4(), uuid.uuid4()
+    limited = RateLimitedError(limit_id, 17)
+    assert (limited.http_status, limited.public_message, limited.retry_after) == (
+        429,
+        "rate limit exceeded",
+        17,
+    )
+    assert limited.rate_limit_id == limit_id
+    resets = dt.datetime(2026, 2, 1, tzinfo=dt.UTC)
+    exceeded = BudgetExceededError(budget_id, 5, resets, 3600)
+    assert (exceeded.http_status, exceeded.public_message) == (429, "budget exceeded")
+    assert (exceeded.budget_id, exceeded.remaining, exceeded.resets_at, exceeded.retry_after) == (
+        budget_id,
+        5,
+        resets,
+        3600,
+    )
+    assert "never resets" in str(BudgetExceededError(budget_id, 0, None, None))
+    for error in (limited, exceeded):
+        assert str(limit_id) not in error.public_message
+        assert str(budget_id) not in error.public_message
+
+
+def test_key_rejections_say_why_publicly() -> None:
+    assert {
+        reason: ApiKeyRejectedError(reason).public_message
+        for reason in ("unknown", "inactive", "expired")
+    } == {
+        "unknown": "invalid API key",
+        "inactive": "API key inactive",
+        "expired": "API key expired",
+    }
 
 
 def test_token_rejections_answer_401_and_an_exhausted_quota_429() -> None:
