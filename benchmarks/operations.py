@@ -11,6 +11,7 @@ from typing import Final
 
 from .common import Operation
 from .ops_access import ProjectsCreate, ProjectsGet, TokensUse
+from .ops_admission import AdmissionsAdmitSettle
 from .ops_billing import ApiKeysCharge, ApiKeysReserveSettle
 from .ops_usage import UsageRecordMany
 
@@ -21,5 +22,6 @@ OPERATIONS: Final[dict[str, Operation]] = {
     "tokens.use": TokensUse(),
     "api_keys.charge": ApiKeysCharge(),
     "api_keys.reserve_settle": ApiKeysReserveSettle(),
+    "admissions.admit_settle": AdmissionsAdmitSettle(),
     "usage.record_many": UsageRecordMany(),
 }

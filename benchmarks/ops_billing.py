@@ -46,20 +46,29 @@ def new_api_key_secret() -> str:
     return "lsk_" + secrets.token_urlsafe(32)
 
 
-async def raw_create_api_key(db: RawDB, balance: int) -> object:
-    """A key holding ``balance``, with its opening deposit entry; its id as stored."""
+async def raw_create_api_key(
+    db: RawDB, balance: int, *, secret: str | None = None, project_id: object = None
+) -> object:
+    """A key holding ``balance`` (of ``project_id``, as stored), with its opening deposit
+    entry; its id as stored."""
     key_id = db.encode_id(new_id())
-    secret = new_api_key_secret()
+    secret = new_api_key_secret() if secret is None else secret
     insert_key = db.sql(
         "INSERT INTO raw_api_keys (id, secret_digest, prefix, project_id, balance, reserved,"
         " total_deposited, total_spent, created_at, last_used_at, expires_at, key_metadata)"
-        " VALUES (:id, :digest, :prefix, NULL, :balance, 0, :balance, 0, :now, NULL, NULL, NULL)"
+        " VALUES (:id, :digest, :prefix, :project_id, :balance, 0, :balance, 0, :now, NULL,"
+        " NULL, NULL)"
     )
     insert_entry = db.sql(RAW_INSERT_ENTRY)
 
     def steps() -> RawSteps[object]:
         now = db.encode_time(utcnow())
-        values = {"id": key_id, "digest": secret_digest(secret), "prefix": secret[:12]}
+        values = {
+            "id": key_id,
+            "digest": secret_digest(secret),
+            "prefix": secret[:12],
+            "project_id": project_id,
+        }
         yield insert_key.text, insert_key.args({**values, "balance": balance, "now": now})
         yield (
             insert_entry.text,
@@ -84,11 +93,18 @@ async def orm_key_with_available(
     return key
 
 
-async def orm_create_api_key(sessions: async_sessionmaker[AsyncSession], balance: int) -> uuid.UUID:
-    secret = new_api_key_secret()
+async def orm_create_api_key(
+    sessions: async_sessionmaker[AsyncSession],
+    balance: int,
+    *,
+    secret: str | None = None,
+    project_id: uuid.UUID | None = None,
+) -> uuid.UUID:
+    secret = new_api_key_secret() if secret is None else secret
     key = OrmApiKey(
         secret_digest=secret_digest(secret),
         prefix=secret[:12],
+        project_id=project_id,
         balance=balance,
         total_deposited=balance,
     )

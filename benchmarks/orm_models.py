@@ -89,6 +89,8 @@ class OrmApiKey(OrmBase):
     last_used_at: Mapped[dt.datetime | None] = mapped_column(sa.DateTime(timezone=True))
     expires_at: Mapped[dt.datetime | None] = mapped_column(sa.DateTime(timezone=True), index=True)
     key_metadata: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON())
+    is_active: Mapped[bool] = mapped_column(default=True)
+    deactivated_at: Mapped[dt.datetime | None] = mapped_column(sa.DateTime(timezone=True))
 
 
 class OrmLedgerEntry(OrmBase):
@@ -184,6 +186,172 @@ class OrmUsageLog(OrmBase):
     error_type: Mapped[str | None] = mapped_column(sa.String(200))
     error_message: Mapped[str | None] = mapped_column(sa.String(4000))
     usage_metadata: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON())
+
+
+#: The scope columns of a budget or a rate limit: exactly one is set.
+SCOPE_COLUMNS: Final = ("project_id", "api_key_id", "token_id", "end_user", "tag")
+ONE_SCOPE: Final = (
+    " + ".join(f"(CASE WHEN {name} IS NULL THEN 0 ELSE 1 END)" for name in SCOPE_COLUMNS) + " = 1"
+)
+
+
+class OrmScoped:
+    """What a budget and a rate limit share: one scope (a foreign key or a label)."""
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    name: Mapped[str | None] = mapped_column(sa.String(200))
+    project_id: Mapped[uuid.UUID | None] = mapped_column(
+        sa.ForeignKey("orm_projects.id", ondelete="CASCADE"), index=True
+    )
+    api_key_id: Mapped[uuid.UUID | None] = mapped_column(
+        sa.ForeignKey("orm_api_keys.id", ondelete="CASCADE"), index=True
+    )
+    token_id: Mapped[uuid.UUID | None] = mapped_column(
+        sa.ForeignKey("orm_tokens.id", ondelete="CASCADE"), index=True
+    )
+    end_user: Mapped[str | None] = mapped_column(sa.String(200), index=True)
+    tag: Mapped[str | None] = mapped_column(sa.String(200), index=True)
+
+
+class OrmBudget(OrmScoped, OrmBase):
+    __tablename__ = "orm_budgets"
+    __table_args__ = (
+        sa.CheckConstraint(ONE_SCOPE, name="one_scope"),
+        sa.CheckConstraint("limit_amount > 0", name="limit_positive"),
+        sa.CheckConstraint(
+            "period IS NULL OR period IN ('day', 'week', 'month', 'year', 'fixed')", name="period"
+        ),
+        sa.CheckConstraint(
+            "(period = 'fixed' AND period_seconds > 0) "
+            "OR ((period IS NULL OR period <> 'fixed') AND period_seconds IS NULL)",
+            name="fixed_period_seconds",
+        ),
+    )
+
+    limit_amount: Mapped[int] = mapped_column(sa.BigInteger())
+    period: Mapped[str | None] = mapped_column(sa.String(8))
+    period_seconds: Mapped[int | None] = mapped_column(sa.BigInteger())
+    timezone: Mapped[str] = mapped_column(sa.String(64), default="UTC")
+    soft_limits: Mapped[list[int]] = mapped_column(sa.JSON(), default=list)
+    anchor_at: Mapped[dt.datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[dt.datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
+
+
+class OrmBudgetPeriod(OrmBase):
+    __tablename__ = "orm_budget_periods"
+    __table_args__ = (sa.CheckConstraint("spent >= 0 AND reserved >= 0", name="not_negative"),)
+
+    budget_id: Mapped[uuid.UUID] = mapped_column(
+        sa.ForeignKey("orm_budgets.id", ondelete="CASCADE"), primary_key=True
+    )
+    period_start: Mapped[dt.datetime] = mapped_column(sa.DateTime(timezone=True), primary_key=True)
+    spent: Mapped[int] = mapped_column(sa.BigInteger(), default=0)
+    reserved: Mapped[int] = mapped_column(sa.BigInteger(), default=0)
+
+
+class OrmBudgetCrossing(OrmBase):
+    __tablename__ = "orm_budget_crossings"
+
+    budget_id: Mapped[uuid.UUID] = mapped_column(
+        sa.ForeignKey("orm_budgets.id", ondelete="CASCADE"), primary_key=True
+    )
+    period_start: Mapped[dt.datetime] = mapped_column(sa.DateTime(timezone=True), primary_key=True)
+    threshold: Mapped[int] = mapped_column(sa.BigInteger(), primary_key=True)
+    admission_id: Mapped[uuid.UUID]
+    at_settle: Mapped[bool]
+    crossed_at: Mapped[dt.datetime] = mapped_column(sa.DateTime(timezone=True))
+
+
+class OrmRateLimit(OrmScoped, OrmBase):
+    __tablename__ = "orm_rate_limits"
+    __table_args__ = (
+        sa.CheckConstraint(ONE_SCOPE, name="one_scope"),
+        sa.CheckConstraint("per IN ('second', 'minute', 'hour', 'day')", name="per"),
+        sa.CheckConstraint(
+            "(max_requests IS NOT NULL OR max_tokens IS NOT NULL) "
+            "AND (max_requests IS NULL OR max_requests > 0) "
+            "AND (max_tokens IS NULL OR max_tokens > 0)",
+            name="some_limit",
+        ),
+    )
+
+    max_requests: Mapped[int | None] = mapped_column(sa.BigInteger())
+    max_tokens: Mapped[int | None] = mapped_column(sa.BigInteger())
+    per: Mapped[str] = mapped_column(sa.String(8))
+    created_at: Mapped[dt.datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
+
+
+class OrmRateWindow(OrmBase):
+    __tablename__ = "orm_rate_windows"
+    __table_args__ = (sa.CheckConstraint("requests >= 0 AND tokens >= 0", name="not_negative"),)
+
+    rate_limit_id: Mapped[uuid.UUID] = mapped_column(
+        sa.ForeignKey("orm_rate_limits.id", ondelete="CASCADE"), primary_key=True
+    )
+    window_start: Mapped[dt.datetime] = mapped_column(sa.DateTime(timezone=True), primary_key=True)
+    requests: Mapped[int] = mapped_column(sa.BigInteger(), default=0)
+    tokens: Mapped[int] = mapped_column(sa.BigInteger(), default=0)
+
+
+class OrmAdmission(OrmBase):
+    __tablename__ = "orm_admissions"
+    __table_args__ = (
+        sa.CheckConstraint("status IN ('active', 'settled', 'released', 'expired')", name="status"),
+        sa.CheckConstraint("cost >= 0 AND tokens >= 0", name="estimates_not_negative"),
+        sa.Index(None, "status", "expires_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    api_key_id: Mapped[uuid.UUID | None]
+    token_id: Mapped[uuid.UUID | None]
+    project_id: Mapped[uuid.UUID | None]
+    end_user: Mapped[str | None] = mapped_column(sa.String(200))
+    tags: Mapped[list[str] | None] = mapped_column(sa.JSON(none_as_null=True))
+    reservation_id: Mapped[uuid.UUID | None]
+    cost: Mapped[int] = mapped_column(sa.BigInteger())
+    tokens: Mapped[int] = mapped_column(sa.BigInteger())
+    status: Mapped[str] = mapped_column(sa.String(10), default="active")
+    idempotency_key: Mapped[str | None] = mapped_column(sa.String(200), unique=True)
+    params_digest: Mapped[str | None] = mapped_column(sa.String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(sa.DateTime(timezone=True))
+    expires_at: Mapped[dt.datetime] = mapped_column(sa.DateTime(timezone=True))
+    finished_at: Mapped[dt.datetime | None] = mapped_column(sa.DateTime(timezone=True))
+    settled_cost: Mapped[int | None] = mapped_column(sa.BigInteger())
+    settled_tokens: Mapped[int | None] = mapped_column(sa.BigInteger())
+    charged: Mapped[int | None] = mapped_column(sa.BigInteger())
+    shortfall: Mapped[int | None] = mapped_column(sa.BigInteger())
+    settle_digest: Mapped[str | None] = mapped_column(sa.String(64))
+    usage_id: Mapped[int | None] = mapped_column(sa.BigInteger())
+
+
+class OrmAdmissionBudget(OrmBase):
+    __tablename__ = "orm_admission_budgets"
+    __table_args__ = (sa.Index(None, "budget_id", "period_start"),)
+
+    admission_id: Mapped[uuid.UUID] = mapped_column(
+        sa.ForeignKey("orm_admissions.id", ondelete="CASCADE"), primary_key=True
+    )
+    budget_id: Mapped[uuid.UUID] = mapped_column(
+        sa.ForeignKey("orm_budgets.id", ondelete="CASCADE"), primary_key=True
+    )
+    period_start: Mapped[dt.datetime] = mapped_column(sa.DateTime(timezone=True))
+    amount: Mapped[int] = mapped_column(sa.BigInteger())
+    settled_amount: Mapped[int | None] = mapped_column(sa.BigInteger())
+
+
+class OrmAdmissionWindow(OrmBase):
+    __tablename__ = "orm_admission_windows"
+
+    admission_id: Mapped[uuid.UUID] = mapped_column(
+        sa.ForeignKey("orm_admissions.id", ondelete="CASCADE"), primary_key=True
+    )
+    rate_limit_id: Mapped[uuid.UUID] = mapped_column(
+        sa.ForeignKey("orm_rate_limits.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    window_start: Mapped[dt.datetime] = mapped_column(sa.DateTime(timezone=True))
+    tokens: Mapped[int] = mapped_column(sa.BigInteger())
 
 
 def orm_sqlite_engine(path: Path) -> AsyncEngine:

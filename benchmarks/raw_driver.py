@@ -22,8 +22,26 @@ import asyncpg  # type: ignore[import-untyped]
 
 T = TypeVar("T")
 
-#: A raw transaction's body: yields ``(sql, args)``, is sent each statement's first row.
-RawSteps = Generator[tuple[str, tuple[object, ...]], Sequence[Any] | None, T]
+
+@dataclass(frozen=True)
+class Rows:
+    """A statement's arguments, asking for all its rows: the transaction's body is sent
+    the list of them instead of the first."""
+
+    args: tuple[object, ...]
+
+
+@dataclass(frozen=True)
+class Many:
+    """One statement run once per parameter row (the driver's ``executemany``); the
+    transaction's body is sent None."""
+
+    rows: Sequence[tuple[object, ...]]
+
+
+#: A raw transaction's body: yields ``(sql, args)`` and is sent each statement's first
+#: row; with :class:`Rows`, all its rows; with :class:`Many`, None.
+RawSteps = Generator[tuple[str, tuple[object, ...] | Rows | Many], Sequence[Any] | None, T]
 
 _MARKER = re.compile(r"(?<![:\w]):([a-z_][a-z0-9_]*)")
 
@@ -99,8 +117,10 @@ class RawDB(Protocol):
         """Run ``steps`` as one transaction: one thread hop (SQLite), or BEGIN ... COMMIT.
 
         ``steps()`` is a generator that yields ``(sql, args)`` and is sent each
-        statement's first row (or None); its return value is returned. An exception
-        raised in it rolls the transaction back.
+        statement's first row (or None); its return value is returned. ``args`` may be
+        :class:`Rows` (it is sent the list of all rows) or :class:`Many` (one
+        ``executemany``; it is sent None). An exception raised in it rolls the
+        transaction back.
         """
         ...
 
@@ -188,8 +208,14 @@ class RawSQLite:
                 try:
                     while True:
                         sql, args = body.send(row)
-                        rows = conn.execute(sql, args).fetchall()
-                        row = rows[0] if rows else None
+                        if isinstance(args, Many):
+                            conn.executemany(sql, args.rows)
+                            row = None
+                        elif isinstance(args, Rows):
+                            row = conn.execute(sql, args.args).fetchall()
+                        else:
+                            rows = conn.execute(sql, args).fetchall()
+                            row = rows[0] if rows else None
                 except StopIteration as stop:
                     result: T = stop.value
             except BaseException:
@@ -273,7 +299,13 @@ class RawPostgres:
             try:
                 while True:
                     sql, args = body.send(row)
-                    row = await conn.fetchrow(sql, *args)
+                    if isinstance(args, Many):
+                        await conn.executemany(sql, args.rows)
+                        row = None
+                    elif isinstance(args, Rows):
+                        row = await conn.fetch(sql, *args.args)
+                    else:
+                        row = await conn.fetchrow(sql, *args)
             except StopIteration as stop:
                 result: T = stop.value
         return result

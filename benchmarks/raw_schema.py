@@ -36,6 +36,14 @@ RAW_TABLES: Final = (
     "ledger_entries",
     "reservations",
     "usage_logs",
+    "budgets",
+    "budget_periods",
+    "budget_crossings",
+    "rate_limits",
+    "rate_windows",
+    "admissions",
+    "admission_budgets",
+    "admission_windows",
 )
 
 #: llmstore's naming convention for constraints and indexes, shared by the ORM's tables.

@@ -7,7 +7,8 @@ Each operation is measured three ways in one process, on the same database
 
 * ``llmstore``: the public ``Store`` API, on the tables that the migrations create
   (``llmstore_projects``, ``llmstore_tokens``, ``llmstore_api_keys``,
-  ``llmstore_ledger_entries``, ``llmstore_reservations``, ``llmstore_usage_logs``);
+  ``llmstore_ledger_entries``, ``llmstore_reservations``, ``llmstore_usage_logs``, and
+  the budget, rate-limit and admission tables);
 * ``raw``: the bare driver (:mod:`benchmarks.raw_driver`: stdlib ``sqlite3`` behind a
   one-thread executor, or ``asyncpg``) sending the same statements as llmstore (a
   multi-statement unit in one transaction: one thread hop on SQLite, BEGIN ... COMMIT on
@@ -17,9 +18,10 @@ Each operation is measured three ways in one process, on the same database
   ``orm_*`` tables with the same columns (:mod:`benchmarks.orm_models`).
 
 Operations run one at a time, awaited, so the figures are latency-bound throughput. The
-operations are in ``benchmarks/ops_access.py``, ``ops_billing.py`` and ``ops_usage.py``,
-registered in :data:`benchmarks.operations.OPERATIONS`; :mod:`benchmarks.measure` times
-them and :mod:`benchmarks.report` prints the table. This module is the command line.
+operations are in ``benchmarks/ops_access.py``, ``ops_billing.py``, ``ops_admission.py``
+and ``ops_usage.py``, registered in :data:`benchmarks.operations.OPERATIONS`;
+:mod:`benchmarks.measure` times them and :mod:`benchmarks.report` prints the table. This
+module is the command line.
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
 """The benchmark harness (``benchmarks/``): ``python -m benchmarks.run`` end to end with tiny
 numbers on each driver, its report holding a ratio line for every operation; the raw
-tables, generated from llmstore's schema, being llmstore's tables under other names; and
-the harness's ids being time-ordered UUIDs as llmstore's are."""
+tables, generated from llmstore's schema, being llmstore's tables under other names; the
+harness's ids being time-ordered UUIDs as llmstore's are; and the raw admission's copies
+of llmstore's columns and arithmetic being llmstore's."""
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import sqlite3
 import time
@@ -13,9 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import admission_sql
 from benchmarks.common import DRIVERS, Driver, new_id
 from benchmarks.operations import OPERATIONS
 from benchmarks.raw_schema import RAW_TABLES, USAGE_COLUMN_NAMES, llmstore_table, raw_ddl
+from llmstore._admission.periods import rate_window
+from llmstore._admission.records import ADMISSION_COLUMNS
+from llmstore._billing.records import KEY_COLUMNS, params_digest
 from tests.helpers import require_postgres, run_module
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -93,3 +99,38 @@ def test_the_benchmarks_ids_are_time_ordered_like_llmstores() -> None:
     assert {(value.version, value.variant) for value in ids} == {(7, uuid.RFC_4122)}
     millis = ids[-1].int >> 80
     assert abs(millis - time.time_ns() // 1_000_000) < 60_000
+
+
+def names(columns: str) -> list[str]:
+    return [name.strip() for name in columns.split(",")]
+
+
+def test_the_raw_admission_reads_llmstores_columns() -> None:
+    assert names(admission_sql.KEY_COLUMNS) == [column.name for column in KEY_COLUMNS]
+    assert names(admission_sql.RATE_LIMIT_COLUMNS) == [
+        column.name for column in llmstore_table("rate_limits").columns
+    ]
+    assert list(admission_sql.BUDGET_NAMES) == [
+        column.name for column in llmstore_table("budgets").columns
+    ]
+    assert names(admission_sql.ADMISSION_COLUMNS) == [column.name for column in ADMISSION_COLUMNS]
+    assert list(admission_sql.ADMISSION_NAMES) == [
+        column.name for column in llmstore_table("admissions").columns
+    ]
+    for table in ("admissions", "admission_budgets", "admission_windows", "budget_crossings"):
+        assert f"raw_{table}" in " ".join(raw_ddl("sqlite"))
+
+
+@pytest.mark.parametrize("per", ["second", "minute", "hour", "day"])
+def test_the_raw_admission_computes_llmstores_windows(per: str) -> None:
+    for at in (
+        dt.datetime(1970, 1, 1, tzinfo=dt.UTC),
+        dt.datetime(2026, 3, 29, 1, 59, 59, 999_999, tzinfo=dt.UTC),
+        dt.datetime(2026, 12, 31, 23, 0, 30, 5, tzinfo=dt.UTC),
+    ):
+        assert admission_sql.window_start(per, at) == rate_window(per, at)[0]
+
+
+def test_the_raw_admission_stores_llmstores_settle_digest() -> None:
+    assert admission_sql.settle_digest(3, 80) == params_digest("settle", 3, 80, None)
+    assert admission_sql.settle_digest(0, None) == params_digest("settle", 0, None, None)
