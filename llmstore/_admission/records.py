@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Iterable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -296,11 +295,18 @@ def check_period(value: object) -> tuple[str | None, int | None]:
     )
 
 
+def _plain_items(value: object, what: str) -> list[object]:
+    """The items of a plain list, tuple or set (never a caller's iterable, whose code could
+    raise anything)."""
+    if type(value) not in (list, tuple, set, frozenset):
+        raise ValidationError(f"{what} must be a list, not {describe(value)}")
+    assert isinstance(value, list | tuple | set | frozenset)
+    return list(value)
+
+
 def check_soft_limits(value: object, limit: int) -> tuple[int, ...]:
     """Distinct positive integers below ``limit``, in ascending order."""
-    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
-        raise ValidationError(f"soft_limits must be a list of integers, not {describe(value)}")
-    items = list(value)
+    items = _plain_items(value, "soft_limits")
     if len(items) > MAX_SOFT_LIMITS:
         raise ValidationError(f"soft_limits holds at most {MAX_SOFT_LIMITS} values")
     checked = sorted(
@@ -318,10 +324,8 @@ def check_per(value: object) -> RatePer:
 
 def check_tags(value: object) -> tuple[str, ...]:
     """Up to 20 distinct tags, in the order given."""
-    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
-        raise ValidationError(f"tags must be a list of strings, not {describe(value)}")
     tags: list[str] = []
-    for item in value:
+    for item in _plain_items(value, "tags"):
         tag = check_label(item, "a tag")
         if tag not in tags:
             tags.append(tag)

@@ -336,6 +336,9 @@ class World:
     withdrawal_id: uuid.UUID
     usage_id: int
     receipt_id: uuid.UUID
+    budget_id: uuid.UUID
+    rate_limit_id: uuid.UUID
+    admission_id: uuid.UUID
     counter: Iterator[int] = dataclasses.field(default_factory=itertools.count)
 
     def unique(self, prefix: str) -> str:
@@ -360,6 +363,9 @@ async def build_world(store: Store, cwd: Path) -> World:
     usage_id = result.ids[0]
     assert usage_id is not None
     receipt = await store.usage.issue_receipt(usage_id)
+    budget = await store.budgets.create(2**62, project_id=project.id, period="month")
+    limit = await store.rate_limits.create(requests=2**62, per="hour", project_id=project.id)
+    admission = await store.admissions.admit(key.secret, cost=5, tokens=50)
     return World(
         store=store,
         cwd=cwd,
@@ -376,4 +382,7 @@ async def build_world(store: Store, cwd: Path) -> World:
         withdrawal_id=payout.id,
         usage_id=usage_id,
         receipt_id=receipt.id,
+        budget_id=budget.id,
+        rate_limit_id=limit.id,
+        admission_id=admission.id,
     )

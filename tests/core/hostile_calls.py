@@ -66,12 +66,25 @@ async def _failed_payout(w: World) -> object:
     return (await w.store.api_keys.fail_withdrawal(payout.id, "mint down")).id
 
 
+async def _budget(w: World) -> object:
+    return (await w.store.budgets.create(100, tag=w.unique("tag"))).id
+
+
+async def _rate_limit(w: World) -> object:
+    return (await w.store.rate_limits.create(requests=100, tag=w.unique("tag"))).id
+
+
+async def _admission(w: World) -> object:
+    return (await w.store.admissions.admit(w.key_secret, cost=2)).id
+
+
 def _name(prefix: str) -> Fresh:
     return Fresh(lambda w: w.unique(prefix), row=False)
 
 
 PROJECT, TOKEN_ID, CREDENTIAL = Fresh(_project), Fresh(_token), Fresh(_credential)
 HOLD, PAYOUT, FAILED_PAYOUT = Fresh(_hold), Fresh(_payout), Fresh(_failed_payout)
+BUDGET, RATE_LIMIT, ADMISSION = Fresh(_budget), Fresh(_rate_limit), Fresh(_admission)
 TTL = dt.timedelta(minutes=5)
 ACTOR = {"actor": "tests"}
 PAGE = {"limit": 10, "after": None}
@@ -215,6 +228,86 @@ SPECS: dict[tuple[str, str], dict[str, object]] = {
     ("api_keys", "retry_withdrawal"): {"withdrawal_id": FAILED_PAYOUT},
     ("api_keys", "verify"): {},
     ("api_keys", "cleanup_expired"): {},
+    # budgets
+    ("budgets", "create"): {
+        "limit": 1000,
+        "project_id": None,
+        "api_key_id": None,
+        "token_id": None,
+        "end_user": None,
+        "tag": _name("tag"),
+        "period": "week",
+        "timezone": "Europe/Berlin",
+        "soft_limits": [500, 800],
+        "name": "weekly",
+    },
+    ("budgets", "get"): {"budget_id": W("budget_id")},
+    ("budgets", "list"): {
+        "project_id": W("project_id"),
+        "api_key_id": None,
+        "token_id": None,
+        "end_user": None,
+        "tag": None,
+        **PAGE,
+    },
+    ("budgets", "update"): {"budget_id": BUDGET, "limit": 900, "soft_limits": [10], "name": "b"},
+    ("budgets", "delete"): {"budget_id": BUDGET},
+    ("budgets", "status"): {"budget_id": W("budget_id")},
+    ("budgets", "history"): {"budget_id": W("budget_id"), "limit": 3},
+    ("budgets", "verify"): {},
+    # rate limits
+    ("rate_limits", "create"): {
+        "requests": 10,
+        "tokens": 1000,
+        "per": "minute",
+        "project_id": None,
+        "api_key_id": None,
+        "token_id": None,
+        "end_user": _name("user"),
+        "tag": None,
+        "name": "per user",
+    },
+    ("rate_limits", "get"): {"rate_limit_id": W("rate_limit_id")},
+    ("rate_limits", "list"): {
+        "project_id": W("project_id"),
+        "api_key_id": None,
+        "token_id": None,
+        "end_user": None,
+        "tag": None,
+        **PAGE,
+    },
+    ("rate_limits", "update"): {
+        "rate_limit_id": RATE_LIMIT,
+        "requests": 5,
+        "tokens": None,
+        "per": "second",
+        "name": "r",
+    },
+    ("rate_limits", "delete"): {"rate_limit_id": RATE_LIMIT},
+    ("rate_limits", "status"): {"rate_limit_id": W("rate_limit_id")},
+    # admissions
+    ("admissions", "admit"): {
+        "secret": W("key_secret"),
+        "api_key_id": None,
+        "token_id": None,
+        "project_id": W("project_id"),
+        "end_user": "alice",
+        "tags": ["chat", "batch"],
+        "cost": 3,
+        "tokens": 100,
+        "ttl": TTL,
+        "idempotency_key": None,
+    },
+    ("admissions", "settle"): {
+        "admission_id": ADMISSION,
+        "cost": 2,
+        "tokens": 80,
+        "usage": UsageRecord(model="m", cost=2),
+    },
+    ("admissions", "release"): {"admission_id": ADMISSION},
+    ("admissions", "extend"): {"admission_id": ADMISSION, "ttl": TTL},
+    ("admissions", "get"): {"admission_id": W("admission_id")},
+    ("admissions", "expire"): {},
     # usage
     ("usage", "record"): {"record": UsageRecord(model="m", cost=1)},
     ("usage", "record_many"): {"records": [UsageRecord(model="m"), {"model": "n"}]},

@@ -25,12 +25,15 @@ from hypothesis import strategies as st
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from llmstore import (
+    Admissions,
     ApiKeys,
     Audit,
+    Budgets,
     ConfigError,
     LlmstoreError,
     Projects,
     Providers,
+    RateLimits,
     Store,
     StoreConfig,
     Tokens,
@@ -105,6 +108,9 @@ REPOSITORIES: dict[str, type] = {
     "audit": Audit,
     "providers": Providers,
     "api_keys": ApiKeys,
+    "budgets": Budgets,
+    "rate_limits": RateLimits,
+    "admissions": Admissions,
     "usage": Usage,
     "writer": UsageWriter,
     "store": Store,
