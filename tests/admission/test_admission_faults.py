@@ -185,7 +185,7 @@ async def _direct(call: Callable[[], Awaitable[Any]]) -> Any:
 
 
 async def test_cancelled_admissions_and_settlements_leave_everything_whole(store: Store) -> None:
-    setup = await limits(store, tag_limit=800)  # the tag's budget runs out part-way
+    setup = await limits(store, tag_limit=300)  # the tag's budget runs out part-way
     chaos = await _chaos(
         store, setup, random.Random(3), timeouts=True, allowed=(BudgetExceededError,)
     )
