@@ -42,8 +42,7 @@ from llmstore._core.errors import (
     ValidationError,
 )
 from llmstore._core.ids import new_id
-from llmstore._core.validate import MAX_INT64
-from llmstore._db.dialects import insert_ignoring_conflicts, upsert_returning
+from llmstore._db.dialects import insert_ignoring_conflicts
 from llmstore._db.schema import (
     admission_budgets,
     admission_windows,
@@ -53,14 +52,9 @@ from llmstore._db.schema import (
 )
 
 from .budgets import period_of, remaining
-from .limits import scope_filter
 from .periods import rate_window
 from .records import (
     ADMISSION_COLUMNS,
-    BUDGET_COLUMNS,
-    RATE_LIMIT_COLUMNS,
-    RL,
-    A,
     Admission,
     B,
     Budget,
@@ -70,6 +64,17 @@ from .records import (
     admission,
     budget,
     rate_limit,
+)
+from .statements import (
+    BY_IDEMPOTENCY_KEY,
+    COUNT_REQUEST,
+    HOLD_IN_PERIOD,
+    INSERT_ADMISSION,
+    INSERT_BUDGET_HOLD,
+    INSERT_WINDOW_COUNT,
+    LAPSED,
+    PERIOD,
+    limits_of,
 )
 
 AB = admission_budgets
@@ -121,27 +126,16 @@ def admit(conn: Connection, request: AdmitRequest, now: dt.datetime) -> Admissio
     project_id = _project_of(request, key, token)
     key_id = None if key is None else key.id
     token_id = None if token is None else token.id
-
-    def of_request(table: sa.Table) -> sa.ColumnElement[bool]:
-        return scope_filter(
-            table,
-            project_id=project_id,
-            api_key_id=key_id,
-            token_id=token_id,
-            end_user=request.end_user,
-            tags=request.tags,
-        )
-
-    limits = [
-        rate_limit(tuple(row))
-        for row in conn.execute(
-            sa.select(*RATE_LIMIT_COLUMNS).where(of_request(RL)).order_by(RL.c.id)
-        )
-    ]
-    budgets = [
-        budget(tuple(row))
-        for row in conn.execute(sa.select(*BUDGET_COLUMNS).where(of_request(B)).order_by(B.c.id))
-    ]
+    scopes: dict[str, object] = {
+        "project_id": project_id,
+        "api_key_id": key_id,
+        "token_id": token_id,
+        "end_user": request.end_user,
+        **{f"tag_{i}": tag for i, tag in enumerate(request.tags)},
+    }
+    tags = len(request.tags)
+    limits = [rate_limit(row) for row in limits_of("rate", tags).all_any(conn, scopes)]
+    budgets = [budget(row) for row in limits_of("budget", tags).all_any(conn, scopes)]
     windows = [_count(conn, limit, request.tokens, now) for limit in limits]
     held = [_hold(conn, record, request.cost, now) for record in budgets]
     expires_at = now + request.ttl
@@ -150,8 +144,8 @@ def admit(conn: Connection, request: AdmitRequest, now: dt.datetime) -> Admissio
         reservation_id = place_hold(conn, key.id, request.cost, now=now, expires_at=expires_at).id
         key = find_key(conn, key_id=key.id)  # as the hold left it
     admission_id = new_id()
-    row = conn.execute(
-        A.insert().returning(*ADMISSION_COLUMNS),
+    row = INSERT_ADMISSION.first_any(
+        conn,
         {
             "id": admission_id,
             "api_key_id": key_id,
@@ -175,33 +169,28 @@ def admit(conn: Connection, request: AdmitRequest, now: dt.datetime) -> Admissio
             "settle_digest": None,
             "usage_id": None,
         },
-    ).one()
-    if held:
-        conn.execute(
-            AB.insert(),
-            [
-                {
-                    "admission_id": admission_id,
-                    "budget_id": record.id,
-                    "period_start": start,
-                    "amount": request.cost,
-                    "settled_amount": None,
-                }
-                for record, (start, _, _) in zip(budgets, held, strict=True)
-            ],
+    )
+    assert row is not None
+    for record, (start, _, _) in zip(budgets, held, strict=True):
+        INSERT_BUDGET_HOLD.first_any(
+            conn,
+            {
+                "admission_id": admission_id,
+                "budget_id": record.id,
+                "period_start": start,
+                "amount": request.cost,
+                "settled_amount": None,
+            },
         )
-    if windows:
-        conn.execute(
-            AW.insert(),
-            [
-                {
-                    "admission_id": admission_id,
-                    "rate_limit_id": limit.id,
-                    "window_start": start,
-                    "tokens": request.tokens,
-                }
-                for limit, start in zip(limits, windows, strict=True)
-            ],
+    for limit, start in zip(limits, windows, strict=True):
+        INSERT_WINDOW_COUNT.first_any(
+            conn,
+            {
+                "admission_id": admission_id,
+                "rate_limit_id": limit.id,
+                "window_start": start,
+                "tokens": request.tokens,
+            },
         )
     crossed: list[BudgetCrossing] = []
     for record, (start, before, after) in zip(budgets, held, strict=True):
@@ -209,7 +198,7 @@ def admit(conn: Connection, request: AdmitRequest, now: dt.datetime) -> Admissio
             conn, record, start, before, after, admission_id, now, at_settle=False
         )
     return admission(
-        tuple(row),
+        row,
         api_key=key,
         token=token,
         budgets=tuple(
@@ -252,33 +241,21 @@ def _project_of(request: AdmitRequest, key: ApiKey | None, token: Token | None) 
 def _count(conn: Connection, limit: RateLimit, tokens: int, now: dt.datetime) -> dt.datetime:
     """Count one request and ``tokens`` in the limit's current window, or refuse."""
     start, end = rate_window(limit.per, now)
-    room: list[sa.ColumnElement[bool]] = []
-    if limit.requests is not None:
-        room.append(RW.c.requests < limit.requests)
-    if limit.tokens is not None:
-        if tokens > limit.tokens:  # more than any window can take
-            raise RateLimitedError(limit.id, seconds_until(end, now))
-        room.append(RW.c.tokens <= limit.tokens - tokens)
-    row = upsert_returning(
+    if limit.tokens is not None and tokens > limit.tokens:  # more than any window can take
+        raise RateLimitedError(limit.id, seconds_until(end, now))
+    row = COUNT_REQUEST.first_any(
         conn,
-        RW,
-        {"rate_limit_id": limit.id, "window_start": start, "requests": 1, "tokens": tokens},
-        [RW.c.rate_limit_id, RW.c.window_start],
-        {"requests": RW.c.requests + 1, "tokens": saturated(RW.c.tokens, tokens)},
-        sa.and_(*room),
-        [RW.c.requests],
+        {
+            "rate_limit_id": limit.id,
+            "window_start": start,
+            "tokens": tokens,
+            "max_requests": limit.requests,
+            "max_tokens": limit.tokens,
+        },
     )
     if row is None:
         raise RateLimitedError(limit.id, seconds_until(end, now))
     return start
-
-
-def saturated(column: sa.ColumnElement[int], delta: int) -> sa.ColumnElement[int]:
-    """``column + delta`` kept within 0 and 2**63 - 1: a token count never overflows (SQLite
-    would turn it into a float, Postgres refuse it) nor goes below zero."""
-    if delta >= 0:
-        return sa.case((column <= MAX_INT64 - delta, column + delta), else_=MAX_INT64)
-    return sa.case((column >= -delta, column + delta), else_=0)
 
 
 def _hold(
@@ -287,52 +264,24 @@ def _hold(
     """Hold ``cost`` in the budget's current period, or refuse; (start, level before,
     level after), a level being ``spent + reserved``."""
     start, end = period_of(record, now)
+    period = {"budget_id": record.id, "period_start": start}
     row = None
     if cost <= record.limit:
-        level = BP.c.spent + BP.c.reserved
-        row = upsert_returning(
-            conn,
-            BP,
-            {"budget_id": record.id, "period_start": start, "spent": 0, "reserved": cost},
-            [BP.c.budget_id, BP.c.period_start],
-            {"reserved": BP.c.reserved + cost},
-            # An exhausted period refuses even a request estimated at nothing.
-            sa.and_(level <= record.limit - cost, level < record.limit),
-            [BP.c.spent, BP.c.reserved],
-        )
+        row = HOLD_IN_PERIOD.first_any(conn, {**period, "cost": cost, "limit": record.limit})
     if row is not None:
-        after = row.spent + row.reserved
+        after = row[0] + row[1]
         return start, after - cost, after
-    if _lapsed(conn, record.id, start, now):
+    if LAPSED.first_any(conn, {**period, "now": now}) is not None:
+        # Admissions past their expiry hold part of this period.
         raise LapsedHolds(record.id, start)
-    stored = conn.execute(
-        sa.select(BP.c.spent, BP.c.reserved).where(
-            BP.c.budget_id == record.id, BP.c.period_start == start
-        )
-    ).first()
-    spent, reserved = (stored.spent, stored.reserved) if stored is not None else (0, 0)
+    stored = PERIOD.first_any(conn, period)
+    spent, reserved = stored if stored is not None else (0, 0)
     raise BudgetExceededError(
         record.id,
         remaining(record.limit, spent, reserved),
         end,
         None if end is None else seconds_until(end, now),
     )
-
-
-def _lapsed(conn: Connection, budget_id: uuid.UUID, start: dt.datetime, now: dt.datetime) -> bool:
-    """Whether admissions past their expiry still hold part of this budget period."""
-    found = conn.execute(
-        sa.select(AB.c.admission_id)
-        .join(A, A.c.id == AB.c.admission_id)
-        .where(
-            AB.c.budget_id == budget_id,
-            AB.c.period_start == start,
-            A.c.status == "active",
-            A.c.expires_at <= now,
-        )
-        .limit(1)
-    ).first()
-    return found is not None
 
 
 def record_crossings(
@@ -402,18 +351,14 @@ def replay(
     conn: Connection, idempotency_key: str, digest: str | None, now: dt.datetime
 ) -> Admission | None:
     """The admission an earlier call with this idempotency key made, if any."""
-    row = conn.execute(
-        sa.select(*ADMISSION_COLUMNS, A.c.params_digest).where(
-            A.c.idempotency_key == idempotency_key
-        )
-    ).first()
+    row = BY_IDEMPOTENCY_KEY.first_any(conn, {"idempotency_key": idempotency_key})
     if row is None:
         return None
-    if row.params_digest != digest:
+    if row[-1] != digest:
         raise IdempotencyConflictError(
             f"idempotency key {idempotency_key!r} was already used with other parameters"
         )
-    return load(conn, tuple(row)[: len(ADMISSION_COLUMNS)])
+    return load(conn, row[: len(ADMISSION_COLUMNS)])
 
 
 def load(conn: Connection, row: Sequence[object]) -> Admission:

@@ -21,12 +21,21 @@ from sqlalchemy.engine import Connection
 
 from llmstore._billing import extend_hold, finish_holds, settle_hold, settle_unheld
 from llmstore._core.errors import ConflictError, NotFoundError, ValidationError
-from llmstore._core.validate import MAX_INT64
 from llmstore._db.schema import admission_budgets, admission_windows, budget_periods, rate_windows
 from llmstore._usage import UsageRecord, insert_records
 
-from .admit import crossings_of, load, record_crossings, saturated
-from .records import ADMISSION_COLUMNS, BUDGET_COLUMNS, A, Admission, B, Settlement, budget
+from .admit import crossings_of, load, record_crossings
+from .records import ADMISSION_COLUMNS, A, Admission, Settlement, budget
+from .statements import (
+    BUDGETS_SETTLED,
+    CORRECT_COUNTED,
+    CORRECT_WINDOW,
+    HELD,
+    SETTLED,
+    SETTLING,
+    SPEND_IN_PERIOD,
+    WINDOWS_COUNTED,
+)
 
 AB = admission_budgets
 AW = admission_windows
@@ -55,18 +64,17 @@ def _not_active(conn: Connection, admission_id: uuid.UUID) -> tuple[str, ...] | 
 
 def settle(conn: Connection, request: SettleRequest, now: dt.datetime) -> Settlement:
     """Charge the admission's actual cost to its budgets and key, once."""
-    row = conn.execute(
-        A.update()
-        .where(A.c.id == request.admission_id, A.c.status == "active")
-        .values(
-            status="settled",
-            finished_at=now,
-            settled_cost=request.cost,
-            settled_tokens=request.tokens,
-            settle_digest=request.digest,
-        )
-        .returning(A.c.api_key_id, A.c.reservation_id, A.c.tokens)
-    ).first()
+    admission_id = request.admission_id
+    row = SETTLING.first_any(
+        conn,
+        {
+            "p_admission_id": admission_id,
+            "p_now": now,
+            "p_cost": request.cost,
+            "p_tokens": request.tokens,
+            "p_digest": request.digest,
+        },
+    )
     if row is None:
         status, digest = _not_active(conn, request.admission_id) or ("", "")
         if status == "settled" and digest == request.digest:
@@ -76,68 +84,56 @@ def settle(conn: Connection, request: SettleRequest, now: dt.datetime) -> Settle
                 f"admission {request.admission_id} was settled already, with other arguments"
             )
         raise ConflictError(f"admission {request.admission_id} is {status}, not active")
+    api_key_id, reservation_id, estimate = row
     if request.tokens is not None:
-        _correct_tokens(conn, request.admission_id, request.tokens - row.tokens)
+        _correct_tokens(conn, admission_id, request.tokens - estimate)
     crossed = []
-    held = conn.execute(
-        sa.select(AB.c.period_start, AB.c.amount, *BUDGET_COLUMNS)
-        .join(B, B.c.id == AB.c.budget_id)
-        .where(AB.c.admission_id == request.admission_id)
-        .order_by(AB.c.budget_id)
-    ).all()
-    for hold in held:
-        record = budget(tuple(hold)[2:])
-        level = conn.execute(
-            BP.update()
-            .where(
-                BP.c.budget_id == record.id,
-                BP.c.period_start == hold.period_start,
-                BP.c.spent <= MAX_INT64 - request.cost,
-            )
-            .values(reserved=BP.c.reserved - hold.amount, spent=BP.c.spent + request.cost)
-            .returning(BP.c.spent, BP.c.reserved)
-        ).first()
+    held = HELD.all_any(conn, {"p_admission_id": admission_id})
+    for period_start, hold, *budget_row in held:
+        record = budget(tuple(budget_row))
+        level = SPEND_IN_PERIOD.first_any(
+            conn,
+            {
+                "p_budget_id": record.id,
+                "p_period_start": period_start,
+                "p_cost": request.cost,
+                "p_hold": hold,
+            },
+        )
         if level is None:  # the whole unit is undone: nothing of the settlement is written
             raise ValidationError(
                 f"a cost of {request.cost} would overflow budget {record.id}'s spend"
             )
-        after = level.spent + level.reserved
-        before = after - request.cost + hold.amount
+        after = level[0] + level[1]
+        before = after - request.cost + hold
         crossed += record_crossings(
-            conn,
-            record,
-            hold.period_start,
-            before,
-            after,
-            request.admission_id,
-            now,
-            at_settle=True,
+            conn, record, period_start, before, after, admission_id, now, at_settle=True
         )
     if held:
-        conn.execute(
-            AB.update()
-            .where(AB.c.admission_id == request.admission_id)
-            .values(settled_amount=request.cost)
-        )
+        BUDGETS_SETTLED.first_any(conn, {"p_admission_id": admission_id, "p_cost": request.cost})
     charged = shortfall = 0
-    if row.reservation_id is not None:
-        entry = settle_hold(conn, row.reservation_id, request.cost, now)
+    if reservation_id is not None:
+        entry = settle_hold(conn, reservation_id, request.cost, now)
         charged, shortfall = -entry.amount, entry.shortfall
-    elif row.api_key_id is not None and request.cost > 0:
-        entry = settle_unheld(conn, row.api_key_id, request.cost, now)
+    elif api_key_id is not None and request.cost > 0:
+        entry = settle_unheld(conn, api_key_id, request.cost, now)
         charged, shortfall = -entry.amount, entry.shortfall
     usage_id = None
     if request.usage is not None:
         usage_id = insert_records(conn, [request.usage]).ids[0]
-    conn.execute(
-        A.update()
-        .where(A.c.id == request.admission_id)
-        .values(charged=charged, shortfall=shortfall, usage_id=usage_id)
+    SETTLED.first_any(
+        conn,
+        {
+            "p_admission_id": admission_id,
+            "p_charged": charged,
+            "p_shortfall": shortfall,
+            "p_usage_id": usage_id,
+        },
     )
     return Settlement(
-        admission_id=request.admission_id,
+        admission_id=admission_id,
         cost=request.cost,
-        tokens=row.tokens if request.tokens is None else request.tokens,
+        tokens=estimate if request.tokens is None else request.tokens,
         charged=charged,
         shortfall=shortfall,
         usage_id=usage_id,
@@ -175,27 +171,16 @@ def _correct_tokens(conn: Connection, admission_id: uuid.UUID, delta: int) -> No
     """Replace the admission's token estimate by ``estimate + delta`` in its windows."""
     if delta == 0:
         return
-    counted = conn.execute(
-        sa.select(AW.c.rate_limit_id, AW.c.window_start)
-        .where(AW.c.admission_id == admission_id)
-        .order_by(AW.c.rate_limit_id)
-    ).all()
-    for window in counted:
+    counted = WINDOWS_COUNTED.all_any(conn, {"p_admission_id": admission_id})
+    for rate_limit_id, window_start in counted:  # in id order, as admissions lock them
         # Never below zero (a window swept and made again by a later request starts at 0),
         # never past 2**63 - 1.
-        conn.execute(
-            RW.update()
-            .where(
-                RW.c.rate_limit_id == window.rate_limit_id,
-                RW.c.window_start == window.window_start,
-            )
-            .values(tokens=saturated(RW.c.tokens, delta))
+        CORRECT_WINDOW.first_any(
+            conn,
+            {"p_rate_limit_id": rate_limit_id, "p_window_start": window_start, "p_delta": delta},
         )
-    conn.execute(
-        AW.update()
-        .where(AW.c.admission_id == admission_id)
-        .values(tokens=saturated(AW.c.tokens, delta))
-    )
+    if counted:
+        CORRECT_COUNTED.first_any(conn, {"p_admission_id": admission_id, "p_delta": delta})
 
 
 def release(conn: Connection, admission_id: uuid.UUID, now: dt.datetime) -> Admission:

@@ -13,8 +13,11 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
+from .lean import LeanStatement, Row
+
 __all__ = [
     "IN_LIST_CHUNK",
+    "LeanUpsert",
     "delete_where_in",
     "insert_ignoring_conflicts",
     "is_postgres",
@@ -80,6 +83,37 @@ def upsert_returning(
         .returning(*returning)
     )
     return conn.execute(statement).first()
+
+
+class LeanUpsert:
+    """``upsert_returning`` built once, in both databases' forms, for the lean path: the
+    values, the change and its condition are bound parameters (``bindparam``)."""
+
+    def __init__(
+        self,
+        table: sa.Table,
+        values: Mapping[str, Any],
+        index_elements: Sequence[sa.Column[Any]],
+        set_: Mapping[str, Any],
+        where: sa.ColumnElement[bool],
+        returning: Sequence[sa.ColumnElement[Any]],
+    ) -> None:
+        self._forms = {
+            name: LeanStatement(
+                insert(table)
+                .values(dict(values))
+                .on_conflict_do_update(
+                    index_elements=list(index_elements), set_=dict(set_), where=where
+                )
+                .returning(*returning),
+                returning,
+            )
+            for name, insert in (("postgresql", postgresql.insert), ("sqlite", sqlite.insert))
+        }
+
+    def first_any(self, conn: Connection, params: Mapping[str, Any]) -> Row | None:
+        """The row written, or None when the stored row did not meet the condition."""
+        return self._forms[conn.dialect.name].first_any(conn, params)
 
 
 def values_in(conn: Connection, column: sa.Column[Any], values: Sequence[Any]) -> set[Any]:

@@ -100,6 +100,15 @@ class LeanStatement:
             return self.first_sqlite(conn, params)
         return self.first(conn, params)
 
+    def all_any(self, conn: Connection, params: Mapping[str, Any]) -> list[Row]:
+        """Every row, on the bare ``sqlite3`` connection when there is one."""
+        if conn.dialect.driver == "pysqlite":
+            compiled = self.compiled(conn.dialect, None)
+            dbapi_connection: Any = conn.connection.dbapi_connection
+            rows = dbapi_connection.execute(compiled.sql, compiled.args(params)).fetchall()
+            return [compiled.row(row) for row in rows]
+        return [tuple(row) for row in conn.execute(self.statement, dict(params))]
+
     def first_sqlite(self, conn: Connection, params: Mapping[str, Any]) -> Row | None:
         """The first row, through the ``sqlite3`` connection under ``conn``."""
         compiled = self.compiled(conn.dialect, None)
