@@ -1,9 +1,7 @@
-"""What budgets and rate limits share: one scope each, found for a request by its scopes."""
+"""What budgets and rate limits share: the project, key or token a scope names must exist."""
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -26,27 +24,3 @@ def check_referenced(conn: Connection, scope: dict[str, Any]) -> None:
                 raise NotFoundError(
                     f"no {'API key' if what == 'api key' else what} with id {value}"
                 )
-
-
-def scope_filter(
-    table: sa.Table,
-    *,
-    project_id: uuid.UUID | None,
-    api_key_id: uuid.UUID | None,
-    token_id: uuid.UUID | None,
-    end_user: str | None,
-    tags: Sequence[str],
-) -> sa.ColumnElement[bool]:
-    """The limits of any of a request's scopes (each column indexed: an OR of index scans)."""
-    conditions: list[sa.ColumnElement[bool]] = []
-    for column, value in (
-        (table.c.project_id, project_id),
-        (table.c.api_key_id, api_key_id),
-        (table.c.token_id, token_id),
-        (table.c.end_user, end_user),
-    ):
-        if value is not None:
-            conditions.append(column == value)
-    if tags:
-        conditions.append(table.c.tag.in_(list(tags)))
-    return sa.or_(*conditions) if conditions else sa.false()
