@@ -19,12 +19,12 @@ from sqlalchemy.engine import Connection
 from llmstore._core.errors import ValidationError
 from llmstore._core.ids import new_id
 from llmstore._core.unset import UNSET, Unset
-from llmstore._core.validate import check_id, check_limit, check_optional_id, check_text
+from llmstore._core.validate import check_id, check_limit, check_text
 from llmstore._db.operations import Repository, reads, writes
 from llmstore._db.queries import found, id_page
 from llmstore._db.schema import admission_budgets, admissions, budget_periods
 
-from .limits import check_referenced
+from .limits import check_referenced, scope_filters
 from .periods import budget_period, check_timezone, previous_period
 from .records import (
     BUDGET_COLUMNS,
@@ -35,7 +35,6 @@ from .records import (
     BudgetReport,
     BudgetStatus,
     budget,
-    check_label,
     check_limit_amount,
     check_period,
     check_scope,
@@ -142,13 +141,14 @@ class Budgets(Repository):
         after: uuid.UUID | str | None = None,
     ) -> builtins.list[Budget]:
         """Budgets in creation order, optionally of one scope; ``after``: a page's last id."""
-        equal = [
-            (B.c.project_id, check_optional_id(project_id, "project id")),
-            (B.c.api_key_id, check_optional_id(api_key_id, "API key id")),
-            (B.c.token_id, check_optional_id(token_id, "token id")),
-            (B.c.end_user, None if end_user is None else check_label(end_user, "end user")),
-            (B.c.tag, None if tag is None else check_label(tag, "tag")),
-        ]
+        equal = scope_filters(
+            B,
+            project_id=project_id,
+            api_key_id=api_key_id,
+            token_id=token_id,
+            end_user=end_user,
+            tag=tag,
+        )
         statement = id_page(_SELECT, B.c.id, limit=limit, after=after, equal=equal)
         return [budget(tuple(row)) for row in conn.execute(statement)]
 

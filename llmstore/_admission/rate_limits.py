@@ -18,19 +18,18 @@ from sqlalchemy.engine import Connection
 from llmstore._core.errors import ValidationError
 from llmstore._core.ids import new_id
 from llmstore._core.unset import UNSET, Unset
-from llmstore._core.validate import check_id, check_optional_id, check_positive_int, check_text
+from llmstore._core.validate import check_id, check_positive_int, check_text
 from llmstore._db.operations import Repository, reads, writes
 from llmstore._db.queries import found, id_page
 from llmstore._db.schema import RatePer, rate_windows
 
-from .limits import check_referenced
+from .limits import check_referenced, scope_filters
 from .periods import rate_window
 from .records import (
     RATE_LIMIT_COLUMNS,
     RL,
     RateLimit,
     RateLimitStatus,
-    check_label,
     check_per,
     check_scope,
     rate_limit,
@@ -122,13 +121,14 @@ class RateLimits(Repository):
         after: uuid.UUID | str | None = None,
     ) -> builtins.list[RateLimit]:
         """Rate limits in creation order, optionally of one scope; ``after``: a page's last id."""
-        equal = [
-            (RL.c.project_id, check_optional_id(project_id, "project id")),
-            (RL.c.api_key_id, check_optional_id(api_key_id, "API key id")),
-            (RL.c.token_id, check_optional_id(token_id, "token id")),
-            (RL.c.end_user, None if end_user is None else check_label(end_user, "end user")),
-            (RL.c.tag, None if tag is None else check_label(tag, "tag")),
-        ]
+        equal = scope_filters(
+            RL,
+            project_id=project_id,
+            api_key_id=api_key_id,
+            token_id=token_id,
+            end_user=end_user,
+            tag=tag,
+        )
         statement = id_page(_SELECT, RL.c.id, limit=limit, after=after, equal=equal)
         return [rate_limit(tuple(row)) for row in conn.execute(statement)]
 

@@ -46,25 +46,9 @@ LABEL_MAX = 200
 MAX_FIXED_PERIOD = dt.timedelta(days=36_600)
 
 
-class Scope(BaseModel):
-    """What a budget or a rate limit belongs to: exactly one field is set."""
-
-    model_config = ConfigDict(frozen=True)
-
-    project_id: uuid.UUID | None = None
-    api_key_id: uuid.UUID | None = None
-    token_id: uuid.UUID | None = None
-    end_user: str | None = None
-    tag: str | None = None
-
-
-class Budget(BaseModel):
-    """A spending limit per period for one scope.
-
-    ``period`` is None (lifetime), a calendar period (``"day"``, ``"week"``, ``"month"``,
-    ``"year"``, from midnight in ``timezone``) or a ``timedelta`` (fixed windows from
-    ``anchor_at``, the budget's creation).
-    """
+class Scoped(BaseModel):
+    """What budgets and rate limits have in common: an id, a name, and exactly one scope
+    set of ``project_id``, ``api_key_id``, ``token_id``, ``end_user`` and ``tag``."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -75,6 +59,16 @@ class Budget(BaseModel):
     token_id: uuid.UUID | None
     end_user: str | None
     tag: str | None
+
+
+class Budget(Scoped):
+    """A spending limit per period for one scope.
+
+    ``period`` is None (lifetime), a calendar period (``"day"``, ``"week"``, ``"month"``,
+    ``"year"``, from midnight in ``timezone``) or a ``timedelta`` (fixed windows from
+    ``anchor_at``, the budget's creation).
+    """
+
     limit: int
     period: Period | dt.timedelta | None
     timezone: str
@@ -145,18 +139,9 @@ class BudgetReport(BaseModel):
     mismatches: list[BudgetMismatch]
 
 
-class RateLimit(BaseModel):
+class RateLimit(Scoped):
     """At most ``requests`` requests and ``tokens`` tokens per window of ``per``."""
 
-    model_config = ConfigDict(frozen=True)
-
-    id: uuid.UUID
-    name: str | None
-    project_id: uuid.UUID | None
-    api_key_id: uuid.UUID | None
-    token_id: uuid.UUID | None
-    end_user: str | None
-    tag: str | None
     requests: int | None
     tokens: int | None
     per: RatePer

@@ -24,7 +24,6 @@ __all__ = [
     "lock_until_commit",
     "transaction_id",
     "transaction_status",
-    "upsert_returning",
     "values_in",
 ]
 
@@ -62,32 +61,13 @@ def insert_ignoring_conflicts(
     return int(conn.execute(statement).rowcount) == 1
 
 
-def upsert_returning(
-    conn: Connection,
-    table: sa.Table,
-    values: Mapping[str, Any],
-    index_elements: Sequence[sa.Column[Any]],
-    set_: Mapping[str, Any],
-    where: sa.ColumnElement[bool],
-    returning: Sequence[sa.ColumnElement[Any]],
-) -> sa.Row[Any] | None:
-    """Insert the row, or change the one it conflicts with by ``set_`` where ``where``
-    holds (both see the stored row's columns as ``table.c``); the row written, or None
-    when the stored row did not meet ``where``. One statement on both databases (``ON
-    CONFLICT DO UPDATE ... WHERE``), which locks the stored row on Postgres."""
-    insert = postgresql.insert if is_postgres(conn) else sqlite.insert
-    statement = (
-        insert(table)
-        .values(dict(values))
-        .on_conflict_do_update(index_elements=list(index_elements), set_=dict(set_), where=where)
-        .returning(*returning)
-    )
-    return conn.execute(statement).first()
-
-
 class LeanUpsert:
-    """``upsert_returning`` built once, in both databases' forms, for the lean path: the
-    values, the change and its condition are bound parameters (``bindparam``)."""
+    """Insert a row, or change the one it conflicts with by ``set_`` where ``where`` holds
+    (both see the stored row's columns as ``table.c``); ``first_any`` returns the row
+    written, or None when the stored row did not meet ``where``. One statement on both
+    databases (``INSERT ... ON CONFLICT DO UPDATE ... WHERE``, which locks the stored row
+    on Postgres), built once in both forms for the lean path: the values, the change and
+    its condition are bound parameters."""
 
     def __init__(
         self,

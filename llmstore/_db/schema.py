@@ -374,6 +374,13 @@ RATE_PERS: tuple[RatePer, ...] = get_args(RatePer)
 AdmissionStatus = Literal["active", "settled", "released", "expired"]
 
 
+def _owner(name: str, table: str) -> sa.Column[Any]:
+    """A primary-key column referencing ``table``'s id: the row goes with its owner."""
+    return sa.Column(
+        name, sa.Uuid(), sa.ForeignKey(f"{table}.id", ondelete="CASCADE"), primary_key=True
+    )
+
+
 def _scope_columns() -> list[sa.Column[Any]]:
     # A limit goes with what it limits: deleting a project, key or token deletes its limits.
     return [
@@ -423,12 +430,7 @@ budgets = sa.Table(
 budget_periods = sa.Table(
     "llmstore_budget_periods",
     metadata,
-    sa.Column(
-        "budget_id",
-        sa.Uuid(),
-        sa.ForeignKey("llmstore_budgets.id", ondelete="CASCADE"),
-        primary_key=True,
-    ),
+    _owner("budget_id", "llmstore_budgets"),
     sa.Column("period_start", UTCDateTime(), primary_key=True),
     sa.Column("spent", sa.BigInteger(), nullable=False),
     sa.Column("reserved", sa.BigInteger(), nullable=False),
@@ -440,12 +442,7 @@ budget_periods = sa.Table(
 budget_crossings = sa.Table(
     "llmstore_budget_crossings",
     metadata,
-    sa.Column(
-        "budget_id",
-        sa.Uuid(),
-        sa.ForeignKey("llmstore_budgets.id", ondelete="CASCADE"),
-        primary_key=True,
-    ),
+    _owner("budget_id", "llmstore_budgets"),
     sa.Column("period_start", UTCDateTime(), primary_key=True),
     sa.Column("threshold", sa.BigInteger(), primary_key=True),
     # No foreign key: the crossing outlives the admission's purge.
@@ -481,12 +478,7 @@ rate_limits = sa.Table(
 rate_windows = sa.Table(
     "llmstore_rate_windows",
     metadata,
-    sa.Column(
-        "rate_limit_id",
-        sa.Uuid(),
-        sa.ForeignKey("llmstore_rate_limits.id", ondelete="CASCADE"),
-        primary_key=True,
-    ),
+    _owner("rate_limit_id", "llmstore_rate_limits"),
     sa.Column("window_start", UTCDateTime(), primary_key=True),
     sa.Column("requests", sa.BigInteger(), nullable=False),
     sa.Column("tokens", sa.BigInteger(), nullable=False),
@@ -532,18 +524,8 @@ admissions = sa.Table(
 admission_budgets = sa.Table(
     "llmstore_admission_budgets",
     metadata,
-    sa.Column(
-        "admission_id",
-        sa.Uuid(),
-        sa.ForeignKey("llmstore_admissions.id", ondelete="CASCADE"),
-        primary_key=True,
-    ),
-    sa.Column(
-        "budget_id",
-        sa.Uuid(),
-        sa.ForeignKey("llmstore_budgets.id", ondelete="CASCADE"),
-        primary_key=True,
-    ),
+    _owner("admission_id", "llmstore_admissions"),
+    _owner("budget_id", "llmstore_budgets"),
     sa.Column("period_start", UTCDateTime(), nullable=False),
     sa.Column("amount", sa.BigInteger(), nullable=False),
     # What was charged to the budget when the admission settled (None until then).
@@ -555,18 +537,8 @@ admission_budgets = sa.Table(
 admission_windows = sa.Table(
     "llmstore_admission_windows",
     metadata,
-    sa.Column(
-        "admission_id",
-        sa.Uuid(),
-        sa.ForeignKey("llmstore_admissions.id", ondelete="CASCADE"),
-        primary_key=True,
-    ),
-    sa.Column(
-        "rate_limit_id",
-        sa.Uuid(),
-        sa.ForeignKey("llmstore_rate_limits.id", ondelete="CASCADE"),
-        primary_key=True,
-    ),
+    _owner("admission_id", "llmstore_admissions"),
+    _owner("rate_limit_id", "llmstore_rate_limits"),
     sa.Column("window_start", UTCDateTime(), nullable=False),
     sa.Column("tokens", sa.BigInteger(), nullable=False),
     sa.Index(None, "rate_limit_id"),
