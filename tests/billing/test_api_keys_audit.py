@@ -83,7 +83,7 @@ async def test_every_mutation_with_an_actor_writes_its_event(store: Store) -> No
     assert events[-2].metadata == {"api_key_id": str(expiring)}
     assert events[-1].metadata == {"api_key_id": str(other)}
     assert events[-1].project_id is None
-    meta = {action: event.metadata for action, event in by_key.items()}
+    meta = {action: event.metadata or {} for action, event in by_key.items()}
     assert meta["api_key.create"] == {"api_key_id": str(key), "amount": 100}
     assert meta["api_key.deposit"] == {
         "api_key_id": str(key),

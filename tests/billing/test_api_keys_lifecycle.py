@@ -178,7 +178,7 @@ async def test_delete_removes_an_empty_key_and_its_history(store: Store) -> None
     await store.api_keys.settle(hold.id, 10)
     paid = await store.api_keys.withdraw(key.id, 30, TOKEN, MINT)
     await store.api_keys.complete_withdrawal(paid.id)
-    assert await store.api_keys.delete(key.id) is None
+    await store.api_keys.delete(key.id)
     with pytest.raises(NotFoundError):
         await store.api_keys.get(key.id)
     with pytest.raises(NotFoundError):

@@ -164,6 +164,7 @@ def test_only_new_spending_asks_whether_the_key_is_active(
 )
 def test_the_python_forms_debits_ask_it_too(kind: str, refuses_inactive: bool) -> None:
     change = money._CHANGES[kind].statement
+    assert isinstance(change, sa.Update)
     compiled = str(change.compile(dialect=_POSTGRES))
     assert ("api_keys.is_active" in compiled) is refuses_inactive, kind
     hold = str(money._HOLD.compile(dialect=_POSTGRES))
