@@ -12,22 +12,25 @@ import functools
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from llmstore._core.ids import new_id
-from llmstore._core.validate import check_id
+from llmstore._core.validate import check_actor, check_id
 from llmstore._db.operations import Repository, first_or_explain, reads, writes
 from llmstore._db.queries import found
 
 from . import money, refusals
+from .events import key_event, lock_key
 from .records import (
     RESERVATION_COLUMNS,
     K,
     LedgerEntry,
     R,
     Reservation,
+    check_actual,
     check_amount,
     check_ttl,
     entry,
@@ -45,11 +48,21 @@ class Holds(Repository):
         key_id: uuid.UUID | str,
         amount: int,
         ttl: dt.timedelta = dt.timedelta(minutes=15),
+        *,
+        actor: str | None = None,
     ) -> Reservation:
-        """Hold ``amount`` of the available balance until settled, released or expired."""
+        """Hold ``amount`` of the available balance until settled, released or expired.
+
+        An inactive key places no new hold (``ApiKeyRejectedError("inactive")``).
+        """
         key = check_id(key_id, "API key id")
         checked = check_amount(amount)
         lifetime = check_ttl(ttl)
+        if actor is not None:
+            params = money.reserve_params(key, checked, lifetime, self.now())
+            return await self._runner.write(
+                functools.partial(_reserve_audited, params=params, actor=check_actor(actor))
+            )
         if not self._runner.one_statement_writes:
             now = self.now()
             return await self._runner.write(
@@ -72,13 +85,19 @@ class Holds(Repository):
         row = found(conn, sa.select(*RESERVATION_COLUMNS).where(R.c.id == key), "reservation", key)
         return reservation(tuple(row))
 
-    @writes(single=True)
+    @writes(single="unless_audited")
     def extend(
-        self, conn: Connection, reservation_id: uuid.UUID | str, ttl: dt.timedelta
+        self,
+        conn: Connection,
+        reservation_id: uuid.UUID | str,
+        ttl: dt.timedelta,
+        *,
+        actor: str | None = None,
     ) -> Reservation:
         """Give an active hold ``ttl`` more from now; ConflictError once it is no longer active."""
         key = check_id(reservation_id, "reservation id")
         lifetime = check_ttl(ttl)
+        actor = check_actor(actor)
         row = conn.execute(
             R.update()
             .where(R.c.id == key, R.c.status == "active")
@@ -87,32 +106,65 @@ class Holds(Repository):
         ).first()
         if row is None:
             raise refusals.not_active(conn, key)
-        return reservation(tuple(row))
+        extended = reservation(tuple(row))
+        key_event(
+            conn,
+            actor,
+            "extend",
+            extended.api_key_id,
+            reservation_id=key,
+            amount=extended.amount,
+            expires_at=extended.expires_at,
+        )
+        return extended
 
-    async def settle(self, reservation_id: uuid.UUID | str, actual_amount: int) -> LedgerEntry:
-        """Charge the actual cost once and free the hold; what cannot be paid is a shortfall."""
+    async def settle(
+        self,
+        reservation_id: uuid.UUID | str,
+        actual_amount: int,
+        *,
+        actor: str | None = None,
+    ) -> LedgerEntry:
+        """Charge the actual cost once and free the hold; what cannot be paid is a shortfall.
+
+        ``actual_amount`` may be 0 (nothing was used: the hold is freed, an entry of 0
+        written). Retry-safe: the same call again (same hold, same actual amount) returns
+        the same entry; another amount, or a hold released or expired, is a
+        ``ConflictError``. A key deactivated since the hold was placed is still charged.
+        """
         key = check_id(reservation_id, "reservation id")
-        actual = check_amount(actual_amount, "actual_amount")
+        actual = check_actual(actual_amount)
+        if actor is not None:
+            params = money.settle_params(key, actual, self.now())
+            return await self._runner.write(
+                functools.partial(_settle_audited, params=params, actor=check_actor(actor))
+            )
         if not self._runner.one_statement_writes:
             now = self.now()
             return await self._runner.write(
-                lambda conn: money.settle(conn, money.settle_params(key, actual, now))
+                lambda conn: money.settle(conn, money.settle_params(key, actual, now), replays=True)
             )
         return await first_or_explain(
             self._runner,
             money.SETTLE_IN_ONE_STATEMENT,
             lambda: money.settle_params(key, actual, self.now()),
             entry,
-            functools.partial(refusals.explain_settle, key=key),
+            functools.partial(refusals.explain_settle, key=key, actual=actual),
             conflict="unreachable: a hold that is not settled is not active",
         )
 
     @writes()
-    def release(self, conn: Connection, reservation_id: uuid.UUID | str) -> Reservation:
+    def release(
+        self, conn: Connection, reservation_id: uuid.UUID | str, *, actor: str | None = None
+    ) -> Reservation:
         """Free an active hold without charging anything."""
         key = check_id(reservation_id, "reservation id")
+        actor = check_actor(actor)
         finished = money.finish(conn, key, "released", self.now())
         _unhold(conn, {finished.api_key_id: finished.amount})
+        key_event(
+            conn, actor, "release", finished.api_key_id, reservation_id=key, amount=finished.amount
+        )
         return finished
 
     async def expire_reservations(self) -> int:
@@ -124,6 +176,45 @@ class Holds(Repository):
             total += released
             if released == 0 or self._runner.in_transaction:
                 return total
+
+
+def _reserve_audited(conn: Connection, params: dict[str, Any], actor: str | None) -> Reservation:
+    project_id = lock_key(conn, params["key_id"])
+    hold = money.reserve(conn, params)
+    key_event(
+        conn,
+        actor,
+        "reserve",
+        hold.api_key_id,
+        project_id=project_id,
+        reservation_id=hold.id,
+        amount=hold.amount,
+        expires_at=hold.expires_at,
+    )
+    return hold
+
+
+def _settle_audited(conn: Connection, params: dict[str, Any], actor: str | None) -> LedgerEntry:
+    """A settle and its event; a repeated settle returns the entry and records nothing."""
+    key = params["reservation_id"]
+    # The hold's row first, as every transaction locks them: a racing settle is seen.
+    status = conn.execute(sa.select(R.c.status).where(R.c.id == key).with_for_update()).scalar()
+    if status == "settled":
+        replayed = refusals.settled_before(conn, key, params["actual"])
+        if replayed is not None:
+            return replayed
+    settled = money.settle(conn, params)
+    key_event(
+        conn,
+        actor,
+        "settle",
+        settled.api_key_id,
+        reservation_id=key,
+        amount=-settled.amount,
+        actual_amount=params["actual"],
+        shortfall=settled.shortfall,
+    )
+    return settled
 
 
 def place_hold(

@@ -25,6 +25,7 @@ from llmstore._core.secrets import (
     new_bearer_secret,
 )
 from llmstore._core.validate import (
+    check_actor,
     check_aware,
     check_id,
     check_json_mapping,
@@ -33,11 +34,13 @@ from llmstore._core.validate import (
 from llmstore._db.operations import Clock, reads, writes
 from llmstore._db.queries import found, id_page
 from llmstore._db.runner import Runner
-from llmstore._db.schema import projects, reservations, withdrawals
+from llmstore._db.schema import projects, reservations
 
 from . import money
+from .events import key_event
 from .holds import Holds
 from .ledger import Ledger
+from .lifecycle import NOTHING_LEFT, KeyLifecycle
 from .records import (
     API_KEY_PREFIX,
     KEY_COLUMNS,
@@ -77,8 +80,14 @@ def find_key(
     return None if row is None else api_key(tuple(row))
 
 
-class ApiKeys(Holds, Ledger, Withdrawals):
-    """``store.api_keys`` and ``tx.api_keys``: each call is one unit of work."""
+class ApiKeys(KeyLifecycle, Holds, Ledger, Withdrawals):
+    """``store.api_keys`` and ``tx.api_keys``: each call is one unit of work.
+
+    Every mutation takes ``actor=``: with it, the change and its audit event
+    (``api_key.<operation>``, naming the key's project and carrying the key's id and
+    the amount, never a secret) are written in one transaction; without it nothing is
+    audited and a money call keeps its one-statement form where the runner has it.
+    """
 
     def __init__(
         self,
@@ -98,11 +107,14 @@ class ApiKeys(Holds, Ledger, Withdrawals):
         project_id: uuid.UUID | str | None = None,
         expires_at: dt.datetime | None = None,
         metadata: dict[str, Any] | None = None,
+        *,
+        actor: str | None = None,
     ) -> IssuedApiKey:
         """Issue a prepaid API key; its secret is in the result and nowhere else.
 
         An opening balance is written to the ledger as a deposit.
         """
+        actor = check_actor(actor)
         opening = check_balance(balance)
         project = None if project_id is None else check_id(project_id, "project id")
         expiry = None if expires_at is None else check_aware(expires_at, "expires_at")
@@ -137,7 +149,17 @@ class ApiKeys(Holds, Ledger, Withdrawals):
             money.apply(
                 conn, Movement(key_id, "deposit", opening, description="opening balance"), now
             )
-        return IssuedApiKey(key=ApiKeys.get.run_in(self, conn, key_id), secret=secret)
+        issued = ApiKeys.get.run_in(self, conn, key_id)
+        key_event(
+            conn,
+            actor,
+            "create",
+            key_id,
+            project_id=project,
+            amount=opening,
+            expires_at=expiry,
+        )
+        return IssuedApiKey(key=issued, secret=secret)
 
     @reads()
     def authenticate(self, conn: Connection, secret: str) -> ApiKey:
@@ -243,19 +265,17 @@ class ApiKeys(Holds, Ledger, Withdrawals):
                     )
         return LedgerReport(ok=not mismatches, keys_checked=len(rows), mismatches=mismatches)
 
-    @writes(single=True)
-    def cleanup_expired(self, conn: Connection) -> int:
-        """Delete the expired keys with nothing left on them; returns how many."""
-        now = self.now()
-        statement = K.delete().where(
-            K.c.expires_at <= now,
-            K.c.balance == 0,
-            K.c.reserved == 0,
-            ~sa.exists().where(
-                reservations.c.api_key_id == K.c.id, reservations.c.status == "active"
-            ),
-            ~sa.exists().where(
-                withdrawals.c.api_key_id == K.c.id, withdrawals.c.status != "completed"
-            ),
-        )
-        return int(conn.execute(statement).rowcount)
+    @writes(single="unless_audited")
+    def cleanup_expired(self, conn: Connection, *, actor: str | None = None) -> int:
+        """Delete the expired keys with nothing left on them; returns how many.
+
+        With ``actor=``, one ``api_key.cleanup_expired`` event for each key deleted.
+        """
+        actor = check_actor(actor)
+        statement = K.delete().where(K.c.expires_at <= self.now(), *NOTHING_LEFT)
+        if actor is None:
+            return int(conn.execute(statement).rowcount)
+        deleted = conn.execute(statement.returning(K.c.id, K.c.project_id)).all()
+        for row in sorted(deleted, key=lambda row: row.id):
+            key_event(conn, actor, "cleanup_expired", row.id, project_id=row.project_id)
+        return len(deleted)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import datetime as dt
 import functools
 import uuid
 from typing import Any
@@ -12,10 +13,11 @@ from sqlalchemy.engine import Connection
 
 from llmstore._core.errors import NotFoundError, ValidationError
 from llmstore._core.ids import new_id
-from llmstore._core.validate import check_id, check_limit, check_positive_int
+from llmstore._core.validate import check_actor, check_id, check_limit, check_positive_int
 from llmstore._db.operations import Repository, first_or_explain, reads, writes
 
 from . import money, refusals
+from .events import key_event, lock_key
 from .records import ENTRY_COLUMNS, K, L, LedgerEntry, Movement, entry, movement
 
 
@@ -28,8 +30,13 @@ class Ledger(Repository):
         amount: int,
         idempotency_key: str | None = None,
         description: str = "",
+        *,
+        actor: str | None = None,
     ) -> LedgerEntry:
-        """Add ``amount`` to the balance; with an ``idempotency_key`` a retry is a no-op."""
+        """Add ``amount`` to the balance; with an ``idempotency_key`` a retry is a no-op.
+
+        An inactive key can still be topped up.
+        """
         move = movement(
             check_id(key_id, "API key id"),
             "deposit",
@@ -37,7 +44,7 @@ class Ledger(Repository):
             description=description,
             idempotency_key=idempotency_key,
         )
-        return await self._apply(move)
+        return await self._apply(move, actor)
 
     async def charge(
         self,
@@ -46,8 +53,13 @@ class Ledger(Repository):
         idempotency_key: str | None = None,
         description: str = "",
         request_data: dict[str, Any] | None = None,
+        *,
+        actor: str | None = None,
     ) -> LedgerEntry:
-        """Take ``amount`` from the available balance, or raise ``InsufficientBalanceError``."""
+        """Take ``amount`` from the available balance, or raise ``InsufficientBalanceError``.
+
+        An inactive key is refused: ``ApiKeyRejectedError("inactive")``.
+        """
         move = movement(
             check_id(key_id, "API key id"),
             "charge",
@@ -56,9 +68,14 @@ class Ledger(Repository):
             idempotency_key=idempotency_key,
             request_data=request_data,
         )
-        return await self._apply(move)
+        return await self._apply(move, actor)
 
-    async def _apply(self, move: Movement) -> LedgerEntry:
+    async def _apply(self, move: Movement, actor: str | None) -> LedgerEntry:
+        if actor is not None:
+            unit = functools.partial(
+                _apply_audited, move=move, now=self.now(), actor=check_actor(actor)
+            )
+            return await self._runner.write(unit)
         if not self._runner.one_statement_writes:
             now = self.now()
             return await self._runner.write(lambda conn: money.apply(conn, move, now))
@@ -81,8 +98,14 @@ class Ledger(Repository):
         amount: int,
         idempotency_key: str | None = None,
         description: str = "",
+        *,
+        actor: str | None = None,
     ) -> tuple[LedgerEntry, LedgerEntry]:
-        """Move money between keys in one transaction; returns (debit, credit) entries."""
+        """Move money between keys in one transaction; returns (debit, credit) entries.
+
+        An inactive key sends nothing (``ApiKeyRejectedError("inactive")``) but receives.
+        """
+        actor = check_actor(actor)
         source = check_id(from_key_id, "from_key_id")
         target = check_id(to_key_id, "to_key_id")
         if source == target:
@@ -137,6 +160,16 @@ class Ledger(Repository):
             ),
             now,
         )
+        key_event(
+            conn,
+            actor,
+            "transfer",
+            source,
+            amount=out.amount,
+            to_api_key_id=target,
+            transfer_id=transfer_id,
+            idempotency_key=out.idempotency_key,
+        )
         return debit, credit
 
     @reads(single=False)
@@ -158,3 +191,25 @@ class Ledger(Repository):
         if not rows and conn.execute(sa.select(K.c.id).where(K.c.id == key)).first() is None:
             raise NotFoundError(f"no API key with id {key}")
         return [entry(tuple(row)) for row in rows]
+
+
+def _apply_audited(
+    conn: Connection, move: Movement, now: dt.datetime, actor: str | None
+) -> LedgerEntry:
+    """A deposit or charge and its event; a replay returns the first entry, unaudited."""
+    project_id = lock_key(conn, move.key_id)
+    replayed = refusals.replay(conn, move)
+    if replayed is not None:
+        return replayed
+    written = money.apply(conn, move, now)
+    key_event(
+        conn,
+        actor,
+        move.kind,
+        move.key_id,
+        project_id=project_id,
+        amount=move.amount,
+        entry_id=written.id,
+        idempotency_key=move.idempotency_key,
+    )
+    return written

@@ -1,6 +1,7 @@
 """Every statement that moves money, in its two forms side by side.
 
-A debit is a conditional ``UPDATE ... RETURNING`` (``balance - reserved >= amount``): the
+A debit is a conditional ``UPDATE ... RETURNING`` (``balance - reserved >= amount``, on an
+active key: ``refusals.py`` says why an inactive key refuses new spending): the
 database checks and changes the balance in one step, so concurrent debits never
 overspend (Postgres re-checks the condition on the locked row; SQLite writes one at a
 time). What it writes next (the ledger entry, the reservation) comes in one of two forms,
@@ -55,7 +56,7 @@ from .records import (
     entry,
     reservation,
 )
-from .refusals import hold_refusal, not_active, refusal, replay
+from .refusals import hold_refusal, not_active, refusal, replay, settled_before
 
 _P = sa.bindparam
 _KEY = _P("key_id", type_=sa.Uuid())
@@ -143,7 +144,7 @@ def insert_entry_from(values: dict[str, Any], source: sa.FromClause) -> LeanStat
 
 def _debit(*, spent: bool) -> sa.Update:
     values: dict[str, Any] = {"balance": K.c.balance - _AMOUNT, "last_used_at": _NOW}
-    conditions = [K.c.id == _KEY, K.c.balance - K.c.reserved >= _AMOUNT]
+    conditions = [K.c.id == _KEY, K.c.is_active, K.c.balance - K.c.reserved >= _AMOUNT]
     if spent:
         values["total_spent"] = K.c.total_spent + _AMOUNT
         conditions.append(K.c.total_spent <= MAX_INT64 - _AMOUNT)
@@ -231,7 +232,7 @@ MOVEMENT_IN_ONE_STATEMENT = {
 # Built once: constructing a statement costs more than running a cached one.
 _HOLD = (
     K.update()
-    .where(K.c.id == _KEY, K.c.balance - K.c.reserved >= _AMOUNT)
+    .where(K.c.id == _KEY, K.c.is_active, K.c.balance - K.c.reserved >= _AMOUNT)
     .values(reserved=K.c.reserved + _AMOUNT, last_used_at=_NOW)
 )
 _HOLD_LEAN = LeanStatement(_HOLD.returning(K.c.id), (K.c.id,))
@@ -372,9 +373,22 @@ def finish(conn: Connection, key: uuid.UUID, status: str, now: dt.datetime) -> R
     return reservation(row)
 
 
-def settle(conn: Connection, params: dict[str, Any]) -> LedgerEntry:
-    """In a transaction: finish the hold, lock its key, charge it and write the entry."""
-    finished = finish(conn, params["reservation_id"], "settled", params["now"])
+def settle(conn: Connection, params: dict[str, Any], *, replays: bool = False) -> LedgerEntry:
+    """In a transaction: finish the hold, lock its key, charge it and write the entry.
+
+    ``replays``: a hold already settled with the same actual amount returns its entry
+    (``refusals.settled_before``), as the one-statement form's ``explain_settle`` does.
+    """
+    key = params["reservation_id"]
+    row = _FINISH.first_any(
+        conn, {"reservation_id": key, "new_status": "settled", "now": params["now"]}
+    )
+    if row is None:
+        replayed = settled_before(conn, key, params["actual"]) if replays else None
+        if replayed is not None:
+            return replayed
+        raise not_active(conn, key)
+    finished = reservation(row)
     account = {**params, "key_id": finished.api_key_id, "hold": finished.amount}
     chargeable = _CHARGEABLE.first_any(conn, account)
     assert chargeable is not None

@@ -182,6 +182,11 @@ def check_amount(value: object, what: str = "amount") -> int:
     return check_positive_int(value, what)
 
 
+def check_actual(value: object) -> int:
+    """A settlement's actual cost: zero (nothing was used) or more."""
+    return check_int(value, "actual_amount", minimum=0, maximum=MAX_INT64)
+
+
 def check_balance(value: object) -> int:
     return check_int(value, "balance", minimum=0, maximum=MAX_INT64)
 

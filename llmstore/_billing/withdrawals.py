@@ -15,6 +15,7 @@ from llmstore._core.errors import ConflictError, NotFoundError
 from llmstore._core.ids import new_id
 from llmstore._core.secrets import SecretBox
 from llmstore._core.validate import (
+    check_actor,
     check_choice,
     check_http_url,
     check_id,
@@ -28,6 +29,7 @@ from llmstore._db.runner import Runner
 from llmstore._db.schema import withdrawals
 
 from . import money
+from .events import key_event
 from .records import Movement, check_amount
 
 WithdrawalStatus = Literal["pending", "completed", "failed"]
@@ -60,7 +62,9 @@ class Withdrawals(Repository):
     """The withdrawal operations of ``store.api_keys``: payouts out of a key's balance.
 
     A withdrawal debits the balance at once and waits, pending, for the payout; a failed
-    payout refunds it, and a retry debits it again.
+    payout refunds it, and a retry debits it again. An inactive key withdraws nothing,
+    nor retries a failed payout (``ApiKeyRejectedError("inactive")``); a pending one is
+    still completed or failed (its refund credited).
     """
 
     def __init__(self, runner: Runner, secrets: SecretBox, clock: Clock | None = None) -> None:
@@ -69,9 +73,17 @@ class Withdrawals(Repository):
 
     @writes()
     def withdraw(
-        self, conn: Connection, key_id: uuid.UUID | str, amount: int, token: str, mint_url: str
+        self,
+        conn: Connection,
+        key_id: uuid.UUID | str,
+        amount: int,
+        token: str,
+        mint_url: str,
+        *,
+        actor: str | None = None,
     ) -> Withdrawal:
         """Debit at once and record a pending withdrawal; the token is stored encrypted."""
+        actor = check_actor(actor)
         key = check_id(key_id, "API key id")
         checked = check_amount(amount)
         encrypted = self._secrets.encrypt(check_secret(token, "token", max_length=100_000))
@@ -94,7 +106,9 @@ class Withdrawals(Repository):
                 "retry_count": 0,
             },
         ).one()
-        return _withdrawal(row)
+        made = _withdrawal(row)
+        _audit(conn, actor, "withdraw", made)
+        return made
 
     @reads()
     def get_withdrawal(self, conn: Connection, withdrawal_id: uuid.UUID | str) -> Withdrawal:
@@ -130,19 +144,30 @@ class Withdrawals(Repository):
             raise NotFoundError(f"no withdrawal with id {key}")
         return self._secrets.decrypt(stored)
 
-    @writes(single=True)
-    def complete_withdrawal(self, conn: Connection, withdrawal_id: uuid.UUID | str) -> Withdrawal:
+    @writes(single="unless_audited")
+    def complete_withdrawal(
+        self, conn: Connection, withdrawal_id: uuid.UUID | str, *, actor: str | None = None
+    ) -> Withdrawal:
         """Mark a pending withdrawal paid out."""
         key = check_id(withdrawal_id, "withdrawal id")
-        return self._move(conn, key, "pending", status="completed", completed_at=self.now())
+        actor = check_actor(actor)
+        done = self._move(conn, key, "pending", status="completed", completed_at=self.now())
+        _audit(conn, actor, "complete_withdrawal", done)
+        return done
 
     @writes()
     def fail_withdrawal(
-        self, conn: Connection, withdrawal_id: uuid.UUID | str, error: str
+        self,
+        conn: Connection,
+        withdrawal_id: uuid.UUID | str,
+        error: str,
+        *,
+        actor: str | None = None,
     ) -> Withdrawal:
         """Mark it failed, count the attempt, and refund the amount with a ledger entry."""
         key = check_id(withdrawal_id, "withdrawal id")
         message = check_text(error, "error", max_length=2000)
+        actor = check_actor(actor)
         failed = self._move(
             conn,
             key,
@@ -156,18 +181,23 @@ class Withdrawals(Repository):
             Movement(failed.api_key_id, "withdrawal_refund", failed.amount, withdrawal_id=key),
             self.now(),
         )
+        _audit(conn, actor, "fail_withdrawal", failed)
         return failed
 
     @writes()
-    def retry_withdrawal(self, conn: Connection, withdrawal_id: uuid.UUID | str) -> Withdrawal:
+    def retry_withdrawal(
+        self, conn: Connection, withdrawal_id: uuid.UUID | str, *, actor: str | None = None
+    ) -> Withdrawal:
         """Debit again and return it to pending (``InsufficientBalanceError`` if spent)."""
         key = check_id(withdrawal_id, "withdrawal id")
+        actor = check_actor(actor)
         pending = self._move(conn, key, "failed", status="pending")
         money.apply(
             conn,
             Movement(pending.api_key_id, "withdrawal", pending.amount, withdrawal_id=key),
             self.now(),
         )
+        _audit(conn, actor, "retry_withdrawal", pending)
         return pending
 
     def _move(self, conn: Connection, key: uuid.UUID, current: str, **values: Any) -> Withdrawal:
@@ -183,3 +213,16 @@ class Withdrawals(Repository):
                 raise NotFoundError(f"no withdrawal with id {key}")
             raise ConflictError(f"withdrawal {key} is {status}; this needs it {current}")
         return _withdrawal(row)
+
+
+def _audit(conn: Connection, actor: str | None, operation: str, made: Withdrawal) -> None:
+    # The mint's URL and the amount, never the token.
+    key_event(
+        conn,
+        actor,
+        operation,
+        made.api_key_id,
+        withdrawal_id=made.id,
+        amount=made.amount,
+        mint_url=made.mint_url,
+    )

@@ -89,8 +89,10 @@ async def test_settle_below_the_hold_charges_the_actual_amount_once(store: Store
     assert settled.finished_at is not None
     assert before - dt.timedelta(seconds=5) <= settled.finished_at <= now()
     snapshot = await _everything(store)
+    # The same settle again is answered with the same entry (a retry); anything else that
+    # would finish the hold again is a conflict.
+    assert await store.api_keys.settle(hold.id, 20) == entry
     for call in [
-        lambda: store.api_keys.settle(hold.id, 20),
         lambda: store.api_keys.settle(hold.id, 1),
         lambda: store.api_keys.release(hold.id),
         lambda: store.api_keys.extend(hold.id, dt.timedelta(minutes=1)),

@@ -17,7 +17,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
-from llmstore import ApiKeys, InsufficientBalanceError, Store
+from llmstore import ApiKeyRejectedError, ApiKeys, ConflictError, InsufficientBalanceError, Store
 from llmstore._billing import money
 from llmstore._billing.records import ENTRY_COLUMNS, RESERVATION_COLUMNS, Movement
 from llmstore._db.lean import LeanStatement
@@ -135,4 +135,79 @@ async def test_one_statement_and_python_forms_write_the_same_rows(store: Store) 
         together = await _scenario(tx.api_keys)
     assert together == alone
     assert alone[-1] == (0, 0, 150, 150)
+    assert (await store.api_keys.verify()).ok
+
+
+@pytest.mark.parametrize(
+    ("name", "refuses_inactive"),
+    [("charge", True), ("reserve", True), ("deposit", False), ("settle", False)],
+)
+def test_only_new_spending_asks_whether_the_key_is_active(
+    name: str, refuses_inactive: bool
+) -> None:
+    """The one-statement form: a charge and a hold name ``is_active`` in their condition;
+    a deposit and a settlement do not."""
+    compiled = _compiled(FORMS[name][0]).string
+    assert ("api_keys.is_active" in compiled) is refuses_inactive, name
+
+
+@pytest.mark.parametrize(
+    ("kind", "refuses_inactive"),
+    [
+        ("charge", True),
+        ("transfer_out", True),
+        ("withdrawal", True),
+        ("deposit", False),
+        ("transfer_in", False),
+        ("withdrawal_refund", False),
+    ],
+)
+def test_the_python_forms_debits_ask_it_too(kind: str, refuses_inactive: bool) -> None:
+    change = money._CHANGES[kind].statement
+    assert isinstance(change, sa.Update)
+    compiled = str(change.compile(dialect=_POSTGRES))
+    assert ("api_keys.is_active" in compiled) is refuses_inactive, kind
+    hold = str(money._HOLD.compile(dialect=_POSTGRES))
+    assert "api_keys.is_active" in hold
+
+
+async def _inactive_scenario(api_keys: ApiKeys) -> list[Any]:
+    """An inactive key's refusals and what it still does; settle(0) and a repeated settle."""
+    key = (await api_keys.create(100)).key.id
+    seen: list[Any] = []
+    hold = await api_keys.reserve(key, 30)
+    empty = await api_keys.reserve(key, 10)
+    await api_keys.deactivate(key)
+    for refused_call in (
+        lambda: api_keys.charge(key, 1),
+        lambda: api_keys.charge(key, 1, idempotency_key="i"),
+        lambda: api_keys.reserve(key, 1),
+    ):
+        with pytest.raises(ApiKeyRejectedError) as rejected:
+            await refused_call()
+        seen.append(rejected.value.reason)
+    seen.append(_row(await api_keys.deposit(key, 20, idempotency_key="d")))
+    settled = await api_keys.settle(hold.id, 25)
+    seen.append(_row(settled))
+    assert await api_keys.settle(hold.id, 25) == settled
+    with pytest.raises(ConflictError) as conflict:
+        await api_keys.settle(hold.id, 24)
+    seen.append(str(conflict.value).split(" was ")[1])
+    nothing = await api_keys.settle(empty.id, 0)
+    seen.append(_row(nothing))
+    assert await api_keys.settle(empty.id, 0) == nothing
+    await api_keys.activate(key)
+    seen.append(_row(await api_keys.charge(key, 5)))
+    final = await api_keys.get(key)
+    seen.append((final.balance, final.reserved, final.total_deposited, final.total_spent))
+    return seen
+
+
+async def test_both_forms_refuse_an_inactive_key_and_replay_a_settle_alike(store: Store) -> None:
+    alone = await _inactive_scenario(store.api_keys)
+    async with store.transaction() as tx:
+        together = await _inactive_scenario(tx.api_keys)
+    assert together == alone
+    assert alone[:3] == ["inactive", "inactive", "inactive"]
+    assert alone[-1] == (90, 0, 120, 30)
     assert (await store.api_keys.verify()).ok

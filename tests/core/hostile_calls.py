@@ -78,6 +78,10 @@ async def _admission(w: World) -> object:
     return (await w.store.admissions.admit(w.key_secret, cost=2)).id
 
 
+async def _api_key(w: World) -> object:
+    return (await w.store.api_keys.create()).key.id
+
+
 def _name(prefix: str) -> Fresh:
     return Fresh(lambda w: w.unique(prefix), row=False)
 
@@ -85,6 +89,7 @@ def _name(prefix: str) -> Fresh:
 PROJECT, TOKEN_ID, CREDENTIAL = Fresh(_project), Fresh(_token), Fresh(_credential)
 HOLD, PAYOUT, FAILED_PAYOUT = Fresh(_hold), Fresh(_payout), Fresh(_failed_payout)
 BUDGET, RATE_LIMIT, ADMISSION = Fresh(_budget), Fresh(_rate_limit), Fresh(_admission)
+API_KEY = Fresh(_api_key)
 TTL = dt.timedelta(minutes=5)
 ACTOR = {"actor": "tests"}
 PAGE = {"limit": 10, "after": None}
@@ -182,6 +187,7 @@ SPECS: dict[tuple[str, str], dict[str, object]] = {
         "project_id": W("project_id"),
         "expires_at": FUTURE,
         "metadata": {"plan": "pro"},
+        **ACTOR,
     },
     ("api_keys", "authenticate"): {"secret": W("key_secret")},
     ("api_keys", "get"): {"key_id": W("key_id")},
@@ -191,6 +197,7 @@ SPECS: dict[tuple[str, str], dict[str, object]] = {
         "amount": 5,
         "idempotency_key": None,
         "description": "top-up",
+        **ACTOR,
     },
     ("api_keys", "charge"): {
         "key_id": W("key_id"),
@@ -198,6 +205,7 @@ SPECS: dict[tuple[str, str], dict[str, object]] = {
         "idempotency_key": None,
         "description": "call",
         "request_data": {"model": "m"},
+        **ACTOR,
     },
     ("api_keys", "transfer"): {
         "from_key_id": W("key_id"),
@@ -205,29 +213,30 @@ SPECS: dict[tuple[str, str], dict[str, object]] = {
         "amount": 1,
         "idempotency_key": None,
         "description": "move",
+        **ACTOR,
     },
     ("api_keys", "ledger"): {"key_id": W("key_id"), **PAGE},
-    ("api_keys", "reserve"): {"key_id": W("key_id"), "amount": 1, "ttl": TTL},
+    ("api_keys", "reserve"): {"key_id": W("key_id"), "amount": 1, "ttl": TTL, **ACTOR},
     ("api_keys", "get_reservation"): {"reservation_id": W("reservation_id")},
     # A fresh hold: a tiny ttl would let the two stores' copies of one expire apart.
-    ("api_keys", "extend"): {"reservation_id": HOLD, "ttl": TTL},
-    ("api_keys", "settle"): {"reservation_id": HOLD, "actual_amount": 1},
-    ("api_keys", "release"): {"reservation_id": HOLD},
+    ("api_keys", "extend"): {"reservation_id": HOLD, "ttl": TTL, **ACTOR},
+    ("api_keys", "settle"): {"reservation_id": HOLD, "actual_amount": 1, **ACTOR},
+    ("api_keys", "release"): {"reservation_id": HOLD, **ACTOR},
     ("api_keys", "expire_reservations"): {},
     ("api_keys", "withdraw"): {
         "key_id": W("key_id"),
         "amount": 1,
         "token": TOKEN,
         "mint_url": MINT,
+        **ACTOR,
     },
     ("api_keys", "get_withdrawal"): {"withdrawal_id": W("withdrawal_id")},
     ("api_keys", "list_withdrawals"): {"key_id": W("key_id"), "status": "pending", **PAGE},
     ("api_keys", "reveal_withdrawal_token"): {"withdrawal_id": W("withdrawal_id")},
-    ("api_keys", "complete_withdrawal"): {"withdrawal_id": PAYOUT},
-    ("api_keys", "fail_withdrawal"): {"withdrawal_id": PAYOUT, "error": "mint down"},
-    ("api_keys", "retry_withdrawal"): {"withdrawal_id": FAILED_PAYOUT},
+    ("api_keys", "complete_withdrawal"): {"withdrawal_id": PAYOUT, **ACTOR},
+    ("api_keys", "fail_withdrawal"): {"withdrawal_id": PAYOUT, "error": "mint down", **ACTOR},
+    ("api_keys", "retry_withdrawal"): {"withdrawal_id": FAILED_PAYOUT, **ACTOR},
     ("api_keys", "verify"): {},
-    ("api_keys", "cleanup_expired"): {},
     # budgets
     ("budgets", "create"): {
         "limit": 1000,
@@ -308,6 +317,16 @@ SPECS: dict[tuple[str, str], dict[str, object]] = {
     ("admissions", "extend"): {"admission_id": ADMISSION, "ttl": TTL},
     ("admissions", "get"): {"admission_id": W("admission_id")},
     ("admissions", "expire"): {},
+    ("api_keys", "cleanup_expired"): {**ACTOR},
+    ("api_keys", "deactivate"): {"key_id": API_KEY, **ACTOR},
+    ("api_keys", "activate"): {"key_id": API_KEY, **ACTOR},
+    ("api_keys", "update"): {
+        "key_id": API_KEY,
+        "expires_at": FUTURE,
+        "metadata": {"plan": "team"},
+        **ACTOR,
+    },
+    ("api_keys", "delete"): {"key_id": API_KEY, **ACTOR},
     # usage
     ("usage", "record"): {"record": UsageRecord(model="m", cost=1)},
     ("usage", "record_many"): {"records": [UsageRecord(model="m"), {"model": "n"}]},
