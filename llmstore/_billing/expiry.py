@@ -5,6 +5,11 @@ admission's settle, release or expiry) frees them. When a debit or a new hold is
 for want of money, the key's holds whose time has passed are expired first, in the same
 transaction, and the refused statement is tried again: a proxy that never sweeps still
 never refuses a request because of a hold that has lapsed.
+
+Lapsed holds are expired only when that makes room for the refused amount: in a
+transaction a refusal rolls back the expiry with everything else, and the one-statement
+forms (which explain a refusal in a unit of its own) decide the same way, so both forms
+leave the same holds behind.
 """
 
 from __future__ import annotations
@@ -12,9 +17,27 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from .records import K, R
+
+
+def expire_if_it_makes_room(
+    conn: Connection, key_id: uuid.UUID, amount: int, now: dt.datetime
+) -> bool:
+    """Expire the key's lapsed holds if with them ``amount`` is available; whether it did."""
+    lapsed = conn.execute(
+        sa.select(sa.func.coalesce(sa.func.sum(R.c.amount), 0)).where(
+            R.c.api_key_id == key_id, R.c.status == "active", R.c.expires_at <= now
+        )
+    ).scalar_one()
+    if not lapsed:
+        return False
+    available = conn.execute(sa.select(K.c.balance - K.c.reserved).where(K.c.id == key_id)).scalar()
+    if available is None or available + int(lapsed) < amount:
+        return False
+    return expire_key_holds(conn, key_id, now) > 0
 
 
 def expire_key_holds(conn: Connection, key_id: uuid.UUID, now: dt.datetime) -> int:

@@ -19,6 +19,7 @@ from sqlalchemy.engine import Connection
 
 from llmstore._core.ids import new_id
 from llmstore._core.validate import check_actor, check_id
+from llmstore._db.lean import LeanStatement
 from llmstore._db.operations import Repository, first_or_explain, reads, writes
 from llmstore._db.queries import found
 
@@ -232,6 +233,14 @@ def place_hold(
     return money.reserve(conn, params)
 
 
+_HOLD_STATE = LeanStatement(
+    sa.select(R.c.status, R.c.api_key_id)
+    .where(R.c.id == sa.bindparam("reservation_id", type_=sa.Uuid()))
+    .with_for_update(),
+    (R.c.status, R.c.api_key_id),
+)
+
+
 def settle_hold(
     conn: Connection, reservation_id: uuid.UUID, actual: int, now: dt.datetime
 ) -> LedgerEntry:
@@ -240,11 +249,9 @@ def settle_hold(
     A hold that a sweep expired first is charged all the same (the cost was incurred), as
     a key without the hold can pay; a settled or released one is a ``ConflictError``.
     """
-    row = conn.execute(
-        sa.select(R.c.status, R.c.api_key_id).where(R.c.id == reservation_id).with_for_update()
-    ).first()
-    if row is not None and row.status == "expired":
-        return money.settle_unheld(conn, row.api_key_id, actual, now, reservation_id)
+    row = _HOLD_STATE.first_any(conn, {"reservation_id": reservation_id})
+    if row is not None and row[0] == "expired":
+        return money.settle_unheld(conn, row[1], actual, now, reservation_id)
     return money.settle(conn, {"reservation_id": reservation_id, "actual": actual, "now": now})
 
 

@@ -31,6 +31,7 @@ from llmstore._core.validate import (
     check_json_mapping,
     check_optional_id,
 )
+from llmstore._db.lean import LeanStatement
 from llmstore._db.operations import Clock, reads, writes
 from llmstore._db.queries import found, id_page
 from llmstore._db.runner import Runner
@@ -57,6 +58,13 @@ from .records import (
 from .withdrawals import Withdrawals
 
 _SELECT = sa.select(*KEY_COLUMNS)
+# Built once, for the admissions' lean path.
+_BY_DIGEST = LeanStatement(
+    _SELECT.where(K.c.secret_digest == sa.bindparam("digest", type_=sa.String(64))), KEY_COLUMNS
+)
+_BY_ID = LeanStatement(
+    _SELECT.where(K.c.id == sa.bindparam("key_id", type_=sa.Uuid())), KEY_COLUMNS
+)
 
 
 def check_api_key_secret(secret: object) -> str:
@@ -75,9 +83,11 @@ def find_key(
     conn: Connection, *, digest: str | None = None, key_id: uuid.UUID | None = None
 ) -> ApiKey | None:
     """Inside a unit: the key with this secret digest (or id), or None."""
-    column = K.c.secret_digest if digest is not None else K.c.id
-    row = conn.execute(_SELECT.where(column == (digest if digest is not None else key_id))).first()
-    return None if row is None else api_key(tuple(row))
+    if digest is not None:
+        row = _BY_DIGEST.first_any(conn, {"digest": digest})
+    else:
+        row = _BY_ID.first_any(conn, {"key_id": key_id})
+    return None if row is None else api_key(row)
 
 
 class ApiKeys(KeyLifecycle, Holds, Ledger, Withdrawals):

@@ -39,7 +39,7 @@ from llmstore._core.validate import MAX_INT64
 from llmstore._db.lean import LeanStatement
 from llmstore._db.schema import UTCDateTime
 
-from .expiry import expire_key_holds
+from .expiry import expire_if_it_makes_room
 from .records import (
     CREDITS,
     DESCRIPTION_MAX,
@@ -181,7 +181,11 @@ def apply(conn: Connection, move: Movement, now: dt.datetime) -> LedgerEntry:
         return replayed
     change = _CHANGES[move.kind]
     row = change.first_any(conn, move.params(now))
-    if row is None and move.kind not in CREDITS and expire_key_holds(conn, move.key_id, now):
+    if (
+        row is None
+        and move.kind not in CREDITS
+        and expire_if_it_makes_room(conn, move.key_id, move.amount, now)
+    ):
         row = change.first_any(conn, move.params(now))
     if row is None:
         raise refusal(conn, move)
@@ -272,7 +276,9 @@ def _reservation_values(
 def reserve(conn: Connection, params: dict[str, Any]) -> Reservation:
     """In a transaction: hold the amount, then write the reservation."""
     held = _HOLD_LEAN.first_any(conn, params)
-    if held is None and expire_key_holds(conn, params["key_id"], params["now"]):
+    if held is None and expire_if_it_makes_room(
+        conn, params["key_id"], params["amount"], params["now"]
+    ):
         held = _HOLD_LEAN.first_any(conn, params)
     if held is None:
         raise hold_refusal(conn, params["key_id"], params["amount"])

@@ -33,7 +33,7 @@ from llmstore._core.errors import (
 )
 from llmstore._core.validate import MAX_INT64
 
-from .expiry import expire_key_holds
+from .expiry import expire_if_it_makes_room
 from .records import CREDITS, ENTRY_COLUMNS, SPENT, K, L, LedgerEntry, Movement, R, entry
 
 _P = sa.bindparam
@@ -89,7 +89,7 @@ def explain_movement(conn: Connection, move: Movement, now: dt.datetime) -> Ledg
     error = refusal(conn, move)
     if isinstance(error, ConflictError):
         return None  # the money is there now
-    if isinstance(error, InsufficientBalanceError) and expire_key_holds(conn, move.key_id, now):
+    if _lapsed_holds_make_room(conn, error, move.key_id, now):
         return None  # lapsed holds were in the way
     raise error
 
@@ -114,11 +114,20 @@ def hold_refusal(conn: Connection, key_id: uuid.UUID, amount: int) -> LlmstoreEr
     return ConflictError("the balance changed while the hold was checked; try again")
 
 
+def _lapsed_holds_make_room(
+    conn: Connection, error: LlmstoreError, key_id: uuid.UUID, now: dt.datetime
+) -> bool:
+    """Expire the key's lapsed holds if that makes room for the refused amount."""
+    if not isinstance(error, InsufficientBalanceError):
+        return False
+    return expire_if_it_makes_room(conn, key_id, error.requested, now)
+
+
 def explain_hold(conn: Connection, key_id: uuid.UUID, amount: int, now: dt.datetime) -> None:
     """After the one statement held nothing: None to try again, or the refusal raised.
     Runs as a write: it may expire the key's lapsed holds."""
     error = hold_refusal(conn, key_id, amount)
-    if isinstance(error, InsufficientBalanceError) and expire_key_holds(conn, key_id, now):
+    if _lapsed_holds_make_room(conn, error, key_id, now):
         return  # lapsed holds were in the way
     if not isinstance(error, ConflictError):
         raise error

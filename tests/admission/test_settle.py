@@ -291,3 +291,26 @@ async def test_counts_near_the_int64_limit_behave_alike_on_both_drivers(store: S
     status = await store.budgets.status(budget.id)
     assert (status.spent, status.reserved, status.remaining) == (top, 0, 0)
     assert (await store.budgets.verify()).ok
+
+
+async def test_lapsed_holds_stay_unless_expiring_them_makes_room(
+    store: Store, clock: Clock
+) -> None:
+    t = await tenant(store, balance=100)
+    key_id = t.key.key.id
+    await store.admissions.admit(t.key.secret, cost=30, ttl=dt.timedelta(minutes=1))
+    await store.api_keys.charge(key_id, 50)
+    clock.move(dt.timedelta(minutes=1))
+    # 20 available and 30 lapsed: not enough for 51, and both drivers leave the hold.
+    with pytest.raises(InsufficientBalanceError) as refused:
+        await store.api_keys.charge(key_id, 51)
+    assert (refused.value.available, refused.value.requested) == (20, 51)
+    assert (await store.api_keys.get(key_id)).reserved == 30
+    with pytest.raises(InsufficientBalanceError):
+        await store.api_keys.reserve(key_id, 51)
+    assert (await store.api_keys.get(key_id)).reserved == 30
+    # Enough for 50: the lapsed hold is expired first, in the same call.
+    await store.api_keys.charge(key_id, 50)
+    key = await store.api_keys.get(key_id)
+    assert (key.balance, key.reserved) == (0, 0)
+    assert (await store.api_keys.verify()).ok
