@@ -10,6 +10,7 @@ import pytest
 
 from llmstore import Store, StoreConfig, generate_key
 from llmstore.pytest_plugin import drop_schema, fresh_schema_name
+from tests.head_schemas import postgres_schema_at_head, sqlite_file_at_head
 from tests.helpers import require_postgres
 
 DRIVERS = ["sqlite-file", "sqlite-memory", "postgres"]
@@ -52,7 +53,8 @@ def schema_env(db_config: StoreConfig, monkeypatch: pytest.MonkeyPatch) -> Store
 
 @pytest.fixture(params=[_param(name) for name in DRIVERS])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    """An open store at the head schema, with an encryption key."""
+    """An open store at the head schema, with an encryption key (made from a template:
+    ``tests/head_schemas.py``)."""
     key = generate_key()
     if request.param == "sqlite-memory":
         async with Store.from_url("sqlite:///:memory:", encryption_keys=key) as memory:
@@ -61,12 +63,12 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     if request.param == "postgres":
         url = require_postgres()
         schema = fresh_schema_name()
-        async with Store.from_url(
-            url, schema_name=schema, encryption_keys=key, auto_upgrade=True
-        ) as pg:
+        await postgres_schema_at_head(url, schema)
+        async with Store.from_url(url, schema_name=schema, encryption_keys=key) as pg:
             yield pg
         await drop_schema(url, schema)
         return
     path = tmp_path / "llmstore.db"
-    async with Store.from_url(f"sqlite:///{path}", encryption_keys=key, auto_upgrade=True) as db:
+    await sqlite_file_at_head(path)
+    async with Store.from_url(f"sqlite:///{path}", encryption_keys=key) as db:
         yield db

@@ -12,6 +12,7 @@ from llmstore import Store, generate_key
 from llmstore.pytest_plugin import drop_schema, fresh_schema_name
 from tests.admission.admission_support import START, Clock
 from tests.conftest import DRIVERS, _param
+from tests.head_schemas import postgres_schema_at_head, sqlite_file_at_head
 from tests.helpers import require_postgres
 
 
@@ -33,14 +34,12 @@ async def store(
     if request.param == "postgres":
         url = require_postgres()
         schema = fresh_schema_name()
-        async with Store.from_url(
-            url, schema_name=schema, encryption_keys=key, auto_upgrade=True, clock=clock
-        ) as pg:
+        await postgres_schema_at_head(url, schema)
+        async with Store.from_url(url, schema_name=schema, encryption_keys=key, clock=clock) as pg:
             yield pg
         await drop_schema(url, schema)
         return
     path = tmp_path / "llmstore.db"
-    async with Store.from_url(
-        f"sqlite:///{path}", encryption_keys=key, auto_upgrade=True, clock=clock
-    ) as db:
+    await sqlite_file_at_head(path)
+    async with Store.from_url(f"sqlite:///{path}", encryption_keys=key, clock=clock) as db:
         yield db
