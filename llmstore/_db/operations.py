@@ -29,7 +29,7 @@ from typing import Any, Concatenate, Generic, Literal, ParamSpec, TypeVar, overl
 
 from sqlalchemy.engine import Connection
 
-from llmstore._core.errors import ConflictError, ValidationError
+from llmstore._core.errors import ConfigError, ConflictError, ValidationError
 from llmstore._core.ids import utcnow
 from llmstore._core.validate import check_aware
 
@@ -61,9 +61,13 @@ class Repository:
         if self._clock is None:
             return utcnow()
         try:
-            return check_aware(self._clock(), "the store's clock")
+            value = self._clock()
+        except Exception as exc:  # the caller's code: reported as its configuration's fault
+            raise ConfigError(f"the store's clock failed ({type(exc).__name__})") from exc
+        try:
+            return check_aware(value, "the store's clock")
         except ValidationError as exc:
-            raise ValidationError(f"{exc} (Store(clock=...) must return aware datetimes)") from None
+            raise ConfigError(f"{exc} (Store(clock=...) must return aware datetimes)") from None
 
 
 class Operation(Generic[S, P, R]):

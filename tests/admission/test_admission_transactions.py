@@ -7,7 +7,7 @@ import datetime as dt
 
 import pytest
 
-from llmstore import BudgetExceededError, Store
+from llmstore import BudgetExceededError, ConfigError, Store
 from tests.admission.admission_support import Clock, tenant
 
 
@@ -49,3 +49,16 @@ async def test_lapsed_holds_are_expired_inside_the_transaction(store: Store, clo
         assert (await tx.admissions.get(stale.id)).status == "expired"
         await tx.admissions.release(fresh.id)
     assert (await store.budgets.verify()).ok and (await store.api_keys.verify()).ok
+
+
+async def test_a_clock_that_fails_or_is_naive_is_a_config_error() -> None:
+    def broken() -> dt.datetime:
+        raise RuntimeError("no time")
+
+    for clock in (broken, lambda: dt.datetime(2026, 1, 1), lambda: "noon"):
+        async with Store.from_url("sqlite:///:memory:", clock=clock) as store:  # type: ignore[arg-type]
+            with pytest.raises(ConfigError, match="clock"):
+                await store.budgets.create(10, tag="t")
+            assert await store.budgets.list() == []
+    with pytest.raises(ConfigError, match="callable"):
+        Store.from_url("sqlite:///:memory:", clock=5)  # type: ignore[arg-type]
