@@ -3,6 +3,7 @@ count them all in one step, or refuse with nothing held or counted."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import uuid
 
@@ -259,3 +260,19 @@ async def test_an_idempotent_retry_returns_the_same_admission(store: Store) -> N
         await store.admissions.admit(t.key.secret, cost=101, idempotency_key="req-1")
     other = await store.admissions.admit(t.key.secret, cost=100, idempotency_key="req-2")
     assert other.id != first.id
+
+
+async def test_racing_retries_with_one_idempotency_key_admit_once(store: Store) -> None:
+    t = await tenant(store)
+    budget = await store.budgets.create(1000, api_key_id=t.key.key.id)
+    limit = await store.rate_limits.create(requests=100, api_key_id=t.key.key.id)
+    admitted = await asyncio.gather(
+        *(
+            store.admissions.admit(t.key.secret, cost=100, idempotency_key="req-race")
+            for _ in range(6)
+        )
+    )
+    assert len({admission.id for admission in admitted}) == 1
+    assert (await store.budgets.status(budget.id)).reserved == 100
+    assert (await store.rate_limits.status(limit.id)).requests == 1
+    assert (await store.api_keys.get(t.key.key.id)).reserved == 100
