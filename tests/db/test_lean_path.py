@@ -76,6 +76,9 @@ async def test_a_lane_connection_killed_while_idle_is_replaced_before_use(
     pids = lane.pids()
     assert len(pids) == 1
     assert await terminate_backends(pids) == len(pids)
+    # Idle for a moment, as such a connection is: the event loop reads the server's goodbye
+    # and the end of its socket (right after the kill, they may still be on the way).
+    await asyncio.sleep(0.2)
     # A restart or a failover: the next call gets a new connection, and succeeds.
     token = await pg_store.tokens.use(issued.secret)
     assert token.request_count == 2
