@@ -15,19 +15,17 @@ from sqlalchemy.engine import Connection
 
 from llmstore import Store, StoreConfig, UsageRecord
 from llmstore._core.signing import generate_signing_key
-from llmstore._db.schema import (
-    VERSION_TABLE,
+from llmstore._db.admission_schema import (
     admission_budgets,
     admission_windows,
     admissions,
-    api_keys,
     budget_crossings,
     budget_periods,
     budgets,
-    metadata,
     rate_limits,
     rate_windows,
 )
+from llmstore._db.schema import VERSION_TABLE, api_keys, metadata
 from llmstore.migrations import _commands as _migrations
 from llmstore.pytest_plugin import run_sql
 

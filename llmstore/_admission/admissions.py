@@ -27,10 +27,10 @@ from llmstore._core.errors import (
 )
 from llmstore._core.secrets import SecretDigester
 from llmstore._core.validate import MAX_INT64, check_id, check_int, check_optional_id, check_text
+from llmstore._db.admission_schema import RATE_PERS, rate_limits, rate_windows
 from llmstore._db.operations import ATTEMPTS, Clock, Repository, reads
 from llmstore._db.queries import found
 from llmstore._db.runner import Runner
-from llmstore._db.schema import RATE_PERS, rate_limits, rate_windows
 from llmstore._usage import UsageRecord
 
 from . import finish

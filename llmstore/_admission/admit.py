@@ -42,14 +42,14 @@ from llmstore._core.errors import (
     ValidationError,
 )
 from llmstore._core.ids import new_id
-from llmstore._db.dialects import insert_ignoring_conflicts
-from llmstore._db.schema import (
+from llmstore._db.admission_schema import (
     admission_budgets,
     admission_windows,
     budget_crossings,
     budget_periods,
     rate_windows,
 )
+from llmstore._db.dialects import insert_ignoring_conflicts
 
 from .budgets import period_of, remaining
 from .periods import rate_window

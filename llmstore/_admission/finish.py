@@ -21,7 +21,12 @@ from sqlalchemy.engine import Connection
 
 from llmstore._billing import extend_hold, finish_holds, settle_hold, settle_unheld
 from llmstore._core.errors import ConflictError, NotFoundError, ValidationError
-from llmstore._db.schema import admission_budgets, admission_windows, budget_periods, rate_windows
+from llmstore._db.admission_schema import (
+    admission_budgets,
+    admission_windows,
+    budget_periods,
+    rate_windows,
+)
 from llmstore._usage import UsageRecord, insert_records
 
 from .admit import crossings_of, load, record_crossings

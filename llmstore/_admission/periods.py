@@ -17,7 +17,7 @@ from functools import lru_cache
 
 from llmstore._core.errors import ValidationError
 from llmstore._core.validate import check_text, describe
-from llmstore._db.schema import RatePer
+from llmstore._db.admission_schema import RatePer
 
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 WINDOW = {

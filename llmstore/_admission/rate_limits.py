@@ -19,9 +19,9 @@ from llmstore._core.errors import ValidationError
 from llmstore._core.ids import new_id
 from llmstore._core.unset import UNSET, Unset
 from llmstore._core.validate import check_id, check_positive_int, check_text
+from llmstore._db.admission_schema import RatePer, rate_windows
 from llmstore._db.operations import Repository, reads, writes
 from llmstore._db.queries import found, id_page
-from llmstore._db.schema import RatePer, rate_windows
 
 from .limits import check_referenced, scope_filters
 from .periods import rate_window

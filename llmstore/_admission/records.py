@@ -21,8 +21,7 @@ from llmstore._core.validate import (
     check_timedelta,
     describe,
 )
-from llmstore._db.lean import Row
-from llmstore._db.schema import (
+from llmstore._db.admission_schema import (
     BUDGET_PERIODS,
     RATE_PERS,
     SCOPE_COLUMNS,
@@ -32,6 +31,7 @@ from llmstore._db.schema import (
     budgets,
     rate_limits,
 )
+from llmstore._db.lean import Row
 
 B = budgets
 RL = rate_limits

@@ -17,15 +17,15 @@ from typing import Any
 import sqlalchemy as sa
 
 from llmstore._core.validate import MAX_INT64
-from llmstore._db.dialects import LeanUpsert
-from llmstore._db.lean import LeanStatement
-from llmstore._db.schema import (
-    UTCDateTime,
+from llmstore._db.admission_schema import (
     admission_budgets,
     admission_windows,
     budget_periods,
     rate_windows,
 )
+from llmstore._db.dialects import LeanUpsert
+from llmstore._db.lean import LeanStatement
+from llmstore._db.schema import UTCDateTime
 
 from .records import ADMISSION_COLUMNS, BUDGET_COLUMNS, RATE_LIMIT_COLUMNS, RL, A, B
 

@@ -18,14 +18,13 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from llmstore import Budget, LlmstoreError, RateLimit, Store, StoreConfig
-from llmstore._db.schema import (
+from llmstore._db.admission_schema import (
     admission_budgets,
     admission_windows,
     admissions,
-    ledger_entries,
     rate_windows,
-    reservations,
 )
+from llmstore._db.schema import ledger_entries, reservations
 from llmstore.pytest_plugin import run_sql
 from tests.admission.admission_support import Clock, Tenant, tenant
 from tests.helpers import CheckedOut

@@ -39,7 +39,8 @@ from llmstore import (
     UsageRecord,
     generate_key,
 )
-from llmstore._db.schema import budget_crossings, usage_logs
+from llmstore._db.admission_schema import budget_crossings
+from llmstore._db.schema import usage_logs
 from llmstore.migrations._commands import upgrade
 from llmstore.pytest_plugin import drop_schema, fresh_schema_name, run_sql
 from tests import processes
