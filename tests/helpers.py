@@ -23,7 +23,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.pool import ConnectionPoolEntry, Pool
 
-from llmstore import Project, Store
+from llmstore import DatabaseUnavailableError, Project, Store
 from llmstore.pytest_plugin import postgres_test_url, run_sql
 
 E = TypeVar("E", bound=BaseException)
@@ -209,3 +209,30 @@ async def terminate_backends(pids: Iterable[int]) -> int:
     finally:
         await conn.close()
     return sum(1 for (terminated,) in rows if terminated)
+
+
+async def store_pids(checked_out: CheckedOut, schema: str, admin: Any) -> list[int]:
+    """Server pids of a store's connections: those checked out of its pool (its lane's
+    idle ones among them), and any running a statement on its ``schema``. ``admin``: an
+    ``AsyncEngine`` of its own on the same server."""
+    pids = set(checked_out.pids())
+    async with admin.connect() as conn:
+        rows = await conn.execute(
+            sa.text(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid() AND position(:schema in query) > 0"
+            ),
+            {"schema": schema},
+        )
+        pids.update(int(pid) for pid in rows.scalars())
+    return sorted(pids)
+
+
+async def until_it_answers(call: Callable[[], Awaitable[Any]], attempts: int = 20) -> Any:
+    """``call()``, tried again while the database is unavailable (just after a kill)."""
+    for _ in range(attempts - 1):
+        try:
+            return await call()
+        except DatabaseUnavailableError:
+            await asyncio.sleep(0.05)
+    return await call()

@@ -27,7 +27,6 @@ from llmstore._db.admission_schema import (
 from llmstore._db.schema import ledger_entries, reservations
 from llmstore.pytest_plugin import run_sql
 from tests.admission.admission_support import Clock, Tenant, tenant
-from tests.helpers import CheckedOut
 
 A = admissions
 AB = admission_budgets
@@ -166,25 +165,6 @@ async def keeps_working(store: Store, setup: Limits) -> None:
     assert (after.balance, after.reserved) == (key.balance - 5, key.reserved)
     counted = await store.rate_limits.status(setup.rate_limit.id)
     assert (counted.requests, counted.tokens) == (window.requests + 1, window.tokens + 4)
-
-
-# -- the server side of a store's Postgres connections -----------------------------------------
-
-
-async def store_pids(checked_out: CheckedOut, schema: str, admin: Any) -> list[int]:
-    """Server pids of this store's connections: those checked out of its pool (its lane's
-    idle ones among them), and any running a statement on its schema."""
-    pids = set(checked_out.pids())
-    async with admin.connect() as conn:
-        rows = await conn.execute(
-            sa.text(
-                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-                "AND pid <> pg_backend_pid() AND position(:schema in query) > 0"
-            ),
-            {"schema": schema},
-        )
-        pids.update(int(pid) for pid in rows.scalars())
-    return sorted(pids)
 
 
 # -- a worker process that admits and settles until it is killed -------------------------------

@@ -29,7 +29,6 @@ from sqlalchemy.pool import NullPool
 from llmstore import (
     ApiKeyRejectedError,
     BudgetExceededError,
-    DatabaseUnavailableError,
     InsufficientBalanceError,
     LlmstoreError,
     RateLimitedError,
@@ -57,10 +56,17 @@ from tests.admission.admission_faults_support import (
     check_whole,
     keeps_working,
     limits,
-    store_pids,
 )
 from tests.admission.admission_support import START, Clock
-from tests.helpers import CheckedOut, execute, qualified, require_postgres, terminate_backends
+from tests.helpers import (
+    CheckedOut,
+    execute,
+    qualified,
+    require_postgres,
+    store_pids,
+    terminate_backends,
+    until_it_answers,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -217,15 +223,6 @@ async def test_cancelled_admissions_and_settlements_leave_everything_whole(store
 # -- killed connections ----------------------------------------------------------------------
 
 
-async def _until_it_answers(call: Callable[[], Awaitable[Any]], attempts: int = 20) -> Any:
-    for _ in range(attempts - 1):
-        try:
-            return await call()
-        except DatabaseUnavailableError:
-            await asyncio.sleep(0.05)
-    return await call()
-
-
 @pytest.mark.postgres
 async def test_killed_connections_leave_every_admission_whole() -> None:
     url = require_postgres()
@@ -262,10 +259,10 @@ async def test_killed_connections_leave_every_admission_whole() -> None:
                 assert sum(killed) > 0
                 assert chaos.outcomes["DatabaseUnavailableError"] > 0, chaos.outcomes
                 assert chaos.outcomes["done"] > 0, chaos.outcomes
-                await _until_it_answers(store.budgets.verify)
+                await until_it_answers(store.budgets.verify)
                 # A settle that died with its connection may have committed or not:
                 # retried, it returns the one settlement either way.
-                await _retry_unfinished_settles(store, chaos, _until_it_answers)
+                await _retry_unfinished_settles(store, chaos, until_it_answers)
                 await check_whole(store, setup)
                 await keeps_working(store, setup)
                 await check_whole(store, setup)

@@ -23,7 +23,13 @@ from llmstore import DatabaseUnavailableError, InsufficientBalanceError, Store, 
 from llmstore.pytest_plugin import drop_schema, fresh_schema_name, run_sql
 from tests import processes
 from tests.billing.concurrency_api_keys_support import MINT, TOKEN, L, _check_ledger
-from tests.helpers import CheckedOut, require_postgres, terminate_backends
+from tests.helpers import (
+    CheckedOut,
+    require_postgres,
+    store_pids,
+    terminate_backends,
+    until_it_answers,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -186,31 +192,6 @@ async def test_transaction_cancelled_while_it_begins_does_not_wedge_sqlite(
         await _check_ledger(store)
 
 
-async def _store_pids(checked_out: CheckedOut, schema: str, admin: Any) -> list[int]:
-    """Server pids of this store's connections: those checked out of its pool (its lane's
-    idle ones among them), and any mid-statement."""
-    pids = set(checked_out.pids())
-    async with admin.connect() as conn:
-        rows = await conn.execute(
-            sa.text(
-                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-                "AND pid <> pg_backend_pid() AND position(:schema in query) > 0"
-            ),
-            {"schema": schema},
-        )
-        pids.update(int(pid) for pid in rows.scalars())
-    return sorted(pids)
-
-
-async def _until_it_answers(call: Callable[[], Awaitable[Any]], attempts: int = 20) -> Any:
-    for _ in range(attempts - 1):
-        try:
-            return await call()
-        except DatabaseUnavailableError:
-            await asyncio.sleep(0.05)
-    return await call()
-
-
 @pytest.mark.postgres
 async def test_killed_connections_leave_the_ledger_consistent() -> None:
     url = require_postgres()
@@ -228,7 +209,7 @@ async def test_killed_connections_leave_the_ledger_consistent() -> None:
                 async def killer() -> None:
                     for _ in range(8):
                         await asyncio.sleep(0.03)
-                        pids = await _store_pids(checked_out, schema, admin)
+                        pids = await store_pids(checked_out, schema, admin)
                         if pids:
                             killed.append(await terminate_backends(pids))
 
@@ -247,7 +228,7 @@ async def test_killed_connections_leave_the_ledger_consistent() -> None:
                 # Connections died under the store, and it went on serving the other calls.
                 assert outcomes["DatabaseUnavailableError"] > 0, outcomes
                 assert outcomes["done"] > 0, outcomes
-                await _until_it_answers(store.api_keys.verify)
+                await until_it_answers(store.api_keys.verify)
                 await _check_after_chaos(store, key_ids, attempted)
                 # And a timed-out round on top of that.
                 outcomes, failures, attempted_more = await _chaos(
