@@ -103,32 +103,47 @@ _COLUMNS = (
     tokens.c.created_at,
     tokens.c.last_used_at,
 )
+#: A token record's columns, in the order ``token_record()`` reads them.
+TOKEN_COLUMNS = _COLUMNS
 _NAMES = tuple(column.name for column in _COLUMNS)
 _SELECT = sa.select(*_COLUMNS)
 _BY_ID = _SELECT.where(tokens.c.id == sa.bindparam("key"))
 
 
-def _token(row: Row) -> Token:
+def token_record(row: Row) -> Token:
     # Values come from the database through the column types: no need to validate again.
     return Token.model_construct(**dict(zip(_NAMES, row, strict=True)))
+
+
+def token_usable(
+    now: sa.ColumnElement[dt.datetime], *, spends_quota: bool
+) -> list[sa.ColumnElement[bool]]:
+    """What a token row must meet to be used at ``now``, as ``tokens.use()`` checks it:
+    active, unexpired, of an active project and, if the use ``spends_quota``, under it."""
+    usable = [
+        tokens.c.is_active == sa.true(),
+        sa.or_(tokens.c.expires_at.is_(None), tokens.c.expires_at > now),
+        sa.exists().where(projects.c.id == tokens.c.project_id, projects.c.is_active == sa.true()),
+    ]
+    if spends_quota:
+        usable.append(
+            sa.or_(tokens.c.max_requests.is_(None), tokens.c.request_count < tokens.c.max_requests)
+        )
+    return usable
 
 
 def _use_statement(*, cache_hit: bool) -> LeanStatement:
     now = sa.bindparam("now", type_=UTCDateTime())
     usable = [
         tokens.c.secret_digest == sa.bindparam("digest", type_=sa.String(64)),
-        tokens.c.is_active == sa.true(),
-        sa.or_(tokens.c.expires_at.is_(None), tokens.c.expires_at > now),
-        sa.exists().where(projects.c.id == tokens.c.project_id, projects.c.is_active == sa.true()),
-    ]
-    if cache_hit:
         # A cache hit costs the upstream nothing: it is counted, but spends no quota.
-        changes: dict[str, Any] = {"cache_hit_count": tokens.c.cache_hit_count + 1}
-    else:
-        usable.append(
-            sa.or_(tokens.c.max_requests.is_(None), tokens.c.request_count < tokens.c.max_requests)
-        )
-        changes = {"request_count": tokens.c.request_count + 1}
+        *token_usable(now, spends_quota=not cache_hit),
+    ]
+    changes: dict[str, Any] = (
+        {"cache_hit_count": tokens.c.cache_hit_count + 1}
+        if cache_hit
+        else {"request_count": tokens.c.request_count + 1}
+    )
     statement = (
         tokens.update().where(*usable).values(last_used_at=now, **changes).returning(*_COLUMNS)
     )
@@ -200,13 +215,13 @@ def use_token(
         if reason is None:  # changed between the two statements (READ COMMITTED)
             raise ConflictError("the token changed while it was being used; try again")
         raise TokenRejectedError(reason)
-    return _token(row)
+    return token_record(row)
 
 
 def find_token(conn: Connection, token_id: uuid.UUID) -> Token | None:
     """Inside a unit: the token with this id, or None."""
     row = conn.execute(_BY_ID, {"key": token_id}).first()
-    return None if row is None else _token(tuple(row))
+    return None if row is None else token_record(tuple(row))
 
 
 def _optional_expiry(value: object) -> dt.datetime | None:
@@ -274,7 +289,7 @@ class Tokens(Repository):
             last_used_at=None,
         )
         row = conn.execute(tokens.insert().returning(*_COLUMNS), values).one()
-        token = _token(tuple(row))
+        token = token_record(tuple(row))
         _audit(conn, actor, "token.create", token)
         return IssuedToken(token=token, secret=secret)
 
@@ -298,7 +313,7 @@ class Tokens(Repository):
             self._runner,
             _CACHE_HIT if cache_hit else _USE,
             lambda: {"digest": digest, "now": self.now()},
-            _token,
+            token_record,
             functools.partial(_explain_refusal, digest=digest, cache_hit=cache_hit, now=self.now()),
             conflict="the token changed while it was being used; try again",
         )
@@ -308,7 +323,7 @@ class Tokens(Repository):
         """The token with this id; NotFoundError if there is none."""
         key = check_id(token_id, "token id")
         row = found(conn, _BY_ID, "token", key, {"key": key})
-        return _token(tuple(row))
+        return token_record(tuple(row))
 
     @reads()
     def list(
@@ -325,7 +340,7 @@ class Tokens(Repository):
             (tokens.c.is_active, check_optional_bool(active, "active")),
         ]
         statement = id_page(_SELECT, tokens.c.id, limit=limit, after=after, equal=equal)
-        return [_token(tuple(row)) for row in conn.execute(statement)]
+        return [token_record(tuple(row)) for row in conn.execute(statement)]
 
     @writes(single="unless_audited")
     def update(
@@ -387,7 +402,7 @@ class Tokens(Repository):
         row = found(
             conn, tokens.delete().where(tokens.c.id == key).returning(*_COLUMNS), "token", key
         )
-        _audit(conn, actor, "token.delete", _token(tuple(row)))
+        _audit(conn, actor, "token.delete", token_record(tuple(row)))
 
 
 def _change(
@@ -399,7 +414,7 @@ def _change(
         "token",
         key,
     )
-    token = _token(tuple(row))
+    token = token_record(tuple(row))
     _audit(conn, actor, action, token)
     return token
 

@@ -35,6 +35,7 @@ from llmstore._usage import UsageRecord
 
 from . import finish
 from .admit import AdmitRequest, LapsedHolds, admit, load, replay
+from .admit_statement import ADMIT_IN_ONE_STATEMENT, admit_params, admitted
 from .periods import WINDOW
 from .records import ADMISSION_COLUMNS, A, Admission, Settlement, check_label, check_tags
 
@@ -89,6 +90,10 @@ class Admissions(Repository):
             ttl,
             idempotency_key,
         )
+        if self._runner.one_statement_writes:
+            decided = await self._admit_in_one_statement(request)
+            if decided is not None:
+                return decided
         for _ in range(ATTEMPTS):
             now = self.now()
             try:
@@ -118,6 +123,19 @@ class Admissions(Repository):
                     raise
                 return replayed
         raise ConflictError("expired admissions kept holding the budget; try again")
+
+    async def _admit_in_one_statement(self, request: AdmitRequest) -> Admission | None:
+        """The admission if the one-statement form could decide it (nearly always);
+        None when it wrote nothing and the Python form must decide."""
+        try:
+            row = await self._runner.lean_first(
+                ADMIT_IN_ONE_STATEMENT, admit_params(request, self.now())
+            )
+        except ConflictError:
+            # A racing call with the same idempotency key wrote first: the statement was
+            # undone whole, and the Python form replays that call's admission.
+            return None
+        return admitted(row)
 
     def _request(
         self,

@@ -267,7 +267,9 @@ def _hold(
     period = {"budget_id": record.id, "period_start": start}
     row = None
     if cost <= record.limit:
-        row = HOLD_IN_PERIOD.first_any(conn, {**period, "cost": cost, "limit": record.limit})
+        row = HOLD_IN_PERIOD.first_any(
+            conn, {**period, "period_end": end, "cost": cost, "limit": record.limit}
+        )
     if row is not None:
         after = row[0] + row[1]
         return start, after - cost, after

@@ -106,8 +106,10 @@ COUNT_REQUEST = LeanUpsert(
 _COST = _P("cost", type_=_BIG)
 _LIMIT = _P("limit", type_=_BIG)
 _LEVEL = BP.c.spent + BP.c.reserved
+_PERIOD_END = _P("period_end", type_=_TIME)
 #: ``cost`` held in a budget period, if it has room (the caller refuses a cost above the
-#: limit first); an exhausted period refuses even a request estimated at nothing.
+#: limit first); an exhausted period refuses even a request estimated at nothing. The
+#: period's end is written too (a row from before revision 0007 has none yet).
 HOLD_IN_PERIOD = LeanUpsert(
     BP,
     {
@@ -115,9 +117,10 @@ HOLD_IN_PERIOD = LeanUpsert(
         "period_start": _P("period_start", type_=_TIME),
         "spent": 0,
         "reserved": _COST,
+        "period_end": _PERIOD_END,
     },
     [BP.c.budget_id, BP.c.period_start],
-    {"reserved": BP.c.reserved + _COST},
+    {"reserved": BP.c.reserved + _COST, "period_end": _PERIOD_END},
     sa.and_(_LEVEL <= _LIMIT - _COST, _LEVEL < _LIMIT),
     [BP.c.spent, BP.c.reserved],
 )

@@ -2,12 +2,14 @@
 
 from .holds import extend_hold, finish_holds, place_hold, settle_hold
 from .keys import ApiKeys, check_api_key_secret, check_usable, find_key
-from .money import settle_unheld
+from .money import reservation_values, settle_unheld
 from .records import (
     API_KEY_PREFIX,
+    KEY_COLUMNS,
     ApiKey,
     LedgerEntry,
     Reservation,
+    api_key,
     check_ttl,
     params_digest,
 )
@@ -16,8 +18,10 @@ __all__ = [
     "API_KEY_PREFIX",
     "ApiKey",
     "ApiKeys",
+    "KEY_COLUMNS",
     "LedgerEntry",
     "Reservation",
+    "api_key",
     "check_api_key_secret",
     "check_usable",
     "check_ttl",
@@ -26,6 +30,7 @@ __all__ = [
     "finish_holds",
     "params_digest",
     "place_hold",
+    "reservation_values",
     "settle_hold",
     "settle_unheld",
 ]

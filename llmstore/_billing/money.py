@@ -258,7 +258,7 @@ def reserve_params(
     }
 
 
-def _reservation_values(
+def reservation_values(
     *, reservation_id: Any, key_id: Any, amount: Any, now: Any, expires_at: Any
 ) -> dict[str, Any]:
     return {
@@ -282,7 +282,7 @@ def reserve(conn: Connection, params: dict[str, Any]) -> Reservation:
         held = _HOLD_LEAN.first_any(conn, params)
     if held is None:
         raise hold_refusal(conn, params["key_id"], params["amount"])
-    values = _reservation_values(
+    values = reservation_values(
         reservation_id=params["reservation_id"],
         key_id=params["key_id"],
         amount=params["amount"],
@@ -297,7 +297,7 @@ def reserve(conn: Connection, params: dict[str, Any]) -> Reservation:
 def _reserve_in_one_statement() -> LeanStatement:
     """In one statement: the hold feeding its reservation's INSERT (``reserve_params``)."""
     holding = _HOLD.returning(K.c.id).cte("holding")
-    values = _reservation_values(
+    values = reservation_values(
         reservation_id=_P("reservation_id", type_=sa.Uuid()),
         key_id=holding.c.id,
         amount=_AMOUNT,

@@ -76,7 +76,9 @@ budgets = sa.Table(
 )
 
 # One row per budget and period, made by the first admission in it: what is spent
-# (settled) and held (admitted, not yet settled).
+# (settled) and held (admitted, not yet settled), and when the period ends (NULL for a
+# lifetime budget's one period, and on rows written before revision 0007 until their next
+# admission), so that the current period is found by comparing times, in any form.
 budget_periods = sa.Table(
     "llmstore_budget_periods",
     metadata,
@@ -84,6 +86,7 @@ budget_periods = sa.Table(
     sa.Column("period_start", UTCDateTime(), primary_key=True),
     sa.Column("spent", sa.BigInteger(), nullable=False),
     sa.Column("reserved", sa.BigInteger(), nullable=False),
+    sa.Column("period_end", UTCDateTime(), nullable=True),
     sa.CheckConstraint("spent >= 0 AND reserved >= 0", name="not_negative"),
 )
 

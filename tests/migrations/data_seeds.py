@@ -417,6 +417,8 @@ SEEDS: dict[str, dict[str, list[Row]]] = {
     # names, are its seeds.
     "0005_llmstore_prefix": {},
     "0006_admission": SEEDS_0006,
+    # Adds a column (ADDED_COLUMNS) and creates no table.
+    "0007_budget_period_end": {},
 }
 
 # Columns a revision adds to a table that already exists: revision -> table (its name at
@@ -424,6 +426,7 @@ SEEDS: dict[str, dict[str, list[Row]]] = {
 # default). Seed rows may also set the column (it is used from that revision on).
 ADDED_COLUMNS: dict[str, dict[str, dict[str, Any]]] = {
     "0006_admission": {"llmstore_api_keys": {"is_active": True, "deactivated_at": None}},
+    "0007_budget_period_end": {"llmstore_budget_periods": {"period_end": None}},
 }
 
 

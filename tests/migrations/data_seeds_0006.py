@@ -139,8 +139,15 @@ SEEDS_0006: dict[str, list[Row]] = {
     ],
     # Period starts in UTC: they are part of the primary key, compared as text.
     "llmstore_budget_periods": [
-        {"budget_id": B1, "period_start": LAST, "spent": BIG, "reserved": BIG},
-        {"budget_id": B1, "period_start": EPOCH, "spent": 0, "reserved": 0},
+        # period_end is added by 0007 (ADDED_COLUMNS): set when seeded from 0007 on.
+        {
+            "budget_id": B1,
+            "period_start": LAST,
+            "spent": BIG,
+            "reserved": BIG,
+            "period_end": Y2038,
+        },
+        {"budget_id": B1, "period_start": EPOCH, "spent": 0, "reserved": 0, "period_end": None},
         {"budget_id": B3, "period_start": Y2038, "spent": 1_000, "reserved": 1},
     ],
     "llmstore_budget_crossings": [
