@@ -38,6 +38,7 @@ from .admit import AdmitRequest, LapsedHolds, admit, load, replay
 from .admit_statement import ADMIT_IN_ONE_STATEMENT, admit_params, admitted
 from .periods import WINDOW
 from .records import ADMISSION_COLUMNS, A, Admission, Settlement, check_label, check_tags
+from .settle_statement import SETTLE_IN_ONE_STATEMENT, settle_params, settled
 
 
 def _amount(value: object, what: str) -> int:
@@ -234,6 +235,13 @@ class Admissions(Repository):
             "settle", actual, counted, None if usage is None else usage.model_dump(mode="json")
         )
         request = finish.SettleRequest(key, actual, counted, usage, digest)
+        if usage is None and self._runner.one_statement_writes:
+            params = settle_params(key, actual, counted, digest, self.now())
+            decided = settled(
+                await self._runner.lean_first(SETTLE_IN_ONE_STATEMENT, params), params
+            )
+            if decided is not None:
+                return decided
         now = self.now()
         return await self._runner.write(functools.partial(finish.settle, request=request, now=now))
 

@@ -2,7 +2,7 @@
 
 from .holds import extend_hold, finish_holds, place_hold, settle_hold
 from .keys import ApiKeys, check_api_key_secret, check_usable, find_key
-from .money import reservation_values, settle_unheld
+from .money import reservation_values
 from .records import (
     API_KEY_PREFIX,
     KEY_COLUMNS,
@@ -13,6 +13,7 @@ from .records import (
     check_ttl,
     params_digest,
 )
+from .settlement import settle_unheld, settlement_ctes
 
 __all__ = [
     "API_KEY_PREFIX",
@@ -33,4 +34,5 @@ __all__ = [
     "reservation_values",
     "settle_hold",
     "settle_unheld",
+    "settlement_ctes",
 ]

@@ -23,7 +23,7 @@ from llmstore._db.lean import LeanStatement
 from llmstore._db.operations import Repository, first_or_explain, reads, writes
 from llmstore._db.queries import found
 
-from . import money, refusals
+from . import money, refusals, settlement
 from .events import key_event, lock_key
 from .records import (
     RESERVATION_COLUMNS,
@@ -136,19 +136,21 @@ class Holds(Repository):
         key = check_id(reservation_id, "reservation id")
         actual = check_actual(actual_amount)
         if actor is not None:
-            params = money.settle_params(key, actual, self.now())
+            params = settlement.settle_params(key, actual, self.now())
             return await self._runner.write(
                 functools.partial(_settle_audited, params=params, actor=check_actor(actor))
             )
         if not self._runner.one_statement_writes:
             now = self.now()
             return await self._runner.write(
-                lambda conn: money.settle(conn, money.settle_params(key, actual, now), replays=True)
+                lambda conn: settlement.settle(
+                    conn, settlement.settle_params(key, actual, now), replays=True
+                )
             )
         return await first_or_explain(
             self._runner,
-            money.SETTLE_IN_ONE_STATEMENT,
-            lambda: money.settle_params(key, actual, self.now()),
+            settlement.SETTLE_IN_ONE_STATEMENT,
+            lambda: settlement.settle_params(key, actual, self.now()),
             entry,
             functools.partial(refusals.explain_settle, key=key, actual=actual),
             conflict="unreachable: a hold that is not settled is not active",
@@ -161,7 +163,7 @@ class Holds(Repository):
         """Free an active hold without charging anything."""
         key = check_id(reservation_id, "reservation id")
         actor = check_actor(actor)
-        finished = money.finish(conn, key, "released", self.now())
+        finished = settlement.finish(conn, key, "released", self.now())
         _unhold(conn, {finished.api_key_id: finished.amount})
         key_event(
             conn, actor, "release", finished.api_key_id, reservation_id=key, amount=finished.amount
@@ -204,7 +206,7 @@ def _settle_audited(conn: Connection, params: dict[str, Any], actor: str | None)
         replayed = refusals.settled_before(conn, key, params["actual"])
         if replayed is not None:
             return replayed
-    settled = money.settle(conn, params)
+    settled = settlement.settle(conn, params)
     key_event(
         conn,
         actor,
@@ -251,8 +253,8 @@ def settle_hold(
     """
     row = _HOLD_STATE.first_any(conn, {"reservation_id": reservation_id})
     if row is not None and row[0] == "expired":
-        return money.settle_unheld(conn, row[1], actual, now, reservation_id)
-    return money.settle(conn, {"reservation_id": reservation_id, "actual": actual, "now": now})
+        return settlement.settle_unheld(conn, row[1], actual, now, reservation_id)
+    return settlement.settle(conn, {"reservation_id": reservation_id, "actual": actual, "now": now})
 
 
 def extend_hold(conn: Connection, reservation_id: uuid.UUID, expires_at: dt.datetime) -> None:

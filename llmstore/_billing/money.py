@@ -36,6 +36,7 @@ from sqlalchemy.engine import Connection
 
 from llmstore._core.ids import new_id
 from llmstore._core.validate import MAX_INT64
+from llmstore._db.ctes import as_insert_values
 from llmstore._db.lean import LeanStatement
 from llmstore._db.schema import UTCDateTime
 
@@ -56,7 +57,7 @@ from .records import (
     entry,
     reservation,
 )
-from .refusals import hold_refusal, not_active, refusal, replay, settled_before
+from .refusals import hold_refusal, refusal, replay
 
 _P = sa.bindparam
 _KEY = _P("key_id", type_=sa.Uuid())
@@ -79,23 +80,15 @@ def _insert_from(
     values: dict[str, Any],
     source: sa.FromClause,
     returning: tuple[sa.Column[Any], ...],
-) -> LeanStatement:
+) -> sa.Insert:
     """The one-statement form's ``INSERT ... SELECT`` from ``source``, a data-modifying CTE.
 
-    ``values`` are the same column values as the Python form's, as SQL: a constant
-    becomes a typed literal, None leaves the column NULL.
+    ``values`` are the same column values as the Python form's, as SQL
+    (``as_insert_values``).
     """
-    columns = {
-        name: value
-        if isinstance(value, sa.ColumnElement)
-        else sa.literal(value, table.c[name].type)
-        for name, value in values.items()
-        if value is not None
-    }
+    columns = as_insert_values(table, values)
     rows = sa.select(*columns.values()).select_from(source)
-    return LeanStatement(
-        table.insert().from_select(list(columns), rows).returning(*returning), returning
-    )
+    return table.insert().from_select(list(columns), rows).returning(*returning)
 
 
 def entry_values(
@@ -135,8 +128,13 @@ def entry_values(
 INSERT_ENTRY = _insert(L, ENTRY_COLUMNS, generated="id")  # a BIGINT identity
 
 
-def insert_entry_from(values: dict[str, Any], source: sa.FromClause) -> LeanStatement:
+def entry_insert_from(values: dict[str, Any], source: sa.FromClause) -> sa.Insert:
+    """The entry's ``INSERT ... SELECT`` from ``source``, returning the entry's columns."""
     return _insert_from(L, values, source, ENTRY_COLUMNS)
+
+
+def insert_entry_from(values: dict[str, Any], source: sa.FromClause) -> LeanStatement:
+    return LeanStatement(entry_insert_from(values, source), ENTRY_COLUMNS)
 
 
 # -- Deposits, charges, transfers and withdrawals: a balance change and its entry -----
@@ -304,197 +302,7 @@ def _reserve_in_one_statement() -> LeanStatement:
         now=_NOW,
         expires_at=_P("hold_expires_at", type_=UTCDateTime()),
     )
-    return _insert_from(R, values, holding, RESERVATION_COLUMNS)
+    return LeanStatement(_insert_from(R, values, holding, RESERVATION_COLUMNS), RESERVATION_COLUMNS)
 
 
 RESERVE_IN_ONE_STATEMENT = _reserve_in_one_statement()
-
-
-# -- Settle: charge what the hold's key can pay, free the hold, write the entry --------
-
-
-def _charged(actual: Any, hold: Any) -> sa.ColumnElement[int]:
-    """What a settlement charges: the actual cost, at most what the key has with the hold."""
-    can_pay = K.c.balance - K.c.reserved + hold
-    return sa.case((actual <= can_pay, actual), else_=can_pay)
-
-
-def _settle_key_values(hold: Any, charged: Any) -> dict[str, Any]:
-    return {
-        "reserved": K.c.reserved - hold,
-        "balance": K.c.balance - charged,
-        "total_spent": K.c.total_spent + charged,
-        "last_used_at": _NOW,
-    }
-
-
-def _settlement_values(
-    *, key_id: Any, actual: Any, charged: Any, balance_after: Any, reservation_id: Any, now: Any
-) -> dict[str, Any]:
-    return entry_values(
-        "settlement",
-        key_id=key_id,
-        amount=-charged,
-        balance_after=balance_after,
-        now=now,
-        shortfall=actual - charged,
-        reservation_id=reservation_id,
-    )
-
-
-_ACTUAL = _P("actual", type_=sa.BigInteger())
-_HOLD_AMOUNT = _P("hold", type_=sa.BigInteger())
-_FINISH = LeanStatement(
-    R.update()
-    .where(R.c.id == _P("reservation_id", type_=sa.Uuid()), R.c.status == "active")
-    .values(status=_P("new_status"), finished_at=_NOW)
-    .returning(*RESERVATION_COLUMNS),
-    RESERVATION_COLUMNS,
-)
-_CHARGED = _charged(_ACTUAL, _HOLD_AMOUNT)
-_CHARGEABLE = LeanStatement(
-    sa.select(_CHARGED).where(K.c.id == _KEY).with_for_update(), (_CHARGED,)
-)
-_SETTLE_KEY = LeanStatement(
-    K.update()
-    .where(K.c.id == _KEY)
-    .values(_settle_key_values(_HOLD_AMOUNT, _P("charged", type_=sa.BigInteger())))
-    .returning(K.c.balance),
-    (K.c.balance,),
-)
-_SETTLED_AMOUNT = LeanStatement(
-    R.update()
-    .where(R.c.id == _P("reservation_id"))
-    .values(settled_amount=_P("charged"))
-    .returning(R.c.id),
-    (R.c.id,),
-)
-
-
-def finish(conn: Connection, key: uuid.UUID, status: str, now: dt.datetime) -> Reservation:
-    """Move an active hold to ``status``, once; ``not_active`` raised otherwise."""
-    row = _FINISH.first_any(conn, {"reservation_id": key, "new_status": status, "now": now})
-    if row is None:
-        raise not_active(conn, key)
-    return reservation(row)
-
-
-def settle(conn: Connection, params: dict[str, Any], *, replays: bool = False) -> LedgerEntry:
-    """In a transaction: finish the hold, lock its key, charge it and write the entry.
-
-    ``replays``: a hold already settled with the same actual amount returns its entry
-    (``refusals.settled_before``), as the one-statement form's ``explain_settle`` does.
-    """
-    key = params["reservation_id"]
-    row = _FINISH.first_any(
-        conn, {"reservation_id": key, "new_status": "settled", "now": params["now"]}
-    )
-    if row is None:
-        replayed = settled_before(conn, key, params["actual"]) if replays else None
-        if replayed is not None:
-            return replayed
-        raise not_active(conn, key)
-    finished = reservation(row)
-    account = {**params, "key_id": finished.api_key_id, "hold": finished.amount}
-    chargeable = _CHARGEABLE.first_any(conn, account)
-    assert chargeable is not None
-    charged = chargeable[0]
-    changed = _SETTLE_KEY.first_any(conn, {**account, "charged": charged})
-    assert changed is not None
-    _SETTLED_AMOUNT.first_any(conn, {"reservation_id": finished.id, "charged": charged})
-    values = _settlement_values(
-        key_id=finished.api_key_id,
-        actual=params["actual"],
-        charged=charged,
-        balance_after=changed[0],
-        reservation_id=finished.id,
-        now=params["now"],
-    )
-    written = INSERT_ENTRY.first_any(conn, values)
-    assert written is not None
-    return entry(written)
-
-
-def settle_unheld(
-    conn: Connection,
-    key_id: uuid.UUID,
-    actual: int,
-    now: dt.datetime,
-    reservation_id: uuid.UUID | None = None,
-) -> LedgerEntry:
-    """In a transaction: a settlement with nothing held (a hold that expired before it
-    was settled, or none placed): the key pays what it has (``balance - reserved``) and
-    the rest is the entry's shortfall."""
-    account = {"key_id": key_id, "hold": 0, "actual": actual, "now": now}
-    chargeable = _CHARGEABLE.first_any(conn, account)
-    assert chargeable is not None
-    charged = chargeable[0]
-    changed = _SETTLE_KEY.first_any(conn, {**account, "charged": charged})
-    assert changed is not None
-    values = _settlement_values(
-        key_id=key_id,
-        actual=actual,
-        charged=charged,
-        balance_after=changed[0],
-        reservation_id=reservation_id,
-        now=now,
-    )
-    written = INSERT_ENTRY.first_any(conn, values)
-    assert written is not None
-    return entry(written)
-
-
-def _settle_in_one_statement() -> LeanStatement:
-    """In one statement: lock the hold, then its key; charge, finish the hold, write the entry.
-
-    Locked rows are re-read at their newest version under READ COMMITTED, so ``charged``
-    is computed from the balance the UPDATE then changes.
-    """
-    pending = (
-        sa.select(R.c.id, R.c.api_key_id, R.c.amount)
-        .where(R.c.id == _P("reservation_id", type_=sa.Uuid()), R.c.status == "active")
-        .with_for_update()
-        .cte("pending")
-    )
-    account = (
-        sa.select(
-            K.c.id,
-            pending.c.id.label("reservation_id"),
-            pending.c.amount.label("hold"),
-            _charged(_ACTUAL, pending.c.amount).label("charged"),
-        )
-        .join_from(K, pending, K.c.id == pending.c.api_key_id)
-        .with_for_update(of=K)
-        .cte("account")
-    )
-    finished = (
-        R.update()
-        .where(R.c.id == account.c.reservation_id)
-        .values(status="settled", finished_at=_NOW, settled_amount=account.c.charged)
-        .returning(R.c.id)
-        .cte("finished")
-    )
-    changed = (
-        K.update()
-        .where(K.c.id == account.c.id)
-        .values(_settle_key_values(account.c.hold, account.c.charged))
-        .returning(K.c.id, K.c.balance, account.c.charged)
-        .cte("changed")
-    )
-    values = _settlement_values(
-        key_id=changed.c.id,
-        actual=_ACTUAL,
-        charged=changed.c.charged,
-        balance_after=changed.c.balance,
-        reservation_id=finished.c.id,
-        now=_NOW,
-    )
-    return insert_entry_from(values, changed.join(finished, sa.true()))
-
-
-SETTLE_IN_ONE_STATEMENT = _settle_in_one_statement()
-
-
-def settle_params(reservation_id: uuid.UUID, actual: int, now: dt.datetime) -> dict[str, Any]:
-    """A settlement's parameters, for either form."""
-    return {"reservation_id": reservation_id, "actual": actual, "now": now}

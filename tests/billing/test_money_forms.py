@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 from llmstore import ApiKeyRejectedError, ApiKeys, ConflictError, InsufficientBalanceError, Store
-from llmstore._billing import money
+from llmstore._billing import money, settlement
 from llmstore._billing.records import ENTRY_COLUMNS, RESERVATION_COLUMNS, Movement
 from llmstore._db.lean import LeanStatement
 
@@ -31,7 +31,7 @@ FORMS: dict[str, tuple[LeanStatement, dict[str, Any]]] = {
         money.RESERVE_IN_ONE_STATEMENT,
         money.reserve_params(_MOVE.key_id, 5, dt.timedelta(minutes=1), _NOW),
     ),
-    "settle": (money.SETTLE_IN_ONE_STATEMENT, money.settle_params(uuid.uuid4(), 5, _NOW)),
+    "settle": (settlement.SETTLE_IN_ONE_STATEMENT, settlement.settle_params(uuid.uuid4(), 5, _NOW)),
 }
 
 

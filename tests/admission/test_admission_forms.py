@@ -1,17 +1,19 @@
-"""The two forms of an admission agree (``_admission/admit.py`` and ``admit_statement.py``).
+"""The two forms of an admission and of its settlement agree (``_admission/admit.py`` and
+``admit_statement.py``; ``finish.py`` and ``settle_statement.py``).
 
-On Postgres ``store.admissions.admit`` first sends the one-statement form; it decides the
-plain case and otherwise writes nothing, and the Python form (statement by statement, as
-``tx.admissions`` inside ``store.transaction()`` always runs it) decides. The same
-scenario is played on two fresh schemas, one through each form: every result, every
-refusal and every row left behind must be the same, and the one-statement form must have
-decided most of the admissions itself.
+On Postgres ``store.admissions.admit`` and ``settle`` first send the one-statement form;
+it decides the plain case and otherwise writes nothing, and the Python form (statement by
+statement, as ``tx.admissions`` inside ``store.transaction()`` always runs it) decides.
+The same scenario is played on two fresh schemas, one through each form: every result,
+every refusal and every row left behind must be the same, and the one-statement forms
+must have decided the plain calls themselves.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -25,23 +27,35 @@ from llmstore import (
     BudgetExceededError,
     LlmstoreError,
     RateLimitedError,
+    Settlement,
     Store,
     TokenRejectedError,
+    UsageRecord,
     generate_key,
 )
 from llmstore._admission import admissions as admissions_module
-from llmstore._admission import admit_statement
+from llmstore._admission import admit_statement, settle_statement
 from llmstore._admission.admit import AdmitRequest
 from llmstore._admission.admit_statement import ADMIT_IN_ONE_STATEMENT, admit_params
+from llmstore._admission.settle_statement import SETTLE_IN_ONE_STATEMENT, settle_params
+from llmstore._db.engines import MAX_CACHEABLE_STATEMENT
+from llmstore._db.lean import LeanStatement
 from llmstore.pytest_plugin import drop_schema, fresh_schema_name
 from tests.admission.admission_support import START, Clock
 from tests.head_schemas import postgres_schema_at_head
 from tests.helpers import require_postgres
 
 Admit = Callable[..., Awaitable[Admission]]
+Settle = Callable[..., Awaitable[Settlement]]
 
 
-def test_the_statement_takes_exactly_the_parameters_it_is_given() -> None:
+def _compiled(statement: LeanStatement) -> Any:
+    executable = statement.statement
+    assert isinstance(executable, sa.Select)
+    return executable.compile(dialect=postgresql.asyncpg.dialect())  # type: ignore[no-untyped-call]
+
+
+def test_the_statements_take_exactly_the_parameters_they_are_given() -> None:
     request = AdmitRequest(
         secret_kind="key",
         secret_digest="d" * 64,
@@ -56,14 +70,33 @@ def test_the_statement_takes_exactly_the_parameters_it_is_given() -> None:
         idempotency_key=None,
         params_digest=None,
     )
-    statement = ADMIT_IN_ONE_STATEMENT.statement
-    assert isinstance(statement, sa.Select)
-    compiled = statement.compile(
-        dialect=postgresql.asyncpg.dialect()  # type: ignore[no-untyped-call]
-    )
-    required = {name for name, bind in compiled.binds.items() if bind.required}
-    assert required == set(admit_params(request, START))
-    assert compiled.string.startswith("WITH ")
+    forms = [
+        (ADMIT_IN_ONE_STATEMENT, admit_params(request, START)),
+        (SETTLE_IN_ONE_STATEMENT, settle_params(uuid.uuid4(), 5, None, "d" * 64, START)),
+    ]
+    for statement, params in forms:
+        compiled = _compiled(statement)
+        required = {name for name, bind in compiled.binds.items() if bind.required}
+        assert required == set(params)
+        assert compiled.string.startswith("WITH ")
+
+
+def test_the_statements_stay_prepared_on_asyncpg() -> None:
+    """asyncpg keeps no plan of a statement longer than its connections allow: each call
+    would be planned again (four times the cost of the admission's statement)."""
+    schema = "s" * 63  # the longest name Postgres takes
+    for statement in (ADMIT_IN_ONE_STATEMENT, SETTLE_IN_ONE_STATEMENT):
+        compiled = statement.compiled(postgresql.asyncpg.dialect(), schema)  # type: ignore[no-untyped-call]
+        assert len(compiled.sql.encode()) < MAX_CACHEABLE_STATEMENT
+
+
+async def test_a_store_prepares_statements_that_long(clock: Clock) -> None:
+    async with _postgres_store(clock) as store:
+        runner: Any = store._runner  # llmstore's own engine: no public handle on it
+        async with runner._engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            config = raw.driver_connection._config
+    assert config.max_cacheable_statement_size == MAX_CACHEABLE_STATEMENT
 
 
 @contextlib.asynccontextmanager
@@ -121,7 +154,24 @@ def _outcome(names: _Names, result: Admission | LlmstoreError) -> tuple[Any, ...
     )
 
 
-async def _scenario(store: Store, admit: Admit, clock: Clock) -> list[tuple[Any, ...]]:
+def _settlement_outcome(names: _Names, result: Settlement | LlmstoreError) -> tuple[Any, ...]:
+    if isinstance(result, LlmstoreError):
+        return (type(result).__name__,)
+    return (
+        "settled",
+        result.cost,
+        result.tokens,
+        result.charged,
+        result.shortfall,
+        result.usage_id is not None,
+        result.settled_at,
+        [(names(c.budget_id), c.period_start, c.threshold, c.hard) for c in result.crossed],
+    )
+
+
+async def _scenario(
+    store: Store, admit: Admit, settle: Settle, clock: Clock
+) -> list[tuple[Any, ...]]:
     """Admissions of every kind, plain and not: each outcome, then every row's state."""
     names = _Names()
     project = names.add("project", (await store.projects.create("p")).id)
@@ -143,13 +193,22 @@ async def _scenario(store: Store, admit: Admit, clock: Clock) -> list[tuple[Any,
     names.add("r-tag", (await store.rate_limits.create(requests=3, per="second", tag="batch")).id)
 
     outcomes: list[tuple[Any, ...]] = []
+    admitted: list[Admission] = []
 
     async def attempt(secret: str | None = None, **kwargs: Any) -> None:
         try:
             result: Admission | LlmstoreError = await admit(secret, **kwargs)
+            admitted.append(result)
         except LlmstoreError as refused:
             result = refused
         outcomes.append(_outcome(names, result))
+
+    async def settling(index: int, cost: int, **kwargs: Any) -> None:
+        try:
+            result: Settlement | LlmstoreError = await settle(admitted[index].id, cost, **kwargs)
+        except LlmstoreError as refused:
+            result = refused
+        outcomes.append(_settlement_outcome(names, result))
 
     for cost in (40, 70, 90, 150, 60, 0):  # crossing 100 and 300, then the key budget's limit
         await attempt(key.secret, cost=cost, tokens=120)
@@ -167,9 +226,23 @@ async def _scenario(store: Store, admit: Admit, clock: Clock) -> list[tuple[Any,
     await attempt(api_key_id=key.key.id, cost=2_000)  # more than the key holds
     await attempt(api_key_id=key.key.id, cost=1, project_id=project)
     await attempt("lsk_" + "x" * 40, cost=1)
+    # Settled below, at and above the estimate, token counts corrected or not; at 0; past
+    # a soft limit of the key's budget (300); again alike and unalike; with usage.
+    await settling(0, 30, tokens=100)
+    await settling(1, 70, tokens=500)
+    await settling(2, 200)
+    await settling(3, 0, tokens=0)
+    await settling(0, 30, tokens=100)
+    await settling(0, 31)
+    await settling(4, 1, usage=UsageRecord(api_key_id=key.key.id, request_id="r", cost=1))
+    await store.admissions.release(admitted[5].id)
+    await settling(5, 1)
+    await settling(6, 5_000)  # more than the key has: the rest is the shortfall
+    await settling(7, 10, tokens=90)  # a token's admission: no key to charge
     clock.move(dt.timedelta(days=1))  # a new day and a new minute: new periods, new windows
     for cost in (300, 300, 200):
         await attempt(key.secret, cost=cost)
+    await settling(8, 10)  # admitted yesterday: spent in the period it was admitted in
     await store.api_keys.deactivate(key.key.id)
     await attempt(key.secret, cost=1)
     return outcomes + await _rows(store, names)
@@ -196,26 +269,43 @@ async def test_both_forms_decide_and_write_alike(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     decided: list[bool] = []
-    original = admit_statement.admitted
+    admitted, settled = admit_statement.admitted, settle_statement.settled
 
-    def counting(row: Any) -> Admission | None:
-        found = original(row)
+    def counting_admissions(row: Any) -> Admission | None:
+        found = admitted(row)
         decided.append(found is not None)
         return found
 
-    monkeypatch.setattr(admissions_module, "admitted", counting)
+    settles: list[bool] = []
+
+    def counting_settlements(row: Any, params: Any) -> Settlement | None:
+        found = settled(row, params)
+        settles.append(found is not None)
+        return found
+
+    monkeypatch.setattr(admissions_module, "admitted", counting_admissions)
+    monkeypatch.setattr(admissions_module, "settled", counting_settlements)
     one_clock, python_clock = Clock(START), Clock(START)
     async with _postgres_store(one_clock) as store:
-        one_statement = await _scenario(store, store.admissions.admit, one_clock)
+        admissions = store.admissions
+        one_statement = await _scenario(store, admissions.admit, admissions.settle, one_clock)
     async with _postgres_store(python_clock) as store:
 
-        async def in_a_transaction(secret: str | None = None, **kwargs: Any) -> Admission:
+        async def admit_in_a_transaction(secret: str | None = None, **kwargs: Any) -> Admission:
             async with store.transaction() as tx:
                 return await tx.admissions.admit(secret, **kwargs)
 
-        python_form = await _scenario(store, in_a_transaction, python_clock)
+        async def settle_in_a_transaction(*args: Any, **kwargs: Any) -> Settlement:
+            async with store.transaction() as tx:
+                return await tx.admissions.settle(*args, **kwargs)
+
+        python_form = await _scenario(
+            store, admit_in_a_transaction, settle_in_a_transaction, python_clock
+        )
     assert one_statement == python_form
     # Of the 28 admissions that reached the database, the first of each new window or
     # period and every refusal went on to the Python form; the statement decided the
-    # other 11 alone.
+    # other 11 alone. Of the settlements, the replay, the conflicts and the released
+    # admission went on too (the one with usage never tried the statement).
     assert (len(decided), decided.count(True)) == (28, 11), decided
+    assert settles == [True, True, True, True, False, False, False, True, True, True], settles
