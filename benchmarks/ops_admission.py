@@ -62,6 +62,7 @@ from .billing_sql import (
 )
 from .common import Context, OpCall, new_id, secret_digest, utcnow
 from .ops_access import raw_create_project, raw_insert_project
+from .ops_admission_cte import RawAdmissionsInOneStatement
 from .ops_billing import (
     HOLD_TTL,
     OPENING_BALANCE,
@@ -453,6 +454,15 @@ class AdmissionsAdmitSettle:
         db = ctx.raw
         secret = await raw_setup(db)
         flow = RawAdmissions(db)
+        if ctx.driver == "postgres":
+            # One statement each, autocommit: what llmstore sends outside a transaction.
+            fast = RawAdmissionsInOneStatement(db, flow, RATE_PER)
+
+            async def one_statement_each() -> object:
+                admission_id = await fast.admit(secret, ADMIT_COST, ADMIT_TOKENS)
+                return await fast.settle(admission_id, SETTLED_COST, SETTLED_TOKENS)
+
+            return one_statement_each
 
         async def call() -> object:
             admission = await db.transaction(lambda: flow.admit(secret, ADMIT_COST, ADMIT_TOKENS))

@@ -42,6 +42,7 @@ from llmstore._db.lean import LeanStatement, Row
 from llmstore._db.schema import UTCDateTime, api_keys, reservations, tokens
 
 from .admit import AdmitRequest
+from .crossing_ctes import crossings_made
 from .periods import WINDOW, rate_window
 from .records import (
     ADMISSION_COLUMNS,
@@ -371,40 +372,16 @@ def _statement() -> LeanStatement:
     )
     # 8. The thresholds the held periods passed, each recorded once per period.
     after = periods_held.c.spent + periods_held.c.reserved
-    thresholds = (
-        sa.select(
-            found_budgets.c.id.label("budget_id"),
-            sa.cast(sa.func.json_array_elements_text(found_budgets.c.soft_limits), _BIG).label(
-                "threshold"
-            ),
-        )
-        .union_all(sa.select(found_budgets.c.id, found_budgets.c.limit_amount))
-        .cte("thresholds")
-    )
-    crossings_made = (
-        postgresql.insert(BC)
-        .from_select(
-            ["budget_id", "period_start", "threshold", "admission_id", "at_settle", "crossed_at"],
-            sa.select(
-                periods_held.c.budget_id,
-                periods_held.c.period_start,
-                thresholds.c.threshold,
-                admission_id,
-                sa.false(),
-                _NOW,
-            ).join_from(
-                periods_held,
-                thresholds,
-                sa.and_(
-                    thresholds.c.budget_id == periods_held.c.budget_id,
-                    after - _COST < thresholds.c.threshold,
-                    thresholds.c.threshold <= after,
-                ),
-            ),
-        )
-        .on_conflict_do_nothing(index_elements=[BC.c.budget_id, BC.c.period_start, BC.c.threshold])
-        .returning(BC.c.budget_id, BC.c.period_start, BC.c.threshold)
-        .cte("crossings_made")
+    crossed = crossings_made(
+        found_budgets.c.id,
+        found_budgets.c.soft_limits,
+        found_budgets.c.limit_amount,
+        periods_held,
+        before=after - _COST,
+        after=after,
+        admission_id=admission_id,
+        now=_NOW,
+        at_settle=False,
     )
     # 9. One row: the decision, the records, and what each budget has left.
     rooms = (
@@ -415,16 +392,6 @@ def _statement() -> LeanStatement:
         )
         .join_from(periods_held, found_budgets, found_budgets.c.id == periods_held.c.budget_id)
         .cte("rooms")
-    )
-    crossed = (
-        sa.select(
-            crossings_made.c.budget_id,
-            crossings_made.c.period_start,
-            crossings_made.c.threshold,
-            (crossings_made.c.threshold == found_budgets.c.limit_amount).label("hard"),
-        )
-        .join_from(crossings_made, found_budgets, found_budgets.c.id == crossings_made.c.budget_id)
-        .cte("crossed")
     )
     columns: list[sa.ColumnElement[Any]] = [
         verdict.c.admitted,
@@ -438,15 +405,7 @@ def _statement() -> LeanStatement:
             array_of(rooms.c[name], rooms, (rooms.c.budget_id,), item)
             for name, item in (("budget_id", _UUID), ("period_start", _TIME), ("remaining", _BIG))
         ),
-        *(
-            array_of(crossed.c[name], crossed, (crossed.c.budget_id, crossed.c.threshold), item)
-            for name, item in (
-                ("budget_id", _UUID),
-                ("period_start", _TIME),
-                ("threshold", _BIG),
-                ("hard", sa.Boolean()),
-            )
-        ),
+        *crossed,
     ]
     labelled = [column.label(f"c{i}") for i, column in enumerate(columns)]
     statement = (

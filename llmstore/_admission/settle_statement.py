@@ -20,7 +20,6 @@ import datetime as dt
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
 
 from llmstore._billing import settlement_ctes
 from llmstore._core.validate import MAX_INT64
@@ -31,10 +30,11 @@ from llmstore._db.admission_schema import (
     budget_periods,
     rate_windows,
 )
-from llmstore._db.ctes import after_all_of, array_of, exists_in
+from llmstore._db.ctes import after_all_of, exists_in
 from llmstore._db.lean import LeanStatement, Row
 from llmstore._db.schema import UTCDateTime, reservations
 
+from .crossing_ctes import crossings_made
 from .records import A, B, BudgetCrossing, Settlement
 from .statements import add_saturating
 
@@ -181,55 +181,17 @@ def _statement() -> LeanStatement:
         .cte("holds_settled")
     )
     # 6. The thresholds the settlement took the periods past, each recorded once.
-    thresholds = (
-        sa.select(
-            periods_locked.c.budget_id,
-            sa.cast(sa.func.json_array_elements_text(periods_locked.c.soft_limits), _BIG).label(
-                "threshold"
-            ),
-        )
-        .union_all(sa.select(periods_locked.c.budget_id, periods_locked.c.limit_amount))
-        .cte("thresholds")
-    )
     level = periods_spent.c.level
-    crossings_made = (
-        postgresql.insert(BC)
-        .from_select(
-            ["budget_id", "period_start", "threshold", "admission_id", "at_settle", "crossed_at"],
-            sa.select(
-                periods_spent.c.budget_id,
-                periods_spent.c.period_start,
-                thresholds.c.threshold,
-                _ID,
-                sa.true(),
-                _NOW,
-            ).join_from(
-                periods_spent,
-                thresholds,
-                sa.and_(
-                    thresholds.c.budget_id == periods_spent.c.budget_id,
-                    level - _COST + periods_spent.c.hold < thresholds.c.threshold,
-                    thresholds.c.threshold <= level,
-                ),
-            ),
-        )
-        .on_conflict_do_nothing(index_elements=[BC.c.budget_id, BC.c.period_start, BC.c.threshold])
-        .returning(BC.c.budget_id, BC.c.period_start, BC.c.threshold)
-        .cte("crossings_made")
-    )
-    crossed = (
-        sa.select(
-            crossings_made.c.budget_id,
-            crossings_made.c.period_start,
-            crossings_made.c.threshold,
-            (crossings_made.c.threshold == periods_locked.c.limit_amount).label("hard"),
-        )
-        .join_from(
-            crossings_made,
-            periods_locked,
-            periods_locked.c.budget_id == crossings_made.c.budget_id,
-        )
-        .cte("crossed")
+    crossed = crossings_made(
+        periods_locked.c.budget_id,
+        periods_locked.c.soft_limits,
+        periods_locked.c.limit_amount,
+        periods_spent,
+        before=level - _COST + periods_spent.c.hold,
+        after=level,
+        admission_id=_ID,
+        now=_NOW,
+        at_settle=True,
     )
     # 7. The admission settled last (one UPDATE of its row: everything it records).
     admission_settled = (
@@ -254,15 +216,7 @@ def _statement() -> LeanStatement:
             sa.select(sa.func.count()).select_from(cte).scalar_subquery()
             for cte in (windows_corrected, counts_corrected, holds_settled)
         ),
-        *(
-            array_of(crossed.c[name], crossed, (crossed.c.budget_id, crossed.c.threshold), item)
-            for name, item in (
-                ("budget_id", _UUID),
-                ("period_start", _TIME),
-                ("threshold", _BIG),
-                ("hard", sa.Boolean()),
-            )
-        ),
+        *crossed,
     ]
     labelled = [column.label(f"c{i}") for i, column in enumerate(columns)]
     statement = sa.select(*labelled).select_from(verdict).outerjoin(admission_settled, sa.true())

@@ -196,9 +196,11 @@ async def _scenario(
     admitted: list[Admission] = []
 
     async def attempt(secret: str | None = None, **kwargs: Any) -> None:
+        result: Admission | LlmstoreError
         try:
-            result: Admission | LlmstoreError = await admit(secret, **kwargs)
-            admitted.append(result)
+            made = await admit(secret, **kwargs)
+            admitted.append(made)
+            result = made
         except LlmstoreError as refused:
             result = refused
         outcomes.append(_outcome(names, result))

@@ -12,12 +12,24 @@ import sqlite3
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from benchmarks import admission_sql
 from benchmarks.common import DRIVERS, Driver, new_id
+from benchmarks.databases import postgres_context
 from benchmarks.operations import OPERATIONS
+from benchmarks.ops_admission import (
+    ADMIT_COST,
+    ADMIT_TOKENS,
+    RATE_PER,
+    SETTLED_COST,
+    SETTLED_TOKENS,
+    RawAdmissions,
+    raw_setup,
+)
+from benchmarks.ops_admission_cte import RawAdmissionsInOneStatement
 from benchmarks.raw_schema import RAW_TABLES, USAGE_COLUMN_NAMES, llmstore_table, raw_ddl
 from llmstore._admission.periods import rate_window
 from llmstore._admission.records import ADMISSION_COLUMNS
@@ -60,6 +72,21 @@ def test_the_harness_reports_a_ratio_line_per_operation(driver: str) -> None:
     for line in rounds:
         assert [len(part.split()) for part in line.split(" | ")] == [3, 3, 3]
     assert re.search(r"^    rows/s \(10,000 per call\): llmstore [\d,]+ \|", report, re.MULTILINE)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("driver", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_the_proxy_harness_reports_the_proxy_against_itself(driver: str) -> None:
+    env = {"LLMSTORE_BENCH_POSTGRES_URL": require_postgres()} if driver == "postgres" else {}
+    args = ("--driver", driver, "--requests", "20", "--concurrency", "4", "--rounds", "1")
+    done = run_module("benchmarks.proxy", *args, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    line = rf"^{driver} +({RATE}) +({RATE}) +({RATIO}) +(-?{RATIO})$"
+    found = re.findall(line, done.stdout, flags=re.MULTILINE)
+    assert len(found) == 1, done.stdout
+    with_rate, without_rate, ratio, _ = found[0]
+    assert float(with_rate.replace(",", "")) > 0 and float(without_rate.replace(",", "")) > 0
+    assert float(ratio) > 0
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
@@ -134,3 +161,37 @@ def test_the_raw_admission_computes_llmstores_windows(per: str) -> None:
 def test_the_raw_admission_stores_llmstores_settle_digest() -> None:
     assert admission_sql.settle_digest(3, 80) == params_digest("settle", 3, 80, None)
     assert admission_sql.settle_digest(0, None) == params_digest("settle", 0, None, None)
+
+
+async def test_the_raw_one_statement_admission_decides_as_llmstores_does() -> None:
+    """On Postgres the raw way sends one statement per admit and settle, as llmstore does,
+    and falls back to its transaction only for the first request of a window; both ways
+    leave the same counts, holds and spend."""
+    url = require_postgres()
+    async with postgres_context(url) as ctx:
+        secret = await raw_setup(ctx.raw)
+        flow = RawAdmissions(ctx.raw)
+        fast = RawAdmissionsInOneStatement(ctx.raw, flow, RATE_PER)
+        transactions = 0
+        original = ctx.raw.transaction
+
+        async def counted(steps: Any) -> Any:
+            nonlocal transactions
+            transactions += 1
+            return await original(steps)
+
+        ctx.raw.transaction = counted  # type: ignore[method-assign]
+        for _ in range(3):
+            admission_id = await fast.admit(secret, ADMIT_COST, ADMIT_TOKENS)
+            await fast.settle(admission_id, SETTLED_COST, SETTLED_TOKENS)
+        # The first admission made the window's row (and a minute that turns in between
+        # makes another): the other admissions and every settlement took one statement.
+        assert transactions <= 2
+        windows = await ctx.raw.fetchrow("SELECT sum(requests), sum(tokens) FROM raw_rate_windows")
+        periods = await ctx.raw.fetchrow(
+            "SELECT sum(spent), sum(reserved), count(*) FROM raw_budget_periods"
+        )
+        key = await ctx.raw.fetchrow("SELECT sum(reserved), sum(total_spent) FROM raw_api_keys")
+    assert windows is not None and tuple(windows) == (3, 3 * SETTLED_TOKENS)
+    assert periods is not None and tuple(periods) == (2 * 3 * SETTLED_COST, 0, 2)
+    assert key is not None and tuple(key) == (0, 3 * SETTLED_COST)
