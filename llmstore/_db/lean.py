@@ -13,6 +13,7 @@ processing use the column types' own processors, so values match the generic pat
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -44,32 +45,56 @@ class CompiledLean:
         compiled = statement.compile(dialect=dialect, **options)  # type: ignore[attr-defined]
         self.sql: str = compiled.string
         names: Sequence[str] = compiled.positiontup or ()
-        self._encoders: list[tuple[str, _Processor]] = [
-            (name, compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect))
-            for name in names
-        ]
-        # Literals in the statement (the 1 of "count + 1") are bound parameters too.
-        self._fixed = {
-            name: compiled.binds[name].effective_value
-            for name in names
-            if not compiled.binds[name].required
-        }
-        self._decoders: list[_Processor] = [
-            column.type.dialect_impl(dialect).result_processor(dialect, None) for column in columns
-        ]
+        # Per position: the parameter's name and encoder, or, for a literal of the
+        # statement (the 1 of "count + 1" is a bound parameter too), its value encoded
+        # once here.
+        self._positions: list[tuple[str, _Processor, Any]] = []
+        for name in names:
+            bind = compiled.binds[name]
+            encode = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            if bind.required:
+                self._positions.append((name, encode, None))
+            else:
+                value = bind.effective_value
+                self._positions.append((name, None, value if encode is None else encode(value)))
+        self._fixed = frozenset(name for name in names if not compiled.binds[name].required)
+        self._width = len(columns)
+        # Only the columns whose values the driver's form does not give as they are.
+        self._decoders: list[tuple[int, Callable[[Any], Any]]] = []
+        for index, column in enumerate(columns):
+            decode = _decoder(column, dialect)
+            if decode is not None:
+                self._decoders.append((index, decode))
 
     def args(self, params: Mapping[str, Any]) -> tuple[Any, ...]:
-        values = {**self._fixed, **params}
-        return tuple(
-            values[name] if encode is None else encode(values[name])
-            for name, encode in self._encoders
-        )
+        args = []
+        for name, encode, fixed in self._positions:
+            if name in self._fixed and name not in params:
+                args.append(fixed)
+            elif encode is None:
+                args.append(params[name])
+            else:
+                args.append(encode(params[name]))
+        return tuple(args)
 
     def row(self, raw: Sequence[Any]) -> Row:
-        return tuple(
-            value if decode is None or value is None else decode(value)
-            for value, decode in zip(raw, self._decoders, strict=True)
-        )
+        if len(raw) != self._width:
+            raise ValueError(f"a row of {len(raw)} values for {self._width} columns")
+        values = list(raw)
+        for index, decode in self._decoders:
+            value = values[index]
+            if value is not None:
+                values[index] = decode(value)
+        return tuple(values)
+
+
+def _decoder(column: sa.ColumnElement[Any], dialect: Dialect) -> _Processor:
+    decode: _Processor = column.type.dialect_impl(dialect).result_processor(dialect, None)
+    if decode is not None and isinstance(column.type, sa.Uuid):
+        # SQLite stores a UUID as text, parsed again on every read; the ids a hot path
+        # reads (its key's, its budgets', its project's) are few and repeat.
+        decode = functools.lru_cache(maxsize=4096)(decode)
+    return decode
 
 
 class LeanStatement:
