@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from llmstore import (
     Admission,
@@ -29,6 +30,7 @@ from llmstore import (
     RateLimitedError,
     Settlement,
     Store,
+    StoreConfig,
     TokenRejectedError,
     UsageRecord,
     generate_key,
@@ -311,3 +313,54 @@ async def test_both_forms_decide_and_write_alike(
     # admission went on too (the one with usage never tried the statement).
     assert (len(decided), decided.count(True)) == (28, 11), decided
     assert settles == [True, True, True, True, False, False, False, True, True, True], settles
+
+
+async def test_on_a_hosts_engine_the_statements_run_through_sqlalchemy(
+    monkeypatch: pytest.MonkeyPatch, clock: Clock
+) -> None:
+    """A host's engine has no lean path: the same statements run through SQLAlchemy, whose
+    result processing gives the same records."""
+    decided: list[tuple[str, bool]] = []
+    admitted, settled = admit_statement.admitted, settle_statement.settled
+
+    def counting_admissions(row: Any) -> Admission | None:
+        found = admitted(row)
+        decided.append(("admit", found is not None))
+        return found
+
+    def counting_settlements(row: Any, params: Any) -> Settlement | None:
+        found = settled(row, params)
+        decided.append(("settle", found is not None))
+        return found
+
+    monkeypatch.setattr(admissions_module, "admitted", counting_admissions)
+    monkeypatch.setattr(admissions_module, "settled", counting_settlements)
+    url = require_postgres()
+    schema = fresh_schema_name()
+    await postgres_schema_at_head(url, schema)
+    engine = create_async_engine(StoreConfig.from_url(url).url.get_secret_value())
+    try:
+        async with Store.from_engine(
+            engine, schema_name=schema, encryption_keys=generate_key(), clock=clock
+        ) as store:
+            project = await store.projects.create("p")
+            key = await store.api_keys.create(balance=1_000, project_id=project.id)
+            budget = await store.budgets.create(500, project_id=project.id, soft_limits=(100,))
+            await store.rate_limits.create(requests=10, api_key_id=key.key.id)
+            first = await store.admissions.admit(key.secret, cost=50)
+            await store.admissions.settle(first.id, 50)
+            second = await store.admissions.admit(key.secret, cost=60, tokens=7)
+            settlement = await store.admissions.settle(second.id, 55, tokens=5)
+            assert [(b.budget_id, b.remaining) for b in second.budgets] == [(budget.id, 390)]
+            assert [(c.budget_id, c.threshold, c.hard) for c in second.crossed] == [
+                (budget.id, 100, False)
+            ]
+            assert second.api_key is not None and second.api_key.reserved == 60
+            assert (settlement.charged, settlement.shortfall, settlement.tokens) == (55, 0, 5)
+            stored = await store.admissions.get(second.id)
+            assert (stored.status, stored.crossed, stored.tokens) == ("settled", second.crossed, 7)
+            assert (await store.budgets.verify()).ok and (await store.api_keys.verify()).ok
+    finally:
+        await engine.dispose()
+        await drop_schema(url, schema)
+    assert decided == [("admit", False), ("settle", True), ("admit", True), ("settle", True)]
