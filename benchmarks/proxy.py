@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import importlib.util
 import json
+import secrets
 import statistics
 import sys
 import tempfile
@@ -58,7 +59,7 @@ def example() -> ModuleType:
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("fastapi_proxy", module)
+    sys.modules["fastapi_proxy"] = module  # its dataclass looks its module up by name
     spec.loader.exec_module(module)
     return module
 
@@ -137,7 +138,7 @@ async def database(driver: Driver) -> AsyncIterator[dict[str, Any]]:
             yield {"store_url": url, "encryption_keys": keys}
         return
     url = postgres_url()
-    schema = f"bench_proxy_{int(time.time() * 1000) % 10**9}"
+    schema = f"bench_proxy_{secrets.token_hex(6)}"
     try:
         await upgrade(StoreConfig.from_url(url, schema_name=schema), backup=False)
         yield {"store_url": url, "schema_name": schema, "encryption_keys": keys}
