@@ -99,7 +99,6 @@ RAW_ADMIT_CTE: Final = (
     " AND held.level - :cost::BIGINT < t.threshold AND t.threshold <= held.level"
     " ON CONFLICT DO NOTHING RETURNING budget_id, threshold)"
     " SELECT verdict.admitted, admission.*, key_held.*,"
-    " (SELECT count(*) FROM budget_holds), (SELECT count(*) FROM window_counts),"
     " (SELECT array_agg(held.budget_id ORDER BY held.budget_id) FROM held),"
     " (SELECT array_agg(GREATEST(budgets.limit_amount - held.level, 0)"
     " ORDER BY held.budget_id) FROM held JOIN budgets ON budgets.id = held.budget_id),"
@@ -189,8 +188,7 @@ RAW_SETTLE_ADMISSION_CTE: Final = (
     " shortfall = COALESCE((SELECT shortfall FROM entry), 0)"
     " WHERE id = (SELECT id FROM pending) AND (SELECT settleable FROM verdict)"
     " RETURNING tokens, charged, shortfall)"
-    " SELECT verdict.settleable, settled.*, (SELECT count(*) FROM corrected),"
-    " (SELECT count(*) FROM counts), (SELECT count(*) FROM holds),"
+    " SELECT verdict.settleable, settled.*,"
     " (SELECT array_agg(threshold ORDER BY budget_id, threshold) FROM crossings)"
     " FROM verdict LEFT JOIN settled ON true"
 )

@@ -43,7 +43,7 @@ def crossings_made(
             limit.label("limit_amount"),
         )
         .union_all(sa.select(budget_id, limit, limit))
-        .cte(f"{'settle' if at_settle else 'admit'}_thresholds")
+        .cte("thresholds")
     )
     made = (
         postgresql.insert(BC)

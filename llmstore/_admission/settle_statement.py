@@ -212,14 +212,16 @@ def _statement() -> LeanStatement:
     columns: list[sa.ColumnElement[Any]] = [
         verdict.c.settleable,
         *admission_settled.c,
-        *(
-            sa.select(sa.func.count()).select_from(cte).scalar_subquery()
-            for cte in (windows_corrected, counts_corrected, holds_settled)
-        ),
         *crossed,
     ]
     labelled = [column.label(f"c{i}") for i, column in enumerate(columns)]
-    statement = sa.select(*labelled).select_from(verdict).outerjoin(admission_settled, sa.true())
+    statement = (
+        sa.select(*labelled)
+        # Writes no column reads: SQLAlchemy renders only the CTEs a statement refers to.
+        .add_cte(windows_corrected, counts_corrected, holds_settled)
+        .select_from(verdict)
+        .outerjoin(admission_settled, sa.true())
+    )
     return LeanStatement(statement, columns)
 
 
@@ -245,7 +247,7 @@ def settled(row: Row | None, params: dict[str, Any]) -> Settlement | None:
     if row is None or not row[0]:
         return None
     estimate, charged, shortfall = row[1:4]
-    budget_ids, starts, thresholds, hard = (value or () for value in row[7:])
+    budget_ids, starts, thresholds, hard = (value or () for value in row[4:])
     return Settlement(
         admission_id=params["p_admission_id"],
         cost=params["p_cost"],

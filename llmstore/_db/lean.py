@@ -45,19 +45,18 @@ class CompiledLean:
         compiled = statement.compile(dialect=dialect, **options)  # type: ignore[attr-defined]
         self.sql: str = compiled.string
         names: Sequence[str] = compiled.positiontup or ()
-        # Per position: the parameter's name and encoder, or, for a literal of the
-        # statement (the 1 of "count + 1" is a bound parameter too), its value encoded
-        # once here.
-        self._positions: list[tuple[str, _Processor, Any]] = []
+        # Per position: the parameter's name, its encoder, and whether it is a literal of
+        # the statement (the 1 of "count + 1" is a bound parameter too) with its value,
+        # encoded once here.
+        self._positions: list[tuple[str, _Processor, bool, Any]] = []
         for name in names:
             bind = compiled.binds[name]
             encode = bind.type.dialect_impl(dialect).bind_processor(dialect)
-            if bind.required:
-                self._positions.append((name, encode, None))
-            else:
+            fixed = None
+            if not bind.required:
                 value = bind.effective_value
-                self._positions.append((name, None, value if encode is None else encode(value)))
-        self._fixed = frozenset(name for name in names if not compiled.binds[name].required)
+                fixed = value if encode is None else encode(value)
+            self._positions.append((name, encode, not bind.required, fixed))
         self._width = len(columns)
         # Only the columns whose values the driver's form does not give as they are.
         self._decoders: list[tuple[int, Callable[[Any], Any]]] = []
@@ -68,13 +67,12 @@ class CompiledLean:
 
     def args(self, params: Mapping[str, Any]) -> tuple[Any, ...]:
         args = []
-        for name, encode, fixed in self._positions:
-            if name in self._fixed and name not in params:
+        for name, encode, literal, fixed in self._positions:
+            if literal and name not in params:
                 args.append(fixed)
-            elif encode is None:
-                args.append(params[name])
             else:
-                args.append(encode(params[name]))
+                value = params[name]
+                args.append(value if encode is None else encode(value))
         return tuple(args)
 
     def row(self, raw: Sequence[Any]) -> Row:
