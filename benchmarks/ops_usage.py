@@ -31,9 +31,24 @@ def usage_batch(source: UsageRows) -> list[dict[str, Any]]:
     return rows
 
 
+#: What llmstore writes for the fields a row leaves unset that are NOT NULL.
+ROW_DEFAULTS: dict[str, object] = {
+    "cache_write_tokens": 0,
+    "reasoning_tokens": 0,
+    "audio_input_tokens": 0,
+    "audio_output_tokens": 0,
+    "usage_source": "reported",
+}
+
+
 def raw_usage_row(db: RawDB, row: Mapping[str, Any]) -> tuple[object, ...]:
     """A row as raw_usage_logs stores it, in USAGE_COLUMN_NAMES order (encoded untimed)."""
-    values = {**row, "total_tokens": row["prompt_tokens"] + row["completion_tokens"]}
+    values = {
+        **ROW_DEFAULTS,
+        **row,
+        "total_tokens": row["prompt_tokens"] + row["completion_tokens"],
+        "cost_source": "given",
+    }
     out: list[object] = []
     for name in USAGE_COLUMN_NAMES:
         value = values.get(name)

@@ -186,6 +186,16 @@ class OrmUsageLog(OrmBase):
     error_type: Mapped[str | None] = mapped_column(sa.String(200))
     error_message: Mapped[str | None] = mapped_column(sa.String(4000))
     usage_metadata: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON())
+    cache_write_tokens: Mapped[int] = mapped_column(sa.BigInteger(), default=0)
+    reasoning_tokens: Mapped[int] = mapped_column(sa.BigInteger(), default=0)
+    audio_input_tokens: Mapped[int] = mapped_column(sa.BigInteger(), default=0)
+    audio_output_tokens: Mapped[int] = mapped_column(sa.BigInteger(), default=0)
+    end_user: Mapped[str | None] = mapped_column(sa.String(200))
+    session_id: Mapped[str | None] = mapped_column(sa.String(200))
+    service_tier: Mapped[str | None] = mapped_column(sa.String(200))
+    tags: Mapped[list[str] | None] = mapped_column(sa.JSON())
+    usage_source: Mapped[str] = mapped_column(sa.String(20), default="reported")
+    cost_source: Mapped[str] = mapped_column(sa.String(20), default="given")
 
 
 #: The scope columns of a budget or a rate limit: exactly one is set.

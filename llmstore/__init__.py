@@ -64,6 +64,8 @@ from ._core.errors import (
 )
 from ._core.secrets import generate_key
 from ._core.unset import UNSET, Unset
+from ._prices.prices import Prices
+from ._prices.records import Price, PriceImport, PriceTier
 from ._store import HealthStatus, Store, Transaction
 from ._usage.metrics import UsageMetrics
 from ._usage.receipts import Receipt, verify_receipt
@@ -111,6 +113,10 @@ __all__ = [
     "MigrationError",
     "NotFoundError",
     "Outcome",
+    "Price",
+    "PriceImport",
+    "PriceTier",
+    "Prices",
     "Project",
     "Projects",
     "ProviderCredential",

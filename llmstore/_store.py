@@ -35,6 +35,7 @@ from ._db.runner import Runner
 from ._db.translate import translated
 from ._ops.rotation import Progress as RotationProgress
 from ._ops.rotation import rotate_keys
+from ._prices.prices import Prices
 from ._usage.receipts import ReceiptSigner
 from ._usage.usage import Usage
 from .migrations import _commands as _migrations
@@ -71,6 +72,7 @@ class _Repositories:
         self.budgets = Budgets(runner, clock)
         self.rate_limits = RateLimits(runner, clock)
         self.admissions = Admissions(runner, clock, digester)
+        self.prices = Prices(runner, clock)
 
 
 class Transaction(_Repositories):
@@ -247,6 +249,11 @@ class Store:
     def admissions(self) -> Admissions:
         """The per-request decision: admit, settle, release (:class:`Admissions`)."""
         return self._open_repositories().admissions
+
+    @property
+    def prices(self) -> Prices:
+        """Prices per million tokens, their history, and costs (:class:`Prices`)."""
+        return self._open_repositories().prices
 
     def _open_repositories(self) -> _Repositories:
         self._require_open()

@@ -3,17 +3,23 @@
 Pure functions over already-decoded JSON, no HTTP client. Three response shapes are read:
 
 * OpenAI Chat Completions (and legacy Completions): ``usage.prompt_tokens``,
-  ``completion_tokens``, ``total_tokens``, ``prompt_tokens_details.cached_tokens``, and
-  ``choices[0].finish_reason``;
+  ``completion_tokens``, ``total_tokens``, ``prompt_tokens_details.cached_tokens`` and
+  ``audio_tokens`` (as ``audio_input_tokens``), ``completion_tokens_details.reasoning_tokens``
+  and ``audio_tokens`` (as ``audio_output_tokens``), and ``choices[0].finish_reason``;
 * OpenAI Responses: ``usage.input_tokens``, ``output_tokens``, ``total_tokens``,
-  ``input_tokens_details.cached_tokens``, and ``incomplete_details.reason`` or ``status``
-  as the finish reason;
+  ``input_tokens_details.cached_tokens``, ``output_tokens_details.reasoning_tokens``, and
+  ``incomplete_details.reason`` or ``status`` as the finish reason;
 * Anthropic Messages: ``usage.input_tokens`` (which leaves cache reads and writes out, so
   ``prompt_tokens`` is input + ``cache_read_input_tokens`` + ``cache_creation_input_tokens``),
-  ``output_tokens``, ``cache_read_input_tokens`` as ``cached_tokens``, and ``stop_reason``.
+  ``output_tokens``, ``cache_read_input_tokens`` as ``cached_tokens``,
+  ``cache_creation_input_tokens`` as ``cache_write_tokens``, and ``stop_reason``.
 
 The fields returned are ``prompt_tokens``, ``completion_tokens``, ``cached_tokens``,
-``total_tokens``, ``model`` and ``finish_reason``, those the body has. A body that is not
+``cache_write_tokens``, ``reasoning_tokens``, ``audio_input_tokens``,
+``audio_output_tokens``, ``total_tokens``, ``model`` and ``finish_reason``, those the body
+has, counted as ``UsageRecord`` counts them (parts within their wholes). Where an
+upstream counts a token in two parts (cached audio is both cached and audio), the audio
+part is cut to what is left of the whole, so the record is never refused. A body that is not
 one of these shapes, or whose counts are not non-negative integers, is a
 ``ValidationError``, never a ``KeyError`` or ``TypeError``.
 
@@ -103,22 +109,34 @@ def _chat_usage(usage: Mapping[str, Any]) -> dict[str, Any]:
     prompt = _count(usage, "prompt_tokens")
     completion = _count(usage, "completion_tokens")
     details = _details(usage, "prompt_tokens_details")
-    fields = {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "cached_tokens": _count(details, "cached_tokens"),
-    }
+    cached = min(_count(details, "cached_tokens"), prompt)
+    fields = {"prompt_tokens": prompt, "completion_tokens": completion, "cached_tokens": cached}
+    if details.get("audio_tokens") is not None:
+        fields["audio_input_tokens"] = min(_count(details, "audio_tokens"), prompt - cached)
+    output = _details(usage, "completion_tokens_details")
+    if output.get("reasoning_tokens") is not None:
+        fields["reasoning_tokens"] = min(_count(output, "reasoning_tokens"), completion)
+    if output.get("audio_tokens") is not None:
+        left = completion - fields.get("reasoning_tokens", 0)
+        fields["audio_output_tokens"] = min(_count(output, "audio_tokens"), left)
     if usage.get("total_tokens") is not None:
         fields["total_tokens"] = _count(usage, "total_tokens")
     return fields
 
 
 def _responses_usage(usage: Mapping[str, Any]) -> dict[str, Any]:
+    prompt = _count(usage, "input_tokens")
+    completion = _count(usage, "output_tokens")
     fields = {
-        "prompt_tokens": _count(usage, "input_tokens"),
-        "completion_tokens": _count(usage, "output_tokens"),
-        "cached_tokens": _count(_details(usage, "input_tokens_details"), "cached_tokens"),
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "cached_tokens": min(
+            _count(_details(usage, "input_tokens_details"), "cached_tokens"), prompt
+        ),
     }
+    output = _details(usage, "output_tokens_details")
+    if output.get("reasoning_tokens") is not None:
+        fields["reasoning_tokens"] = min(_count(output, "reasoning_tokens"), completion)
     if usage.get("total_tokens") is not None:
         fields["total_tokens"] = _count(usage, "total_tokens")
     return fields
@@ -126,12 +144,14 @@ def _responses_usage(usage: Mapping[str, Any]) -> dict[str, Any]:
 
 def _anthropic_prompt(usage: Mapping[str, Any]) -> dict[str, Any]:
     cache_read = _count(usage, "cache_read_input_tokens")
-    prompt = (
-        _count(usage, "input_tokens") + cache_read + _count(usage, "cache_creation_input_tokens")
-    )
+    cache_write = _count(usage, "cache_creation_input_tokens")
+    prompt = _count(usage, "input_tokens") + cache_read + cache_write
     if prompt > MAX_INT64:
         raise ValidationError("usage's input tokens add up to more than 2**63 - 1")
-    return {"prompt_tokens": prompt, "cached_tokens": cache_read}
+    fields = {"prompt_tokens": prompt, "cached_tokens": cache_read}
+    if usage.get("cache_creation_input_tokens") is not None:
+        fields["cache_write_tokens"] = cache_write
+    return fields
 
 
 def _anthropic_output(usage: Mapping[str, Any]) -> dict[str, Any]:

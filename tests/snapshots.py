@@ -43,6 +43,7 @@ async def seed(config: StoreConfig) -> None:
         await store.api_keys.charge(key.id, 10, idempotency_key="c1")
         reservation = await store.api_keys.reserve(key.id, 20)
         await store.api_keys.withdraw(key.id, 30, "cashuAsecret", "https://mint.example")
+        await store.prices.set("openai", "gpt-4o", input="2.5", output="10", cached_input="1.25")
         recorded = await store.usage.record(UsageRecord(model="m", cost=3, request_id="r1"))
         usage_id = recorded.ids[0]
         assert usage_id is not None

@@ -3,8 +3,9 @@
 * ``_core`` imports nothing else of llmstore (an import only for type checking is allowed:
   it creates no dependency when the code runs);
 * ``_db`` imports only ``_core``;
-* a domain (``_access``, ``_billing``, ``_usage``) imports ``_core``, ``_db``, its own
-  modules and another domain's package, never another domain's modules; never a driver
+* a domain (``_access``, ``_admission``, ``_billing``, ``_prices``, ``_usage``) imports
+  ``_core``, ``_db``, its own modules and another domain's package, never another
+  domain's modules; never a driver
   (``sqlite3``, ``asyncpg``) nor a concrete runner; never ``_ops``, ``_cli``, ``_store`` or
   ``migrations``, which sit above it;
 * nothing but the package's ``__init__`` and ``__main__`` imports the command line;
@@ -32,7 +33,7 @@ BENCHMARKS = PACKAGE.parent / "benchmarks"
 #: (benchmark module, private module of llmstore's) pairs allowed: the raw tables are
 #: generated from llmstore's MetaData, which no public module exposes.
 BENCHMARK_PRIVATE_IMPORTS = {("benchmarks.raw_schema", "llmstore._db.schema")}
-DOMAINS = ("_access", "_billing", "_usage")
+DOMAINS = ("_access", "_admission", "_billing", "_prices", "_usage")
 DRIVERS = ("sqlite3", "asyncpg", "aiosqlite", "psycopg", "psycopg2")
 CONCRETE_RUNNERS = ("SQLiteRunner", "AsyncEngineRunner", "PostgresLane")
 

@@ -214,7 +214,7 @@ class Admissions(Repository):
     async def settle(
         self,
         admission_id: uuid.UUID | str,
-        cost: int,
+        cost: int | None = None,
         *,
         tokens: int | None = None,
         usage: UsageRecord | None = None,
@@ -223,19 +223,24 @@ class Admissions(Repository):
         (never below zero: what it cannot pay is the ``shortfall``), replace the token
         estimate by ``tokens``, and write ``usage``, all in one transaction, once.
 
-        The same call again returns the same settlement; another is a ``ConflictError``,
-        as is settling a released or expired admission.
+        Without ``cost``, the cost is the usage's own, or else its cost at the price table
+        (NotFoundError when there is no price): ``usage`` is then needed. A usage row
+        without a cost of its own records the cost charged. The same call again returns
+        the same settlement; another is a ``ConflictError``, as is settling a released or
+        expired admission.
         """
         key = check_id(admission_id, "admission id")
-        actual = _amount(cost, "cost")
+        actual = None if cost is None else _amount(cost, "cost")
         counted = None if tokens is None else _amount(tokens, "tokens")
         if usage is not None and not isinstance(usage, UsageRecord):
             raise ValidationError(f"usage must be a UsageRecord, not {type(usage).__name__}")
+        if actual is None and usage is None:
+            raise ValidationError("settle needs a cost, or a usage record to take it from")
         digest = params_digest(
             "settle", actual, counted, None if usage is None else usage.model_dump(mode="json")
         )
         request = finish.SettleRequest(key, actual, counted, usage, digest)
-        if usage is None and self._runner.one_statement_writes:
+        if actual is not None and usage is None and self._runner.one_statement_writes:
             params = settle_params(key, actual, counted, digest, self.now())
             decided = settled(
                 await self._runner.lean_first(SETTLE_IN_ONE_STATEMENT, params), params

@@ -27,6 +27,7 @@ from llmstore._db.admission_schema import (
     budget_periods,
     rate_windows,
 )
+from llmstore._prices import costs_for
 from llmstore._usage import UsageRecord, insert_records
 
 from .admit import crossings_of, load, record_crossings
@@ -52,7 +53,7 @@ EXPIRY_BATCH = 500
 @dataclasses.dataclass(frozen=True)
 class SettleRequest:
     admission_id: uuid.UUID
-    cost: int
+    cost: int | None  # None: the usage's own, or its price table cost
     tokens: int | None
     usage: UsageRecord | None
     digest: str
@@ -67,15 +68,36 @@ def _not_active(conn: Connection, admission_id: uuid.UUID) -> tuple[str, ...] | 
     return tuple(row)
 
 
+def _actual_cost(conn: Connection, request: SettleRequest) -> tuple[int, UsageRecord | None]:
+    """The cost to charge, and the usage row to write (holding the cost charged when the
+    caller gave one and the usage did not)."""
+    usage = request.usage
+    if request.cost is not None:
+        if usage is not None and usage.cost is None:
+            usage = usage.model_copy(update={"cost": request.cost})
+        return request.cost, usage
+    assert usage is not None  # checked by admissions.settle
+    if usage.cost is not None:
+        return usage.cost, usage
+    [cost], [source] = costs_for(conn, [usage])
+    if source != "price_table":
+        raise NotFoundError(
+            f"no price for {usage.provider}/{usage.model} at {usage.created_at.isoformat()}: "
+            "settle needs a cost, the usage's cost, or a price (store.prices.set)"
+        )
+    return cost, usage
+
+
 def settle(conn: Connection, request: SettleRequest, now: dt.datetime) -> Settlement:
     """Charge the admission's actual cost to its budgets and key, once."""
     admission_id = request.admission_id
+    actual, usage = _actual_cost(conn, request)
     row = SETTLING.first_any(
         conn,
         {
             "p_admission_id": admission_id,
             "p_now": now,
-            "p_cost": request.cost,
+            "p_cost": actual,
             "p_tokens": request.tokens,
             "p_digest": request.digest,
         },
@@ -101,31 +123,29 @@ def settle(conn: Connection, request: SettleRequest, now: dt.datetime) -> Settle
             {
                 "p_budget_id": record.id,
                 "p_period_start": period_start,
-                "p_cost": request.cost,
+                "p_cost": actual,
                 "p_hold": hold,
             },
         )
         if level is None:  # the whole unit is undone: nothing of the settlement is written
-            raise ValidationError(
-                f"a cost of {request.cost} would overflow budget {record.id}'s spend"
-            )
+            raise ValidationError(f"a cost of {actual} would overflow budget {record.id}'s spend")
         after = level[0] + level[1]
-        before = after - request.cost + hold
+        before = after - actual + hold
         crossed += record_crossings(
             conn, record, period_start, before, after, admission_id, now, at_settle=True
         )
     if held:
-        BUDGETS_SETTLED.first_any(conn, {"p_admission_id": admission_id, "p_cost": request.cost})
+        BUDGETS_SETTLED.first_any(conn, {"p_admission_id": admission_id, "p_cost": actual})
     charged = shortfall = 0
     if reservation_id is not None:
-        entry = settle_hold(conn, reservation_id, request.cost, now)
+        entry = settle_hold(conn, reservation_id, actual, now)
         charged, shortfall = -entry.amount, entry.shortfall
-    elif api_key_id is not None and request.cost > 0:
-        entry = settle_unheld(conn, api_key_id, request.cost, now)
+    elif api_key_id is not None and actual > 0:
+        entry = settle_unheld(conn, api_key_id, actual, now)
         charged, shortfall = -entry.amount, entry.shortfall
     usage_id = None
-    if request.usage is not None:
-        usage_id = insert_records(conn, [request.usage]).ids[0]
+    if usage is not None:
+        usage_id = insert_records(conn, [usage]).ids[0]
     SETTLED.first_any(
         conn,
         {
@@ -137,7 +157,7 @@ def settle(conn: Connection, request: SettleRequest, now: dt.datetime) -> Settle
     )
     return Settlement(
         admission_id=admission_id,
-        cost=request.cost,
+        cost=actual,
         tokens=estimate if request.tokens is None else request.tokens,
         charged=charged,
         shortfall=shortfall,

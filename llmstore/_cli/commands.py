@@ -44,13 +44,14 @@ EXIT_UNREACHABLE = 4
 EXIT_TAMPERED = 5
 
 
-def _config(args: argparse.Namespace) -> StoreConfig:
+def config_of(args: argparse.Namespace) -> StoreConfig:
+    """The configuration of the database a command is about: --url, --env, the environment."""
     overrides = {"url": args.url} if args.url else {}
     return StoreConfig.from_env(env=args.env, **overrides)
 
 
 def upgrade(args: argparse.Namespace) -> int:
-    config = _config(args)
+    config = config_of(args)
     if args.sql:
         _offline(config, lambda cfg: command.upgrade(cfg, args.revision, sql=True))
         return EXIT_OK
@@ -62,7 +63,7 @@ def upgrade(args: argparse.Namespace) -> int:
 
 
 def downgrade(args: argparse.Namespace) -> int:
-    config = _config(args)
+    config = config_of(args)
     if args.sql:
         _offline(config, lambda cfg: command.downgrade(cfg, args.revision, sql=True))
         return EXIT_OK
@@ -109,7 +110,7 @@ def _reachable(config: StoreConfig) -> None:
 
 
 def backup(args: argparse.Namespace) -> int:
-    config = _config(args)
+    config = config_of(args)
     _reachable(config)
     progress = CopyProgress(sys.stderr, "backing up")
     try:
@@ -123,7 +124,7 @@ def backup(args: argparse.Namespace) -> int:
 
 
 def restore(args: argparse.Namespace) -> int:
-    config = _config(args)
+    config = config_of(args)
     if config.env == "prod" and not args.yes:
         raise ConfigError("restore in LLMSTORE_ENV=prod needs --yes: it replaces every row")
     _reachable(config)
@@ -147,7 +148,7 @@ def _offline(config: StoreConfig, step: Callable[[Config], None]) -> None:
 
 
 def current(args: argparse.Namespace) -> int:
-    config = _config(args)
+    config = config_of(args)
     revision = asyncio.run(_migrations.current(config))
     head = _migrations.head_revision()
     state = "head" if revision == head else f"behind head {head}" if revision else "empty"
@@ -166,7 +167,7 @@ def history(args: argparse.Namespace) -> int:
 
 
 def check(args: argparse.Namespace) -> int:
-    config = _config(args)
+    config = config_of(args)
     diffs = asyncio.run(_migrations.check(config))
     if not diffs:
         print(f"{config.masked_url}: the schema matches the models")
@@ -178,14 +179,14 @@ def check(args: argparse.Namespace) -> int:
 
 
 def create_db(args: argparse.Namespace) -> int:
-    config = _config(args)
+    config = config_of(args)
     created = asyncio.run(create_database(config))
     print(f"{config.masked_url}: {'created' if created else 'already exists'}")
     return EXIT_OK
 
 
 def info(args: argparse.Namespace) -> int:
-    config = _config(args)
+    config = config_of(args)
     revision = asyncio.run(_migrations.current(config))
     print(f"driver: {config.driver}")
     print(f"url: {config.masked_url}")
@@ -213,7 +214,7 @@ async def _row_counts(config: StoreConfig) -> list[tuple[str, int]]:
 
 
 def audit_verify(args: argparse.Namespace) -> int:
-    config = _config(args)
+    config = config_of(args)
     report = asyncio.run(_verify_audit(config))
     if report.ok:
         print(
@@ -231,7 +232,7 @@ def audit_verify(args: argparse.Namespace) -> int:
 
 
 def verify_ledger(args: argparse.Namespace) -> int:
-    config = _config(args)
+    config = config_of(args)
     report = asyncio.run(_ledger_report(config))
     for mismatch in report.mismatches:
         print(
@@ -302,7 +303,7 @@ def batch_size(text: str) -> int:
 
 
 def usage_purge(args: argparse.Namespace) -> int:
-    config = _config(args)
+    config = config_of(args)
     cutoff = check_cutoff(args.older_than)
     progress = PurgeProgress(sys.stdout)
     try:
@@ -331,7 +332,7 @@ async def _purge(
 
 
 def rotate_keys(args: argparse.Namespace) -> int:
-    config = _config(args)
+    config = config_of(args)
     progress = CopyProgress(sys.stderr, "re-encrypting")
     try:
         changed = asyncio.run(_rotate(config, args.batch_size, progress))

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 from llmstore._core.errors import ConfigError, DatabaseUnavailableError, LlmstoreError
 
-from . import commands
+from . import commands, prices
 from .commands import (
     EXIT_DRIFT,
     EXIT_FAILED,
@@ -157,6 +157,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _batch_size_option(purge, 10_000, "rows")
     purge.set_defaults(handler=commands.usage_purge)
+    prices.add_commands(subcommands, common)
     return parser
 
 

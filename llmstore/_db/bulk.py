@@ -41,10 +41,11 @@ class RowEncoder:
     """Objects' attributes as the driver takes them, through each column's bind processor.
 
     ``fields`` maps each written column to the attribute it is read from (the id column,
-    given separately, excluded).
+    given separately, excluded), or to None for a column whose values are always given
+    to :meth:`rows`.
     """
 
-    def __init__(self, table: sa.Table, fields: Mapping[str, str], dialect: Dialect) -> None:
+    def __init__(self, table: sa.Table, fields: Mapping[str, str | None], dialect: Dialect) -> None:
         processors: list[Callable[[Any], Any] | None] = [
             table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in fields
         ]
@@ -65,17 +66,41 @@ class RowEncoder:
         # Most columns need no processing: take each object's values in one C call, turn
         # rows into columns (zip), process the few columns that need it, and turn them
         # back (a per-value Python loop cost more than the driver's insert).
-        self._values = operator.itemgetter(*fields.values())
+        self._names = tuple(fields)
+        self._read = {name for name, field in fields.items() if field is not None}
+        self._always_given = tuple(name for name in fields if name not in self._read)
+        self._values = operator.itemgetter(*(f for f in fields.values() if f is not None))
         self._processed = [(i, p) for i, p in enumerate(processors) if p is not None]
 
-    def rows(self, objects: Sequence[Any], ids: Sequence[int]) -> list[tuple[Any, ...]]:
-        """One tuple per object: its id, then its fields in column order."""
+    def rows(
+        self,
+        objects: Sequence[Any],
+        ids: Sequence[int],
+        given: Mapping[str, Sequence[Any]] | None = None,
+    ) -> list[tuple[Any, ...]]:
+        """One tuple per object: its id, then its fields in column order.
+
+        ``given`` holds whole columns of values to write instead of the objects' own (one
+        value per object), such as a value computed at write time.
+        """
         if len(objects) != len(ids):
             raise ValueError("one id per object")
         if not objects:
             return []
+        given = given or {}
+        missing = [name for name in self._always_given if name not in given]
+        if missing:
+            raise ValueError(f"no values given for {', '.join(missing)}")
         dicts = map(operator.attrgetter("__dict__"), objects)
-        columns: list[Sequence[Any]] = list(zip(*map(self._values, dicts), strict=True))
+        read = iter(zip(*map(self._values, dicts), strict=True))
+        columns: list[Sequence[Any]] = []
+        for name in self._names:
+            values: Sequence[Any] = next(read) if name in self._read else ()
+            if name in given:
+                values = given[name]
+                if len(values) != len(objects):
+                    raise ValueError(f"one {name} per object")
+            columns.append(values)
         for index, process in self._processed:
             columns[index] = [None if v is None else process(v) for v in columns[index]]
         return list(zip(ids, *columns, strict=True))
@@ -84,7 +109,7 @@ class RowEncoder:
 class BulkTable:
     """Bulk inserts into ``table``, whose integer ``id`` is AUTOINCREMENT / a sequence."""
 
-    def __init__(self, table: sa.Table, fields: Mapping[str, str]) -> None:
+    def __init__(self, table: sa.Table, fields: Mapping[str, str | None]) -> None:
         self.table = table
         self.fields = dict(fields)
         self.columns = ("id", *self.fields)
@@ -130,9 +155,16 @@ class BulkTable:
             name = self._sequences[schema] = str(found.scalar_one())
         return name
 
-    def write(self, conn: Connection, objects: Sequence[Any], ids: Sequence[int]) -> None:
-        """Insert ``objects`` under ``ids`` (from :meth:`new_ids`) in one driver call."""
-        rows = self.encoder(conn.dialect).rows(objects, ids)
+    def write(
+        self,
+        conn: Connection,
+        objects: Sequence[Any],
+        ids: Sequence[int],
+        given: Mapping[str, Sequence[Any]] | None = None,
+    ) -> None:
+        """Insert ``objects`` under ``ids`` (from :meth:`new_ids`) in one driver call;
+        ``given`` as in :meth:`RowEncoder.rows`."""
+        rows = self.encoder(conn.dialect).rows(objects, ids, given)
         driver = conn.connection.driver_connection
         if is_postgres(conn):
             # The COPY joins the transaction that SQLAlchemy began for the id query just

@@ -6,7 +6,7 @@ two forms of each stand side by side here (tests/db/test_dialects.py runs both).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -24,11 +24,15 @@ __all__ = [
     "lock_until_commit",
     "transaction_id",
     "transaction_status",
+    "upsert_rows",
     "values_in",
 ]
 
 # Values per IN list on SQLite: below every build's limit on bound parameters.
 IN_LIST_CHUNK = 500
+# Bound parameters per statement: below SQLite's limit (32,766 since 3.32) and the
+# 32,767 of Postgres's protocol.
+MAX_PARAMETERS = 30_000
 
 
 def is_postgres(conn: Connection) -> bool:
@@ -59,6 +63,38 @@ def insert_ignoring_conflicts(
         .on_conflict_do_nothing(index_elements=list(index_elements))
     )
     return int(conn.execute(statement).rowcount) == 1
+
+
+def upsert_rows(
+    conn: Connection,
+    table: sa.Table,
+    rows: Sequence[Mapping[str, Any]],
+    index_elements: Sequence[sa.Column[Any]],
+    set_: Callable[[Any], Mapping[str, Any]],
+    returning: Sequence[sa.ColumnElement[Any]] = (),
+    where: sa.ColumnElement[bool] | None = None,
+) -> list[Row]:
+    """Insert ``rows`` (each with the same keys), or change the stored row each conflicts
+    with on ``index_elements`` by ``set_(excluded)`` (the proposed row's columns as
+    ``excluded.c``) where the stored row meets ``where``. One multi-row ``INSERT ... ON
+    CONFLICT DO UPDATE`` per ``MAX_PARAMETERS`` values, the rows in the order given
+    (which is the order Postgres locks them in). The rows ``returning`` asks for, in no
+    particular order."""
+    if not rows:
+        return []
+    insert = postgresql.insert if is_postgres(conn) else sqlite.insert
+    per_statement = max(1, MAX_PARAMETERS // max(1, len(rows[0])))
+    written: list[Row] = []
+    for start in range(0, len(rows), per_statement):
+        statement = insert(table).values([dict(row) for row in rows[start : start + per_statement]])
+        statement = statement.on_conflict_do_update(
+            index_elements=list(index_elements), set_=dict(set_(statement.excluded)), where=where
+        )
+        if returning:
+            written.extend(tuple(row) for row in conn.execute(statement.returning(*returning)))
+        else:
+            conn.execute(statement)
+    return written
 
 
 class LeanUpsert:

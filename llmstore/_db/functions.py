@@ -2,6 +2,10 @@
 
 ``bucket_start(unit, column)``: the UTC start of the minute, hour or day holding a
 ``UTCDateTime`` value (``date_trunc`` on Postgres, a prefix of the stored text on SQLite).
+
+``json_array_items(column)``: a JSON array of strings as a table of its items, column
+``value`` (``json_array_elements_text`` on Postgres, ``json_each`` on SQLite), to join or
+to look in.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from sqlalchemy.sql.functions import FunctionElement
 
 from .schema import UTCDateTime
 
-__all__ = ["BUCKETS", "BucketStart", "bucket_start"]
+__all__ = ["BUCKETS", "BucketStart", "JsonArrayItems", "bucket_start", "json_array_items"]
 
 BUCKETS = ("minute", "hour", "day")
 
@@ -67,3 +71,26 @@ def _bucket_start_sqlite(element: BucketStart, compiler: SQLCompiler, **kw: Any)
 def bucket_start(unit: str, column: sa.ColumnElement[dt.datetime]) -> BucketStart:
     """The start of the ``unit`` (one of ``BUCKETS``) that holds ``column``'s value."""
     return _BUCKET_CLASSES[unit](column)
+
+
+class JsonArrayItems(FunctionElement[str]):
+    """The items of a JSON array of strings, as the rows of a table-valued function."""
+
+    type = sa.String()
+    inherit_cache = True
+
+
+@compiles(JsonArrayItems)
+def _json_array_items_postgresql(element: JsonArrayItems, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"json_array_elements_text({compiler.process(element.clauses, **kw)})"
+
+
+@compiles(JsonArrayItems, "sqlite")
+def _json_array_items_sqlite(element: JsonArrayItems, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"json_each({compiler.process(element.clauses, **kw)})"
+
+
+def json_array_items(column: sa.ColumnElement[Any], name: str) -> sa.TableValuedAlias:
+    """``column``'s items as a table named ``name`` with one column, ``value`` (no rows for
+    NULL). In a FROM list after the column's table, each row's own items."""
+    return JsonArrayItems(column).table_valued("value", name=name)

@@ -333,6 +333,20 @@ usage_logs = sa.Table(
     sa.Column("error_type", sa.String(200), nullable=True),
     sa.Column("error_message", sa.String(4000), nullable=True),
     sa.Column("usage_metadata", Json, nullable=True),
+    # Added by 0008 (existing rows: 0, NULL, "reported", "given"). Token parts are
+    # included in prompt_tokens / completion_tokens (OpenTelemetry GenAI's convention).
+    sa.Column("cache_write_tokens", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("reasoning_tokens", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("audio_input_tokens", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("audio_output_tokens", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("end_user", sa.String(200), nullable=True),
+    sa.Column("session_id", sa.String(200), nullable=True),
+    sa.Column("service_tier", sa.String(200), nullable=True),
+    # A JSON array of distinct strings; NULL when there are none.
+    sa.Column("tags", Json, nullable=True),
+    sa.Column("usage_source", sa.String(20), nullable=False, server_default="reported"),
+    # Where ``cost`` came from: "given", "price_table" or "none" (no price: cost 0).
+    sa.Column("cost_source", sa.String(20), nullable=False, server_default="given"),
     sa.UniqueConstraint("request_id"),
     # Newest-first pages and time windows: all rows, one key, one project, one model.
     sa.Index(None, "created_at", "id"),
@@ -361,3 +375,4 @@ usage_receipts = sa.Table(
 
 # Registered on ``metadata`` with the rest, whoever imports this module first.
 from . import admission_schema as admission_schema  # noqa: E402
+from . import prices_schema as prices_schema  # noqa: E402

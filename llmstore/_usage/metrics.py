@@ -21,15 +21,33 @@ from sqlalchemy.engine import Connection
 
 from llmstore._core.errors import ValidationError
 from llmstore._core.validate import check_aware, check_choice, check_id, check_name, describe
-from llmstore._db.functions import BUCKETS, bucket_start
+from llmstore._db.functions import BUCKETS, bucket_start, json_array_items
 from llmstore._db.schema import usage_logs
+from llmstore._prices import TOKEN_FIELDS
 
 U = usage_logs
-GROUP_COLUMNS = ("model", "provider", "project_id", "api_key_id", "origin", "alias", "profile")
+#: ``tag`` is each of a row's tags: a row with several is counted in each one's group,
+#: a row with none in the group of None.
+GROUP_COLUMNS = (
+    "model",
+    "provider",
+    "project_id",
+    "api_key_id",
+    "origin",
+    "alias",
+    "profile",
+    "end_user",
+    "service_tier",
+    "tag",
+)
 _ID_FILTERS = ("api_key_id", "project_id", "token_id")
-_TEXT_FILTERS = ("model", "provider", "origin", "alias", "profile")
+_TEXT_FILTERS = ("model", "provider", "origin", "alias", "profile", "end_user", "service_tier")
+#: ``tag``: the rows that carry this tag (among others).
+_TAG_FILTER = "tag"
 _BOOL_FILTERS = ("success", "is_streaming")
-FILTER_COLUMNS = (*_ID_FILTERS, *_TEXT_FILTERS, *_BOOL_FILTERS)
+FILTER_COLUMNS = (*_ID_FILTERS, *_TEXT_FILTERS, _TAG_FILTER, *_BOOL_FILTERS)
+#: The integer columns summed exactly, as they are named in ``UsageMetrics``.
+SUMMED = (*TOKEN_FIELDS, "total_tokens", "cost")
 PERCENTILES = (50, 95)
 TPS_DECIMALS = 3
 _NO_BUCKET = dt.datetime.min.replace(tzinfo=dt.UTC)
@@ -54,6 +72,11 @@ class UsageMetrics(BaseModel):
     success_rate: float
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int
+    cache_write_tokens: int
+    reasoning_tokens: int
+    audio_input_tokens: int
+    audio_output_tokens: int
     total_tokens: int
     cost: int
     avg_response_time_ms: float | None
@@ -134,6 +157,11 @@ def _check_filter(name: str, value: object) -> object:
         if not isinstance(value, bool):
             raise ValidationError(f"{name} must be True, False or None")
         return value
+    if name == _TAG_FILTER:
+        text = check_name(value, name)
+        if not text.strip():
+            raise ValidationError("tag must not be blank")
+        return text
     return check_name(value, name)
 
 
@@ -146,7 +174,10 @@ def metrics_statement(query: MetricsQuery) -> sa.Select[Any]:
     keys: list[sa.ColumnElement[Any]] = []
     if query.bucket is not None:
         keys.append(bucket_start(query.bucket, U.c.created_at).label("bucket"))
-    keys.extend(U.c[name] for name in query.group_by)
+    tags = json_array_items(U.c.tags, "row_tags")
+    keys.extend(
+        tags.c.value.label("tag") if name == "tag" else U.c[name] for name in query.group_by
+    )
     partition = [key.element if isinstance(key, sa.Label) else key for key in keys] or None
     rt = U.c.response_time_ms
     # One window for both: SQLite sorts once per distinct window, and ROW_NUMBER ignores
@@ -160,22 +191,25 @@ def metrics_statement(query: MetricsQuery) -> sa.Select[Any]:
         *keys,
         U.c.success,
         U.c.is_streaming,
-        U.c.prompt_tokens,
-        U.c.completion_tokens,
-        U.c.total_tokens,
-        U.c.cost,
+        *(U.c[name] for name in SUMMED),
         rt,
         U.c.time_to_first_token_ms,
         U.c.tokens_per_second,
         sa.func.row_number().over(**window).label("rt_rank"),
         sa.func.count(rt).over(**window).label("rt_count"),
     )
+    if "tag" in query.group_by:
+        rows = rows.select_from(U.outerjoin(tags, sa.true()))
     if query.since is not None:
         rows = rows.where(U.c.created_at >= query.since)
     if query.until is not None:
         rows = rows.where(U.c.created_at < query.until)
     for name, value in query.filters:
-        rows = rows.where(U.c[name] == value)
+        if name == _TAG_FILTER:
+            carried = json_array_items(U.c.tags, "wanted_tags")
+            rows = rows.where(sa.exists().where(carried.c.value == value))
+        else:
+            rows = rows.where(U.c[name] == value)
     r = rows.subquery("r")
     group = [r.c[key.name] for key in keys]
     percentiles = [
@@ -189,10 +223,7 @@ def metrics_statement(query: MetricsQuery) -> sa.Select[Any]:
         sa.func.count().label("requests"),
         _ones(r.c.success).label("successes"),
         _ones(r.c.is_streaming).label("streaming"),
-        sa.func.sum(r.c.prompt_tokens).label("prompt_tokens"),
-        sa.func.sum(r.c.completion_tokens).label("completion_tokens"),
-        sa.func.sum(r.c.total_tokens).label("total_tokens"),
-        sa.func.sum(r.c.cost).label("cost"),
+        *(sa.func.sum(r.c[name]).label(name) for name in SUMMED),
         sa.func.sum(r.c.response_time_ms).label("rt_sum"),
         sa.func.count(r.c.response_time_ms).label("rt_n"),
         *percentiles,
@@ -235,10 +266,7 @@ def read_metrics(conn: Connection, query: MetricsQuery) -> list[UsageMetrics]:
                 successes=successes,
                 errors=requests - successes,
                 success_rate=successes / requests,
-                prompt_tokens=int(row["prompt_tokens"]),
-                completion_tokens=int(row["completion_tokens"]),
-                total_tokens=int(row["total_tokens"]),
-                cost=int(row["cost"]),
+                **{name: int(row[name]) for name in SUMMED},
                 avg_response_time_ms=_int_mean(row["rt_sum"], row["rt_n"]),
                 p50_response_time_ms=_int_or_none(row["p50"]),
                 p95_response_time_ms=_int_or_none(row["p95"]),

@@ -45,6 +45,8 @@ EXPORT_SUFFIXES = (".jsonl", ".csv")
 #: An exported row's fields: ``UsageLog``'s, in the table's column order.
 EXPORT_FIELDS = LOG_FIELDS
 
+_TAGS = EXPORT_FIELDS.index("tags")
+
 Progress = Callable[[int, int], object]
 #: A row's place in the (created_at, id) index: where the previous batch ended.
 Position = tuple[dt.datetime, int]
@@ -136,9 +138,16 @@ def _csv_value(value: object) -> object:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, dict):
+    if isinstance(value, dict | list):
         return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
     return _json_value(value)
+
+
+def _log_values(row: Sequence[Any]) -> list[Any]:
+    """A stored row's values as ``UsageLog`` holds them: no tags are an empty list."""
+    values = list(row)
+    values[_TAGS] = values[_TAGS] or []
+    return values
 
 
 class Export:
@@ -179,10 +188,10 @@ class Export:
 
     def _encode(self, rows: Sequence[Any]) -> bytes:
         if self.csv:
-            return self._csv([_csv_value(value) for value in row] for row in rows)
+            return self._csv([_csv_value(v) for v in _log_values(row)] for row in rows)
         lines = [
             json.dumps(
-                dict(zip(EXPORT_FIELDS, map(_json_value, row), strict=True)),
+                dict(zip(EXPORT_FIELDS, map(_json_value, _log_values(row)), strict=True)),
                 ensure_ascii=False,
                 separators=(",", ":"),
             )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections.abc import Iterable, Mapping
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, Literal, Self
 
 import pydantic
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict
@@ -24,9 +24,11 @@ from llmstore._core.validate import (
     plain_mapping,
 )
 from llmstore._db.schema import usage_logs
+from llmstore._prices import broken_convention
 
 ERROR_MESSAGE_MAX = 4000
 NAME_MAX = 200
+MAX_TAGS = 20
 MAX_BATCH = 100_000
 _TRUNCATED = "... [truncated from {} characters]"
 
@@ -59,6 +61,30 @@ def _truncated(value: str | None) -> str | None:
 Count = Annotated[int, Strict(), Field(ge=0, le=MAX_INT64)]
 Millis = Annotated[int, Strict(), Field(ge=0, le=MAX_INT64)]
 Name = Annotated[str, Field(min_length=1, max_length=NAME_MAX), AfterValidator(_encodable)]
+
+
+def _tags(value: object) -> object:
+    # Before pydantic: a plain list or tuple of strings, not a str (which is iterable).
+    if value is None:
+        return ()
+    if isinstance(value, str | bytes) or not isinstance(value, list | tuple):
+        raise ValueError("tags must be a list of strings")
+    return tuple(value)
+
+
+def _distinct_tags(value: tuple[str, ...]) -> tuple[str, ...]:
+    """The tags in the order given, each once; at most 20 distinct."""
+    distinct = tuple(dict.fromkeys(value))
+    if len(distinct) > MAX_TAGS:
+        raise ValueError(f"at most {MAX_TAGS} distinct tags")
+    if any(not tag.strip() for tag in distinct):
+        raise ValueError("a tag must not be blank")
+    return distinct
+
+
+Tags = Annotated[tuple[Name, ...], BeforeValidator(_tags), AfterValidator(_distinct_tags)]
+UsageSource = Literal["reported", "estimated", "missing"]
+CostSource = Literal["given", "price_table", "none"]
 # Strict: an int is a number, a bool or a numeric string is not.
 Rate = Annotated[float, Strict(), Field(ge=0, allow_inf_nan=False)]
 Fraction = Annotated[float, Strict(), Field(ge=0, le=1, allow_inf_nan=False)]
@@ -68,8 +94,14 @@ class UsageRecord(BaseModel):
     """One proxied request, checked before it is written.
 
     Counts, times and ``cost`` (integer minor units) are non-negative integers;
-    ``created_at`` is timezone-aware (default: now, UTC). ``total_tokens`` defaults to
-    ``prompt_tokens + completion_tokens``. An ``error_message`` longer than 4,000
+    ``created_at`` is timezone-aware (default: now, UTC). Token counts follow
+    OpenTelemetry's GenAI convention: ``prompt_tokens`` includes ``cached_tokens`` (cache
+    reads), ``cache_write_tokens`` and ``audio_input_tokens``; ``completion_tokens``
+    includes ``reasoning_tokens`` and ``audio_output_tokens``; a record whose parts add up
+    to more than their whole is refused. ``total_tokens`` defaults to ``prompt_tokens +
+    completion_tokens``. ``cost=None`` (the default) takes the cost from the price table
+    when the row is written (see ``store.prices``). ``tags`` are up to 20 distinct
+    strings, kept in the order given, each once. An ``error_message`` longer than 4,000
     characters is cut and marked ``... [truncated from N characters]``. Unknown fields are
     refused. Any refusal raises :class:`~llmstore.ValidationError`.
     """
@@ -97,7 +129,7 @@ class UsageRecord(BaseModel):
     completion_tokens: Count = 0
     cached_tokens: Count = 0
     total_tokens: Count | None = None
-    cost: Count = 0
+    cost: Count | None = None
     finish_reason: (
         Annotated[str, Field(min_length=1, max_length=100), AfterValidator(_encodable)] | None
     ) = None
@@ -108,6 +140,15 @@ class UsageRecord(BaseModel):
     error_type: Name | None = None
     error_message: Annotated[str | None, AfterValidator(_truncated)] = None
     metadata: Annotated[dict[str, Any] | None, BeforeValidator(_json_object)] = None
+    cache_write_tokens: Count = 0
+    reasoning_tokens: Count = 0
+    audio_input_tokens: Count = 0
+    audio_output_tokens: Count = 0
+    end_user: Name | None = None
+    session_id: Name | None = None
+    service_tier: Name | None = None
+    tags: Tags = ()
+    usage_source: UsageSource = "reported"
 
     def __init__(self, /, **data: Any) -> None:  # "self" may be a (refused) field name
         try:
@@ -140,6 +181,9 @@ class UsageRecord(BaseModel):
             if total > MAX_INT64:
                 raise ValueError("prompt_tokens + completion_tokens is too large")
             object.__setattr__(self, "total_tokens", total)
+        broken = broken_convention(self)
+        if broken is not None:
+            raise ValueError(broken)
         try:
             created_at = check_aware(self.created_at, "created_at")
         except ValidationError as exc:
@@ -201,6 +245,16 @@ class UsageLog(BaseModel):
     error_type: str | None
     error_message: str | None
     metadata: dict[str, Any] | None
+    cache_write_tokens: int
+    reasoning_tokens: int
+    audio_input_tokens: int
+    audio_output_tokens: int
+    end_user: str | None
+    session_id: str | None
+    service_tier: str | None
+    tags: tuple[str, ...]
+    usage_source: UsageSource
+    cost_source: CostSource
 
 
 class RecordResult(BaseModel):
@@ -229,7 +283,9 @@ LOG_FIELDS = tuple(FIELD_OF_COLUMN.values())
 
 def log_from_row(row: Any) -> UsageLog:
     """A log from a row of every column, in the table's order."""
-    return UsageLog.model_construct(**dict(zip(LOG_FIELDS, row, strict=True)))
+    fields = dict(zip(LOG_FIELDS, row, strict=True))
+    fields["tags"] = tuple(fields["tags"] or ())
+    return UsageLog.model_construct(**fields)
 
 
 def check_records(records: object) -> list[UsageRecord]:

@@ -19,12 +19,20 @@ from llmstore._db.bulk import BulkTable
 from llmstore._db.dialects import values_in
 from llmstore._db.schema import usage_logs
 from llmstore._db.translate import is_unique_violation
+from llmstore._prices import costs_for
 
 from .records import FIELD_OF_COLUMN, RecordResult, UsageLog, UsageRecord, log_from_row
 
 U = usage_logs
-# Column name -> record field, for every column written from a record.
-_FIELDS = {column: field for column, field in FIELD_OF_COLUMN.items() if column != "id"}
+# Column name -> record field, for every column written from a record; None for the
+# columns written from what the write computes (the cost, where it came from, the tags
+# as stored).
+_COMPUTED = ("cost", "cost_source", "tags")
+_FIELDS = {
+    column: None if column in _COMPUTED else field
+    for column, field in FIELD_OF_COLUMN.items()
+    if column != "id"
+}
 LOG_COLUMNS = tuple(U.c)
 
 
@@ -65,7 +73,9 @@ def _insert(conn: Connection, records: Sequence[UsageRecord], stored: set[str]) 
         fresh.append(record)
     ids = BULK.new_ids(conn, len(fresh))
     if fresh:
-        BULK.write(conn, fresh, ids)
+        costs, sources = costs_for(conn, fresh)
+        tags = [list(record.tags) if record.tags else None for record in fresh]
+        BULK.write(conn, fresh, ids, {"cost": costs, "cost_source": sources, "tags": tags})
     return RecordResult(
         written=len(fresh),
         duplicate_request_ids=duplicates,

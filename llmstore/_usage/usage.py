@@ -131,10 +131,12 @@ class Usage(Repository):
         """Requests, tokens, cost and latency per bucket and group, in one statement.
 
         ``since`` is inclusive and ``until`` exclusive, on ``created_at``. ``group_by``
-        names columns among model, provider, project_id, api_key_id, origin, alias and
-        profile; ``bucket`` is None, "minute", "hour" or "day" (UTC). ``filters`` are
-        equality filters on api_key_id, project_id, token_id, model, provider, origin,
-        alias, profile, success and is_streaming (None: not filtered).
+        names columns among model, provider, project_id, api_key_id, origin, alias,
+        profile, end_user, service_tier and tag (a row counts under each of its tags);
+        ``bucket`` is None, "minute", "hour" or "day" (UTC). ``filters`` are equality
+        filters on api_key_id, project_id, token_id, model, provider, origin, alias,
+        profile, end_user, service_tier, success and is_streaming, and ``tag=`` (rows
+        carrying it); None: not filtered.
         """
         query = check_metrics_query(
             since=since, until=until, group_by=group_by, bucket=bucket, filters=filters

@@ -14,14 +14,17 @@ from sqlalchemy.engine import Connection
 from llmstore import Store, UsageRecord
 from llmstore._db.dialects import (
     IN_LIST_CHUNK,
+    MAX_PARAMETERS,
     delete_where_in,
     insert_ignoring_conflicts,
     lock_until_commit,
     transaction_id,
     transaction_status,
+    upsert_rows,
     values_in,
 )
 from llmstore._db.functions import BUCKETS, bucket_start
+from llmstore._db.prices_schema import prices
 from llmstore._db.schema import usage_logs, usage_receipts
 from llmstore.pytest_plugin import run_sql
 
@@ -73,6 +76,57 @@ async def test_insert_ignoring_conflicts_inserts_once(store: Store) -> None:
         return first, second
 
     assert await run_sql(store, twice, write=True) == (True, False)
+
+
+def _price_row(model: str, price: str, source: str = "manual") -> dict[str, object]:
+    return {
+        "id": uuid.uuid4(),
+        "provider": "p",
+        "model": model,
+        "valid_from": T0,
+        "source": source,
+        "input": price,
+        "output": price,
+        "cached_input": None,
+        "cache_write": None,
+        "reasoning": None,
+        "audio_input": None,
+        "audio_output": None,
+        "tiers": None,
+        "created_at": T0,
+        "updated_at": T0,
+    }
+
+
+async def test_upsert_rows_inserts_changes_and_keeps_what_where_excludes(store: Store) -> None:
+    # More rows than one statement's parameters hold: several statements, one result.
+    count = MAX_PARAMETERS // len(prices.c) + 10
+    key = [prices.c.provider, prices.c.model, prices.c.valid_from]
+
+    def set_input(
+        excluded: sa.ColumnCollection[str, sa.ColumnElement[object]],
+    ) -> dict[str, object]:
+        return {"input": excluded.input}
+
+    def first(conn: Connection) -> int:
+        rows = [
+            _price_row(f"m{i}", "1", "genai-prices" if i % 2 else "manual") for i in range(count)
+        ]
+        return len(upsert_rows(conn, prices, rows, key, set_input, returning=[prices.c.id]))
+
+    assert await run_sql(store, first, write=True) == count
+
+    def second(conn: Connection) -> dict[str, str]:
+        rows = [_price_row(f"m{i}", "2") for i in range(count + 1)]
+        upsert_rows(conn, prices, rows, key, set_input, where=prices.c.source == "genai-prices")
+        stored = conn.execute(sa.select(prices.c.model, prices.c.input, prices.c.id)).all()
+        return {model: price for model, price, _ in stored}
+
+    stored = await run_sql(store, second, write=True)
+    assert len(stored) == count + 1
+    # The rows the condition excluded kept their price; the others and the new one changed.
+    assert all(stored[f"m{i}"] == ("2" if i % 2 or i == count else "1") for i in range(count + 1))
+    assert await run_sql(store, lambda conn: upsert_rows(conn, prices, [], key, set_input)) == []
 
 
 async def test_lock_until_commit_and_the_transaction_id(store: Store) -> None:

@@ -29,7 +29,7 @@ CHAT = {
         "completion_tokens": 80,
         "total_tokens": 1280,
         "prompt_tokens_details": {"cached_tokens": 1024, "audio_tokens": 0},
-        "completion_tokens_details": {"reasoning_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 30},
     },
 }
 RESPONSES = {
@@ -68,6 +68,8 @@ def test_openai_chat_completions() -> None:
         "prompt_tokens": 1200,
         "completion_tokens": 80,
         "cached_tokens": 1024,
+        "audio_input_tokens": 0,
+        "reasoning_tokens": 30,
         "total_tokens": 1280,
         "model": "gpt-4o-2024-08-06",
         "finish_reason": "stop",
@@ -79,6 +81,7 @@ def test_openai_responses() -> None:
         "prompt_tokens": 300,
         "completion_tokens": 50,
         "cached_tokens": 128,
+        "reasoning_tokens": 20,
         "total_tokens": 350,
         "model": "gpt-4.1",
         "finish_reason": "max_output_tokens",
@@ -93,6 +96,7 @@ def test_anthropic_counts_cache_reads_and_writes_in_the_prompt() -> None:
         "prompt_tokens": 2120,
         "completion_tokens": 15,
         "cached_tokens": 2000,
+        "cache_write_tokens": 100,
         "model": "claude-sonnet-4-5",
         "finish_reason": "end_turn",
     }
@@ -103,6 +107,23 @@ def test_anthropic_counts_cache_reads_and_writes_in_the_prompt() -> None:
 def test_every_shape_makes_a_usage_record(body: dict[str, Any]) -> None:
     record = UsageRecord(**usage_from_response(body), cost=3)
     assert record.prompt_tokens >= record.cached_tokens > 0
+
+
+def test_counts_an_upstream_puts_in_two_parts_never_break_the_convention() -> None:
+    # Cached audio counted as cached and as audio; reasoning and audio output overlapping.
+    usage = {
+        "prompt_tokens": 100,
+        "completion_tokens": 10,
+        "prompt_tokens_details": {"cached_tokens": 80, "audio_tokens": 50},
+        "completion_tokens_details": {"reasoning_tokens": 8, "audio_tokens": 5},
+    }
+    fields = usage_from_response({"usage": usage})
+    assert (fields["cached_tokens"], fields["audio_input_tokens"]) == (80, 20)
+    assert (fields["reasoning_tokens"], fields["audio_output_tokens"]) == (8, 2)
+    record = UsageRecord(**fields)
+    assert record.prompt_tokens == 100 and record.completion_tokens == 10
+    over = {"prompt_tokens": 10, "prompt_tokens_details": {"cached_tokens": 20}}
+    assert usage_from_response({"usage": over})["cached_tokens"] == 10
 
 
 def test_missing_details_and_null_counts_are_zero() -> None:
@@ -141,6 +162,8 @@ def test_an_openai_stream_merges_its_finish_reason_and_final_usage() -> None:
         "prompt_tokens": 1200,
         "completion_tokens": 80,
         "cached_tokens": 1024,
+        "audio_input_tokens": 0,
+        "reasoning_tokens": 30,
         "total_tokens": 1280,
         "model": "gpt-4o",
         "finish_reason": "length",
@@ -166,6 +189,7 @@ def test_an_anthropic_stream() -> None:
         "prompt_tokens": 2120,
         "completion_tokens": 42,
         "cached_tokens": 2000,
+        "cache_write_tokens": 100,
         "model": "claude-sonnet-4-5",
         "finish_reason": "max_tokens",
     }

@@ -12,6 +12,7 @@ in ``REVISION_ROWS``. The tests fail, naming what is missing, until it does.
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import hashlib
 import json
 from typing import Any
@@ -359,6 +360,17 @@ SEEDS: dict[str, dict[str, list[Row]]] = {
                 "error_type": "RateLimitError",
                 "error_message": ("429 ✗ " * 700)[:4000],
                 "usage_metadata": DOCUMENT,
+                # Added by 0008 (ADDED_COLUMNS): set when seeded from 0008 on.
+                "cache_write_tokens": BIG,
+                "reasoning_tokens": BIG,
+                "audio_input_tokens": BIG,
+                "audio_output_tokens": BIG,
+                "end_user": UNICODE_200,
+                "session_id": "sess-" + "🦀" * 195,
+                "service_tier": "priority",
+                "tags": [UNICODE_200, "a", TRICKY[:200]],
+                "usage_source": "estimated",
+                "cost_source": "price_table",
             },
             {
                 "id": 1,
@@ -392,6 +404,16 @@ SEEDS: dict[str, dict[str, list[Row]]] = {
                 "error_type": None,
                 "error_message": None,
                 "usage_metadata": None,
+                "cache_write_tokens": 0,
+                "reasoning_tokens": 0,
+                "audio_input_tokens": 0,
+                "audio_output_tokens": 0,
+                "end_user": None,
+                "session_id": None,
+                "service_tier": None,
+                "tags": None,
+                "usage_source": "missing",
+                "cost_source": "none",
             },
         ],
         "usage_receipts": [
@@ -419,6 +441,47 @@ SEEDS: dict[str, dict[str, list[Row]]] = {
     "0006_admission": SEEDS_0006,
     # Adds a column (ADDED_COLUMNS) and creates no table.
     "0007_budget_period_end": {},
+    # Adds columns to the usage rows (ADDED_COLUMNS) and creates no table.
+    "0008_usage_details": {},
+    "0009_prices": {
+        "llmstore_prices": [
+            {
+                "id": uid(91),
+                "provider": UNICODE_200,
+                "model": "m-" + "🦀" * 198,
+                # The undated price's start: the year 1.
+                "valid_from": dt.datetime(1, 1, 1, tzinfo=dt.UTC),
+                "source": "manual",
+                "input": "0." + "0" * 60 + "1",
+                "output": "9" * 63,
+                "cached_input": "0",
+                "cache_write": "3.75",
+                "reasoning": "12",
+                "audio_input": "40",
+                "audio_output": "80.000000000000000001",
+                "tiers": [{"above": 200_000, "input": "5", "output": "22.5"}],
+                "created_at": EPOCH,
+                "updated_at": LAST,
+            },
+            {
+                "id": uid(92),
+                "provider": "openai",
+                "model": "gpt-4o",
+                "valid_from": OFFSET,
+                "source": "genai-prices",
+                "input": "2.5",
+                "output": "10",
+                "cached_input": None,
+                "cache_write": None,
+                "reasoning": None,
+                "audio_input": None,
+                "audio_output": None,
+                "tiers": None,
+                "created_at": NOW,
+                "updated_at": NOW,
+            },
+        ],
+    },
 }
 
 # Columns a revision adds to a table that already exists: revision -> table (its name at
@@ -427,6 +490,20 @@ SEEDS: dict[str, dict[str, list[Row]]] = {
 ADDED_COLUMNS: dict[str, dict[str, dict[str, Any]]] = {
     "0006_admission": {"llmstore_api_keys": {"is_active": True, "deactivated_at": None}},
     "0007_budget_period_end": {"llmstore_budget_periods": {"period_end": None}},
+    "0008_usage_details": {
+        "llmstore_usage_logs": {
+            "cache_write_tokens": 0,
+            "reasoning_tokens": 0,
+            "audio_input_tokens": 0,
+            "audio_output_tokens": 0,
+            "end_user": None,
+            "session_id": None,
+            "service_tier": None,
+            "tags": None,
+            "usage_source": "reported",
+            "cost_source": "given",
+        }
+    },
 }
 
 

@@ -13,7 +13,27 @@ from llmstore import Store, UsageMetrics, UsageRecord
 
 T0 = dt.datetime(2024, 5, 1, tzinfo=dt.UTC)
 DAY = dt.timedelta(days=1)
-GROUP_COLUMNS = ("model", "provider", "project_id", "api_key_id", "origin", "alias", "profile")
+GROUP_COLUMNS = (
+    "model",
+    "provider",
+    "project_id",
+    "api_key_id",
+    "origin",
+    "alias",
+    "profile",
+    "end_user",
+    "service_tier",
+    "tag",
+)
+SUMMED = (
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "audio_input_tokens",
+    "audio_output_tokens",
+)
 ID_COLUMNS = ("project_id", "api_key_id", "token_id")
 KEY_A, KEY_B = uuid.UUID(int=0xA), uuid.UUID(int=0xB)
 PROJECT_A, PROJECT_B = uuid.UUID(int=0x1A), uuid.UUID(int=0x1B)
@@ -61,10 +81,18 @@ def reference(
             continue
         if until is not None and record.created_at >= until:
             continue
-        if any(value is not None and getattr(record, k) != value for k, value in filters.items()):
+        tag = filters.get("tag")
+        others = {k: v for k, v in filters.items() if k != "tag"}
+        if any(value is not None and getattr(record, k) != value for k, value in others.items()):
             continue
-        key = (_truncate(record.created_at, bucket), *(getattr(record, c) for c in group_by))
-        groups.setdefault(key, []).append(record)
+        if tag is not None and tag not in record.tags:
+            continue
+        # A row is counted once under each of its tags (under None if it has none).
+        tags: tuple[str | None, ...] = (record.tags or (None,)) if "tag" in group_by else (None,)
+        for each in tags:
+            named = (each if c == "tag" else getattr(record, c) for c in group_by)
+            key = (_truncate(record.created_at, bucket), *named)
+            groups.setdefault(key, []).append(record)
     out = []
     for (start, *values), rows in groups.items():
         times = [r.response_time_ms for r in rows if r.response_time_ms is not None]
@@ -80,10 +108,9 @@ def reference(
                 successes=successes,
                 errors=len(rows) - successes,
                 success_rate=successes / len(rows),
-                prompt_tokens=sum(r.prompt_tokens for r in rows),
-                completion_tokens=sum(r.completion_tokens for r in rows),
+                **{name: sum(getattr(r, name) for r in rows) for name in SUMMED},
                 total_tokens=sum(r.total_tokens or 0 for r in rows),
-                cost=sum(r.cost for r in rows),
+                cost=sum(r.cost or 0 for r in rows),
                 avg_response_time_ms=_mean(times),
                 p50_response_time_ms=_nearest_rank(times, 50),
                 p95_response_time_ms=_nearest_rank(times, 95),

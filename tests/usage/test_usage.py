@@ -33,7 +33,7 @@ def test_a_record_has_defaults_and_derives_total_tokens() -> None:
     record = UsageRecord(prompt_tokens=3, completion_tokens=4)
     assert record.total_tokens == 7
     assert record.created_at.tzinfo is not None and record.created_at >= before
-    assert (record.success, record.is_streaming, record.cost) == (True, False, 0)
+    assert (record.success, record.is_streaming, record.cost) == (True, False, None)
     assert UsageRecord(prompt_tokens=3, total_tokens=10).total_tokens == 10
 
 
@@ -79,11 +79,61 @@ def test_created_at_is_kept_in_utc() -> None:
         {"metadata": [1, 2]},
         {"unknown_field": 1},
         {"prompt_tokens": 2**62, "completion_tokens": 2**62},
+        {"cache_write_tokens": -1},
+        {"reasoning_tokens": 1.0},
+        {"audio_input_tokens": True},
+        {"audio_output_tokens": 2**63},
+        {"end_user": ""},
+        {"session_id": "x" * 201},
+        {"service_tier": "\x00"},
+        {"tags": "chat"},
+        {"tags": ["a", 1]},
+        {"tags": [""]},
+        {"tags": ["  "]},
+        {"tags": ["x" * 201]},
+        {"tags": [f"t{i}" for i in range(21)]},
+        {"tags": {"a": 1}},
+        {"usage_source": "guessed"},
+        {"usage_source": None},
+        {"cost_source": "given"},
     ],
 )
 def test_bad_records_raise_validation_error(fields: dict[str, Any]) -> None:
     with pytest.raises(ValidationError, match="invalid usage record"):
         UsageRecord(**fields)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"prompt_tokens": 10, "cached_tokens": 11}, "prompt_tokens includes"),
+        ({"prompt_tokens": 10, "cached_tokens": 6, "cache_write_tokens": 5}, "sum \\(11\\)"),
+        ({"prompt_tokens": 10, "cached_tokens": 5, "audio_input_tokens": 6}, "prompt_tokens"),
+        ({"completion_tokens": 3, "reasoning_tokens": 4}, "completion_tokens includes"),
+        ({"completion_tokens": 3, "reasoning_tokens": 2, "audio_output_tokens": 2}, "sum"),
+    ],
+)
+def test_parts_larger_than_their_whole_are_refused(fields: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        UsageRecord(**fields)
+
+
+def test_parts_up_to_their_whole_are_taken() -> None:
+    record = UsageRecord(
+        prompt_tokens=10,
+        cached_tokens=5,
+        cache_write_tokens=3,
+        audio_input_tokens=2,
+        completion_tokens=4,
+        reasoning_tokens=3,
+        audio_output_tokens=1,
+        tags=("b", "a", "b"),
+    )
+    assert record.total_tokens == 14 and record.tags == ("b", "a")
+    assert (record.usage_source, record.cost) == ("reported", None)
+    assert UsageRecord(tags=[f"t{i % 20}" for i in range(40)]).tags == tuple(
+        f"t{i}" for i in range(20)
+    )
 
 
 def test_validating_from_a_mapping_or_json_raises_validation_error_too() -> None:
@@ -144,6 +194,15 @@ async def test_record_writes_every_field_and_reads_it_back(store: Store) -> None
         error_type="rate_limited",
         error_message="slow down",
         metadata={"tier": "gold", "tags": ["a", "b"], "n": 1},
+        cache_write_tokens=30,
+        reasoning_tokens=10,
+        audio_input_tokens=5,
+        audio_output_tokens=7,
+        end_user="user-42",
+        session_id="session-9",
+        service_tier="flex",
+        tags=["b", "a", "b", "ü" * 200],
+        usage_source="estimated",
     )
     result = await store.usage.record(record)
     assert isinstance(result, RecordResult)
@@ -152,7 +211,8 @@ async def test_record_writes_every_field_and_reads_it_back(store: Store) -> None
     stored = await store.usage.get(result.ids[0])
     assert isinstance(stored, UsageLog)
     expected = record.model_dump()
-    assert stored.model_dump() == {"id": result.ids[0], **expected}
+    assert record.tags == ("b", "a", "ü" * 200)
+    assert stored.model_dump() == {"id": result.ids[0], **expected, "cost_source": "given"}
     assert stored.created_at.tzinfo is not None
 
 
@@ -412,11 +472,13 @@ def test_sqlite_shortcuts_store_what_the_column_types_store(
     record = UsageRecord(
         created_at=moment, api_key_id=ident, is_streaming=flag, tokens_per_second=rate
     )
-    fast = BULK.encoder(dialect).rows([record], [1])[0]
+    # The columns a write computes are given to the encoder, as insert_records does.
+    computed = {"cost": 7, "cost_source": "given", "tags": ["a"]}
+    fast = BULK.encoder(dialect).rows([record], [1], {k: [v] for k, v in computed.items()})[0]
     columns = ["id", *(c.name for c in usage_logs.c if c.name != "id")]
     for index, name in enumerate(columns[1:], start=1):
         process = usage_logs.c[name].type.dialect_impl(dialect).bind_processor(dialect)
-        value = getattr(record, FIELD_OF_COLUMN[name])
+        value = computed[name] if name in computed else getattr(record, FIELD_OF_COLUMN[name])
         expected = value if process is None or value is None else process(value)
         assert fast[index] == expected, name
         assert type(fast[index]) is type(expected) or isinstance(value, bool), name

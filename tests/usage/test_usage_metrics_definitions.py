@@ -28,6 +28,11 @@ async def test_hand_computed_example(store: Store) -> None:
             is_streaming=index < 5,
             prompt_tokens=10,
             completion_tokens=index,
+            cached_tokens=index % 3,
+            cache_write_tokens=1,
+            audio_input_tokens=index % 2,
+            reasoning_tokens=index // 2,
+            audio_output_tokens=index % 2,
             cost=3,
         )
         for index, ms in enumerate(times)
@@ -44,6 +49,11 @@ async def test_hand_computed_example(store: Store) -> None:
         success_rate=15 / 23,
         prompt_tokens=200,
         completion_tokens=190,
+        cached_tokens=19,  # 0+1+2 six times, then 0+1
+        cache_write_tokens=20,
+        reasoning_tokens=90,  # 0+0+1+1+...+9+9
+        audio_input_tokens=10,
+        audio_output_tokens=10,
         total_tokens=390,
         cost=63,
         avg_response_time_ms=52.5,  # 1050 / 20: the three NULLs are not zeros

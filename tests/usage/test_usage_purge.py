@@ -80,6 +80,15 @@ def _full_record(i: int, created_at: dt.datetime) -> UsageRecord:
         error_type=None if i % 3 else "upstream",
         error_message=None if i % 3 else 'failed, "quoted"\nsecond line',
         metadata={"tier": "gold", "n": i, "tags": ["a", "b"]},
+        cache_write_tokens=i,
+        reasoning_tokens=i,
+        audio_input_tokens=i,
+        audio_output_tokens=i,
+        end_user=f"user-{i % 2}",
+        session_id='s,"1"',
+        service_tier="default",
+        tags=["a", f"t-{i}", 'with "quotes", commas'] if i % 2 else [],
+        usage_source="estimated" if i % 3 else "reported",
     )
 
 
@@ -184,6 +193,7 @@ def _read_csv(path: Path) -> list[UsageLog]:
                 assert values[name] in ("true", "false")
             if values["metadata"] is not None:
                 values["metadata"] = json.loads(values["metadata"])
+            values["tags"] = json.loads(values["tags"])
             logs.append(UsageLog.model_validate(values))
     return logs
 
